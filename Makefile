@@ -1,0 +1,49 @@
+# spotrelay developer entry points. `make run` and `make test` set themselves up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-setup
+PORT ?= 21080
+ARGS ?=
+
+.PHONY: setup run test lint fmt bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+## Live cameras from the built-in simulated robot at http://127.0.0.1:$(PORT)/
+run: setup
+	$(BIN)/spotrelay --sim --bind 127.0.0.1 --port $(PORT) $(ARGS)
+
+test: setup
+	$(BIN)/ruff check extension tests
+	$(BIN)/pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check extension tests
+	$(BIN)/ruff format --check extension tests
+
+fmt: setup
+	$(BIN)/ruff format extension tests
+	$(BIN)/ruff check --fix extension tests
+
+bench: setup
+	$(BIN)/python -m tests.bench $(ARGS)
+
+## Re-pin runtime dependencies from pyproject's ranges (needs the registry).
+lock:
+	rm -rf .lockenv && $(PY) -m venv .lockenv && .lockenv/bin/pip install --quiet .
+	.lockenv/bin/pip freeze --exclude spotrelay > requirements.lock.new
+	rm -rf .lockenv && mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache .ruff_cache
+
+# Further targets (container image, .spx, ...) live in mk/*.mk.
+-include mk/*.mk
