@@ -1,0 +1,3 @@
+from spotrelay.main import main
+
+main()

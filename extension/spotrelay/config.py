@@ -1,0 +1,208 @@
+"""Configuration: command-line options, each also read from a ``SPOTRELAY_<NAME>`` variable.
+
+A container on the robot is configured through its environment, an operator at a shell through
+flags; both go through the same parser so they cannot drift apart. Flags win over the environment.
+Errors end the process with one readable line, never a traceback: this is the first thing a user
+meets when something is mistyped in a compose file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from spotrelay import __version__
+
+ENV_PREFIX = "SPOTRELAY_"
+DEFAULT_PORT = 21080
+
+
+class ConfigError(ValueError):
+    """A configuration problem worth one line on stderr."""
+
+
+@dataclass(frozen=True)
+class Config:
+    robot: str | None = None
+    robot_port: int = 443
+    robot_cert: str | None = None
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    guid: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    sources: tuple[str, ...] = ()  # empty: every source the image services list
+    image_services: tuple[str, ...] = ("image",)  # ("auto",): every ImageService in the directory
+    sim: bool = False
+    token: str | None = field(default=None, repr=False)
+    robot_quality: int = 75
+    idle_fps: float = 1.0
+    stale_after: float = 2.0
+    log_level: str = "INFO"
+
+    @property
+    def auth_mode(self) -> str:
+        """Which way we log in; decided here so the connection never guesses."""
+        if self.guid and self.secret:
+            return "payload"
+        return "password"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+    return value if value not in (None, "") else None
+
+
+def _truthy(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"SPOTRELAY_SIM must be 1/0/true/false, not {value!r}")
+
+
+def _int_in(name: str, lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, not {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be in {lo}..{hi}, not {value}")
+        return value
+
+    return parse
+
+
+def _float_in(name: str, lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, not {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be in {lo:g}..{hi:g}, not {value:g}")
+        return value
+
+    return parse
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+# (flag, type, default, help). The env var name is derived from the flag.
+_OPTIONS: list[tuple[str, object, object, str]] = [
+    ("--robot", str, None, "robot address (e.g. 192.168.80.3; 192.168.50.3 from a CORE I/O)"),
+    ("--robot-port", _int_in("--robot-port", 1, 65535), 443, "robot gRPC port"),
+    ("--robot-cert", str, None, "CA certificate (PEM) to trust instead of the SDK's bundled one"),
+    ("--payload-credentials-file", str, None, "file with two lines: payload GUID, then secret"),
+    ("--guid", str, None, "payload GUID (with --secret), instead of a user login"),
+    ("--secret", str, None, "payload secret (with --guid)"),
+    ("--port", _int_in("--port", 1, 65535), DEFAULT_PORT, "HTTP port (CORE I/O admits 21000-22000)"),
+    ("--bind", str, "0.0.0.0", "HTTP bind address"),
+    ("--sources", _csv, (), "comma-separated image sources to relay (default: all)"),
+    ("--image-services", _csv, ("image",), "image services to poll, or 'auto' for every one"),
+    ("--token", str, None, "require this access token on every request but /healthz"),
+    ("--robot-quality", _int_in("--robot-quality", 1, 100), 75, "JPEG quality asked of the robot"),
+    ("--idle-fps", _float_in("--idle-fps", 0.0, 15.0), 1.0, "poll rate of unwatched sources"),
+    ("--stale-after", _float_in("--stale-after", 0.2, 60.0), 2.0, "seconds before a stream is stale"),
+    ("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="spotrelay",
+        description="Relay Spot's cameras over HTTP (MJPEG, snapshots, viewer, metrics). "
+        "Every option can also be set as SPOTRELAY_<OPTION> (e.g. SPOTRELAY_ROBOT). "
+        "Robot login: BOSDYN_CLIENT_USERNAME / BOSDYN_CLIENT_PASSWORD, or payload credentials.",
+    )
+    for flag, kind, default, help_text in _OPTIONS:
+        env_name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
+        shown = "" if default in (None, ()) else f" (default {default})"
+        parser.add_argument(flag, type=kind, default=None, help=f"{help_text}{shown} [{env_name}]")
+    parser.add_argument(
+        "--sim", action="store_true", default=None, help="use the built-in simulated robot [SPOTRELAY_SIM]"
+    )
+    parser.add_argument("--version", action="version", version=f"spotrelay {__version__}")
+    return parser
+
+
+def _resolve(ns: argparse.Namespace) -> dict[str, object]:
+    """Flag, else environment (parsed with the flag's own type), else default."""
+    values: dict[str, object] = {}
+    for flag, kind, default, _ in _OPTIONS:
+        key = flag[2:].replace("-", "_")
+        value = getattr(ns, key)
+        if value is None and (env := _env(key)) is not None:
+            try:
+                value = kind(env)  # type: ignore[operator]
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigError(f"{ENV_PREFIX}{key.upper()}: {exc}") from None
+        values[key] = default if value is None else value
+    values["sim"] = ns.sim if ns.sim is not None else _truthy(_env("sim") or "0")
+    return values
+
+
+def _read_payload_credentials(path: str) -> tuple[str, str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh.read().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(f"cannot read payload credentials file {path}: {exc.strerror}") from None
+    if len(lines) != 2:
+        raise ConfigError(
+            f"payload credentials file {path} must hold two lines (GUID, then secret), "
+            f"found {len(lines)}"
+        )
+    return lines[0], lines[1]
+
+
+def load(argv: list[str] | None = None) -> Config:
+    """Parse argv and the environment into a validated Config, or raise ConfigError."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    v = _resolve(ns)
+    guid, secret = v.pop("guid"), v.pop("secret")
+    creds_file = v.pop("payload_credentials_file")
+    if creds_file:
+        guid, secret = _read_payload_credentials(str(creds_file))
+    if bool(guid) != bool(secret):
+        raise ConfigError("--guid and --secret go together")
+    level = str(v["log_level"]).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
+    v["log_level"] = level
+    username = os.environ.get("BOSDYN_CLIENT_USERNAME") or None
+    password = os.environ.get("BOSDYN_CLIENT_PASSWORD") or None
+    cfg = Config(guid=guid, secret=secret, username=username, password=password, **v)  # type: ignore[arg-type]
+    if cfg.sim:
+        return cfg
+    if not cfg.robot:
+        raise ConfigError("no robot: give --robot HOST (or SPOTRELAY_ROBOT), or --sim")
+    if cfg.auth_mode == "password" and not (cfg.username and cfg.password):
+        raise ConfigError(
+            "no robot login: set BOSDYN_CLIENT_USERNAME and BOSDYN_CLIENT_PASSWORD, "
+            "or give --payload-credentials-file / --guid and --secret"
+        )
+    if cfg.robot_cert and not os.path.isfile(cfg.robot_cert):
+        raise ConfigError(f"--robot-cert {cfg.robot_cert}: no such file")
+    return cfg
+
+
+def load_or_exit(argv: list[str] | None = None) -> Config:
+    try:
+        return load(argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"spotrelay: error: {exc}\n")
+        raise SystemExit(2) from None

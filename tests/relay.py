@@ -1,0 +1,96 @@
+"""Run the real relay as a subprocess (its real CLI, real sockets) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Relay:
+    """A `python -m spotrelay` process on 127.0.0.1 with its log captured to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = tempfile.NamedTemporaryFile(prefix="spotrelay-", suffix=".log", delete=False)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SPOTRELAY_", "BOSDYN_"))}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spotrelay", "--bind", "127.0.0.1", "--port", str(self.port), *args],
+            env=full_env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    @classmethod
+    def for_sim(cls, sim: Any, *extra: str, payload: bool = False, **kw: Any) -> Relay:
+        args = ["--robot", "127.0.0.1", "--robot-port", str(sim.port), "--robot-cert", sim.ca_path]
+        env = {}
+        if payload:
+            args += ["--guid", sim.payload_guid, "--secret", sim.payload_secret]
+        else:
+            env = {"BOSDYN_CLIENT_USERNAME": sim.username, "BOSDYN_CLIENT_PASSWORD": sim.password}
+        return cls([*args, *extra], env=env, **kw)
+
+    def log(self) -> str:
+        with open(self.log_file.name, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def get(self, path: str, timeout: float = 10.0, headers: dict[str, str] | None = None):
+        """(status, headers, body) without raising on HTTP errors."""
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def json(self, path: str) -> Any:
+        status, _, body = self.get(path)
+        assert status == 200, (status, body[:300])
+        return json.loads(body)
+
+    def wait_ready(self, timeout: float = 30.0) -> Relay:
+        """Until /readyz says the robot is connected and frames flow (or fail with the log)."""
+        end = time.time() + timeout
+        last = None
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                last = self.get("/readyz", timeout=2)
+                if last[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"relay not ready after {timeout} s ({last}):\n{self.log()}")
+
+    def stop(self, timeout: float = 5.0) -> float:
+        """SIGTERM and wait; returns how long the process took to exit."""
+        start = time.time()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        took = time.time() - start
+        self.log_file.close()
+        return took

@@ -1,0 +1,229 @@
+"""End to end: the relay process, through the real SDK over TLS to the simulated robot, to real HTTP
+clients (our strict MJPEG parser, ffprobe, OpenCV) reading real JPEG bytes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.mjpeg import collect, distinct_fps, parts
+from tests.relay import Relay
+
+FISHEYES = [
+    "frontleft_fisheye_image",
+    "frontright_fisheye_image",
+    "left_fisheye_image",
+    "right_fisheye_image",
+    "back_fisheye_image",
+]
+VISUAL = [*FISHEYES, "hand_color_image"]
+DEPTH = ["frontleft_depth", "frontright_depth", "left_depth", "right_depth", "back_depth"]
+
+
+def decode(jpeg: bytes, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags)
+    assert img is not None, "not a decodable image"
+    return img
+
+
+def first_part(relay: Relay, path: str):
+    for part in parts(relay.url + path):
+        return part
+    raise AssertionError("no part")
+
+
+# -- the API --------------------------------------------------------------------------------------
+
+
+def test_sources_lists_every_camera_with_live_state(relay):
+    data = relay.json("/api/sources")
+    assert data["robot"]["connected"] is True
+    by_name = {s["name"]: s for s in data["sources"]}
+    assert set(by_name) >= set(VISUAL + DEPTH)
+    fl = by_name["frontleft_fisheye_image"]
+    assert (fl["cols"], fl["rows"], fl["image_type"], fl["service"]) == (640, 480, "visual", "image")
+    assert "JPEG" in fl["formats"] and "GREYSCALE_U8" in fl["pixel_formats"]
+    depth = by_name["frontleft_depth"]
+    assert (depth["cols"], depth["rows"], depth["image_type"]) == (424, 240, "depth")
+    # Unwatched sources are still polled at the idle rate, so their age stays small.
+    time.sleep(1.5)
+    data = relay.json("/api/sources")
+    ages = [s["age"] for s in data["sources"]]
+    assert all(a is not None and a < 3.0 for a in ages), ages
+    # The robot's clock is skewed; ages near zero prove the capture time was converted.
+    assert abs(data["robot"]["clock_skew"]) > 0.5
+
+
+def test_health_and_readiness(relay):
+    assert relay.get("/healthz")[0] == 200
+    status, _, body = relay.get("/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
+
+
+def test_unknown_source_is_404_naming_it(relay):
+    for path in ("/stream/nope", "/snapshot/nope", "/ws/nope"):
+        status, headers, body = relay.get(path)
+        assert status == 404, path
+        assert headers["Content-Type"].startswith("application/json")
+        data = json.loads(body)
+        assert data["source"] == "nope" and "frontleft_fisheye_image" in data["available"]
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("width=abc", "width"),
+        ("width=5", "width"),
+        ("height=100000", "height"),
+        ("quality=0", "quality"),
+        ("quality=101", "quality"),
+        ("rotate=45", "rotate"),
+        ("fps=0", "fps"),
+        ("fps=fast", "fps"),
+        ("colormap=rainbowz", "colormap"),
+        ("format=png", "format"),  # PNG is for snapshots only
+    ],
+)
+def test_bad_stream_parameter_is_400_naming_it(relay, query, param):
+    status, headers, body = relay.get(f"/stream/frontleft_fisheye_image?{query}")
+    assert status == 400
+    data = json.loads(body)
+    assert data["parameter"] == param and data["allowed"] and data["error"]
+
+
+def test_bad_snapshot_parameter_is_400(relay):
+    status, _, body = relay.get("/snapshot/back_depth?format=gif")
+    assert status == 400 and json.loads(body)["parameter"] == "format"
+
+
+# -- MJPEG ----------------------------------------------------------------------------------------
+
+
+def test_stream_parses_and_serves_distinct_frames(relay):
+    got = collect(relay.url + "/stream/left_fisheye_image", seconds=2.0)
+    assert len(got) >= 20
+    stamps = [p.timestamp for p in got]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), "repeats were served"
+    assert 0 < time.time() - stamps[-1] < 1.0, "X-Timestamp is not local capture time"
+    img = decode(got[-1].body)
+    assert img.shape[:2] == (480, 640)
+
+
+def test_passthrough_serves_the_robots_bytes_unchanged(relay, sim):
+    part = first_part(relay, "/stream/back_fisheye_image")
+    assert part.body == sim.capture_bytes("back_fisheye_image", part.body)
+
+
+def test_resize_rotate_and_quality_are_applied(relay):
+    img = decode(first_part(relay, "/stream/frontleft_fisheye_image?width=320").body)
+    assert img.shape[:2] == (240, 320)
+    img = decode(first_part(relay, "/stream/frontleft_fisheye_image?width=240&rotate=90").body)
+    assert img.shape[:2] == (320, 240)
+    small = first_part(relay, "/stream/hand_color_image?quality=10").body
+    large = first_part(relay, "/stream/hand_color_image?quality=95").body
+    assert len(small) < len(large) / 2
+    assert decode(small, cv2.IMREAD_COLOR).shape[:2] == (480, 640)
+
+
+def test_depth_streams_as_colour_mapped_jpeg(relay):
+    img = decode(first_part(relay, "/stream/frontright_depth").body)
+    assert img.shape == (240, 424, 3)
+    b, g, r = (img[..., i].astype(int) for i in range(3))
+    assert np.mean(np.abs(r - b)) > 10, "depth was not colour-mapped"
+
+
+def test_ffprobe_reads_the_stream(relay):
+    ffprobe = shutil.which("ffprobe")
+    if ffprobe is None:
+        pytest.skip("ffprobe not installed (.ci/run installs ffmpeg)")
+    out = subprocess.run(
+        [ffprobe, "-v", "error", "-show_streams", "-of", "json",
+         relay.url + "/stream/right_fisheye_image"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    stream = json.loads(out.stdout)["streams"][0]
+    assert (stream["codec_name"], stream["width"], stream["height"]) == ("mjpeg", 640, 480)
+
+
+def test_opencv_videocapture_reads_the_stream(relay):
+    cap = cv2.VideoCapture(relay.url + "/stream/hand_color_image?width=320", cv2.CAP_FFMPEG)
+    try:
+        assert cap.isOpened()
+        frames = [cap.read() for _ in range(5)]
+    finally:
+        cap.release()
+    assert all(ok for ok, _ in frames)
+    assert frames[-1][1].shape == (240, 320, 3)
+
+
+def test_fps_parameter_limits_one_client(relay):
+    got = collect(relay.url + "/stream/right_fisheye_image?fps=4", seconds=2.5)
+    rate = (len(got) - 1) / (got[-1].received - got[0].received)
+    assert 2.5 < rate < 5.5
+
+
+# -- snapshots ------------------------------------------------------------------------------------
+
+
+def test_snapshot_jpeg_and_lossless_png(relay):
+    status, headers, body = relay.get("/snapshot/left_fisheye_image?width=160")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert decode(body).shape[:2] == (120, 160)
+    assert abs(time.time() - float(headers["X-Timestamp"])) < 1.0
+    status, headers, body = relay.get("/snapshot/left_depth?format=png")
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    depth = decode(body)
+    assert depth.dtype == np.uint16 and depth.shape == (240, 424)
+    assert 300 < np.median(depth[depth > 0]) < 6000  # millimetres, as the robot sent them
+
+
+# -- many clients ---------------------------------------------------------------------------------
+
+
+def _read_for(url: str, seconds: float, out: dict[str, list], key: str) -> None:
+    try:
+        out[key] = collect(url, seconds)
+    except Exception as exc:  # noqa: BLE001 - reported by the asserting thread
+        out[key] = exc  # type: ignore[assignment]
+
+
+def test_six_visual_sources_at_full_rate_at_once(relay):
+    """The issue's bar: one client per visual source, all at once, >= 14 distinct frames/s each."""
+    results: dict[str, list] = {}
+    threads = [
+        threading.Thread(target=_read_for, args=(relay.url + f"/stream/{s}", 6.0, results, s))
+        for s in VISUAL
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    rates = {}
+    for s in VISUAL:
+        assert isinstance(results.get(s), list), results.get(s)
+        rates[s] = distinct_fps(results[s])
+    assert min(rates.values()) >= 14.0, rates
+
+
+def test_slow_client_does_not_slow_others(relay):
+    # A client that connects and never reads: its socket buffers fill, the relay must not care.
+    slow = socket.create_connection(("127.0.0.1", relay.port))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(b"GET /stream/back_fisheye_image HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        time.sleep(1.0)
+        got = collect(relay.url + "/stream/back_fisheye_image", seconds=3.0)
+        assert distinct_fps(got) >= 13.0
+        state = relay.json("/api/state")
+        stuck = [c for c in state["clients"] if c["frames_dropped"] > 0]
+        assert stuck, "the stalled client should be skipping frames, not buffering them"
+    finally:
+        slow.close()
