@@ -117,7 +117,7 @@ class Hub:
     def _publish_to(self, frame: Frame, variants: list[Variant]) -> None:
         to_render = []
         for v in variants:
-            if codec.is_passthrough(frame.image, v.spec):
+            if codec.is_passthrough(frame.image, v.spec, frame.source):
                 if codec.looks_like_jpeg(frame.image.data):
                     v.publish(Encoded(frame.image.data, frame.acquired, frame.seq))
                 else:
@@ -162,7 +162,7 @@ class Hub:
             now_watched = [
                 v for (s, _), v in self._variants.items() if s == frame.source and v.subscribers
             ]
-            pending = [v for v in now_watched if not codec.is_passthrough(waiting.image, v.spec)]
+            pending = [v for v in now_watched if not codec.is_passthrough(waiting.image, v.spec, waiting.source)]
             if pending:
                 self._render(waiting, pending)
 
@@ -243,7 +243,7 @@ class Hub:
             frame = self.latest.get(source)
         if frame is None:
             raise LookupError(source)
-        if codec.is_passthrough(frame.image, spec):
+        if codec.is_passthrough(frame.image, spec, source):
             return frame.image.data, frame
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(self.executor, codec.render, frame.image, spec, source)
