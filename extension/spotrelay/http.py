@@ -338,7 +338,7 @@ async def api_state(request: web.Request) -> web.Response:
             "fps": round(c.rate.rate(now), 2),
             "frames_sent": c.frames_sent,
             "bytes_sent": c.bytes_sent,
-            "frames_dropped": c.frames_dropped,
+            "frames_dropped": c.dropped,
             "peer": c.peer,
             "connected_for": round(now - c.started, 1),
         }

@@ -86,6 +86,16 @@ class Client:
     bytes_sent: int = 0
     frames_dropped: int = 0
     rate: metrics.RateWindow = field(default_factory=metrics.RateWindow)
+    variant: Variant | None = None
+    writing: int = 0  # version being written, 0 when waiting for the next
+
+    @property
+    def dropped(self) -> int:
+        """Skipped so far, including those skipped while a write is still blocked right now."""
+        pending = 0
+        if self.variant is not None and self.writing and self.max_fps is None:
+            pending = max(0, self.variant.version - self.writing - 1)
+        return self.frames_dropped + pending
 
 
 class Hub:
@@ -191,6 +201,7 @@ class Hub:
         variant = self._variants.get(key) or self._variants.setdefault(key, Variant(source, spec))
         variant.subscribers += 1
         client.id = next(self._ids)
+        client.variant = variant
         self.clients[client.id] = client
         self._watch(source, +1)
         metrics.CLIENTS.labels(source=source).inc()
@@ -213,7 +224,9 @@ class Hub:
                         await asyncio.sleep(delay)
                     next_at = max(next_at + min_gap, time.monotonic())
                 enc, taken = variant.latest, variant.version
+                client.writing = taken
                 yield enc
+                client.writing = 0
                 if not min_gap and variant.version > taken + 1:
                     skipped = variant.version - taken - 1
                     client.frames_dropped += skipped
