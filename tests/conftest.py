@@ -6,6 +6,10 @@ does that for them.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no GOAWAY chatter
+
 import pytest
 
 from spotrelay.sim import SimRobot

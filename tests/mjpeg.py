@@ -42,9 +42,7 @@ def open_stream(url: str, timeout: float = 10.0) -> tuple[http.client.HTTPRespon
     ctype = resp.getheader("Content-Type", "")
     if not ctype.startswith("multipart/x-mixed-replace"):
         raise MjpegError(f"Content-Type is {ctype!r}")
-    params = dict(
-        p.strip().split("=", 1) for p in ctype.split(";")[1:] if "=" in p
-    )
+    params = dict(p.strip().split("=", 1) for p in ctype.split(";")[1:] if "=" in p)
     boundary = params.get("boundary", "").strip('"')
     if not boundary:
         raise MjpegError(f"no boundary in {ctype!r}")

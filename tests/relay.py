@@ -27,11 +27,24 @@ class Relay:
     def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_file = tempfile.NamedTemporaryFile(prefix="spotrelay-", suffix=".log", delete=False)
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SPOTRELAY_", "BOSDYN_"))}
+        self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
+            prefix="spotrelay-", suffix=".log", delete=False
+        )
+        full_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SPOTRELAY_", "BOSDYN_"))
+        }
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spotrelay", "--bind", "127.0.0.1", "--port", str(self.port), *args],
+            [
+                sys.executable,
+                "-m",
+                "spotrelay",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *args,
+            ],
             env=full_env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,

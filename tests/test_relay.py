@@ -49,7 +49,12 @@ def test_sources_lists_every_camera_with_live_state(relay):
     by_name = {s["name"]: s for s in data["sources"]}
     assert set(by_name) >= set(VISUAL + DEPTH)
     fl = by_name["frontleft_fisheye_image"]
-    assert (fl["cols"], fl["rows"], fl["image_type"], fl["service"]) == (640, 480, "visual", "image")
+    assert (fl["cols"], fl["rows"], fl["image_type"], fl["service"]) == (
+        640,
+        480,
+        "visual",
+        "image",
+    )
     assert "JPEG" in fl["formats"] and "GREYSCALE_U8" in fl["pixel_formats"]
     depth = by_name["frontleft_depth"]
     assert (depth["cols"], depth["rows"], depth["image_type"]) == (424, 240, "depth")
@@ -93,7 +98,7 @@ def test_unknown_source_is_404_naming_it(relay):
     ],
 )
 def test_bad_stream_parameter_is_400_naming_it(relay, query, param):
-    status, headers, body = relay.get(f"/stream/frontleft_fisheye_image?{query}")
+    status, _headers, body = relay.get(f"/stream/frontleft_fisheye_image?{query}")
     assert status == 400
     data = json.loads(body)
     assert data["parameter"] == param and data["allowed"] and data["error"]
@@ -137,7 +142,7 @@ def test_resize_rotate_and_quality_are_applied(relay):
 def test_depth_streams_as_colour_mapped_jpeg(relay):
     img = decode(first_part(relay, "/stream/frontright_depth").body)
     assert img.shape == (240, 424, 3)
-    b, g, r = (img[..., i].astype(int) for i in range(3))
+    b, _g, r = (img[..., i].astype(int) for i in range(3))
     assert np.mean(np.abs(r - b)) > 10, "depth was not colour-mapped"
 
 
@@ -146,9 +151,19 @@ def test_ffprobe_reads_the_stream(relay):
     if ffprobe is None:
         pytest.skip("ffprobe not installed (.ci/run installs ffmpeg)")
     out = subprocess.run(
-        [ffprobe, "-v", "error", "-show_streams", "-of", "json",
-         relay.url + "/stream/right_fisheye_image"],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            ffprobe,
+            "-v",
+            "error",
+            "-show_streams",
+            "-of",
+            "json",
+            relay.url + "/stream/right_fisheye_image",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     stream = json.loads(out.stdout)["streams"][0]
     assert (stream["codec_name"], stream["width"], stream["height"]) == ("mjpeg", 640, 480)
@@ -192,7 +207,7 @@ def test_snapshot_jpeg_and_lossless_png(relay):
 def _read_for(url: str, seconds: float, out: dict[str, list], key: str) -> None:
     try:
         out[key] = collect(url, seconds)
-    except Exception as exc:  # noqa: BLE001 - reported by the asserting thread
+    except Exception as exc:
         out[key] = exc  # type: ignore[assignment]
 
 

@@ -246,7 +246,11 @@ def rotate(img: np.ndarray, degrees_cw: float) -> np.ndarray:
     degrees_cw %= 360
     if degrees_cw == 0:
         return img
-    quarter = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
+    quarter = {
+        90: cv2.ROTATE_90_CLOCKWISE,
+        180: cv2.ROTATE_180,
+        270: cv2.ROTATE_90_COUNTERCLOCKWISE,
+    }
     if degrees_cw in quarter:
         return cv2.rotate(img, quarter[int(degrees_cw)])
     h, w = img.shape[:2]
@@ -279,7 +283,9 @@ def to_display(img: np.ndarray, image: ImageData, colormap: str) -> np.ndarray:
     if image.is_depth:
         return depth_to_colour(img, image.depth_scale, colormap)
     lo, hi = np.percentile(img, (1, 99))
-    return cv2.convertScaleAbs(img, alpha=255.0 / max(1.0, hi - lo), beta=-lo * 255.0 / max(1.0, hi - lo))
+    return cv2.convertScaleAbs(
+        img, alpha=255.0 / max(1.0, hi - lo), beta=-lo * 255.0 / max(1.0, hi - lo)
+    )
 
 
 def encode_jpeg(img: np.ndarray, quality: int) -> bytes:

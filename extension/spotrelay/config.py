@@ -108,14 +108,24 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("--payload-credentials-file", str, None, "file with two lines: payload GUID, then secret"),
     ("--guid", str, None, "payload GUID (with --secret), instead of a user login"),
     ("--secret", str, None, "payload secret (with --guid)"),
-    ("--port", _int_in("--port", 1, 65535), DEFAULT_PORT, "HTTP port (CORE I/O admits 21000-22000)"),
+    (
+        "--port",
+        _int_in("--port", 1, 65535),
+        DEFAULT_PORT,
+        "HTTP port (CORE I/O admits 21000-22000)",
+    ),
     ("--bind", str, "0.0.0.0", "HTTP bind address"),
     ("--sources", _csv, (), "comma-separated image sources to relay (default: all)"),
     ("--image-services", _csv, ("image",), "image services to poll, or 'auto' for every one"),
     ("--token", str, None, "require this access token on every request but /healthz"),
     ("--robot-quality", _int_in("--robot-quality", 1, 100), 75, "JPEG quality asked of the robot"),
     ("--idle-fps", _float_in("--idle-fps", 0.0, 15.0), 1.0, "poll rate of unwatched sources"),
-    ("--stale-after", _float_in("--stale-after", 0.2, 60.0), 2.0, "seconds before a stream is stale"),
+    (
+        "--stale-after",
+        _float_in("--stale-after", 0.2, 60.0),
+        2.0,
+        "seconds before a stream is stale",
+    ),
     ("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
 
@@ -132,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         shown = "" if default in (None, ()) else f" (default {default})"
         parser.add_argument(flag, type=kind, default=None, help=f"{help_text}{shown} [{env_name}]")
     parser.add_argument(
-        "--sim", action="store_true", default=None, help="use the built-in simulated robot [SPOTRELAY_SIM]"
+        "--sim",
+        action="store_true",
+        default=None,
+        help="use the built-in simulated robot [SPOTRELAY_SIM]",
     )
     parser.add_argument("--version", action="version", version=f"spotrelay {__version__}")
     return parser

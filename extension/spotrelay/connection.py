@@ -14,10 +14,10 @@ It reports RPC failures back so that a lost robot is noticed by whoever talks to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -136,7 +136,7 @@ def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     def body() -> None:
         try:
             result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+        except BaseException as exc:
             loop.call_soon_threadsafe(settle, None, exc)
         else:
             loop.call_soon_threadsafe(settle, result, None)
@@ -173,8 +173,12 @@ class _Session:
                     if wanted and src.name not in wanted:
                         continue
                     if src.name in self.sources:
-                        log.warning("source %s offered by %s and %s; using the first",
-                                    src.name, self.sources[src.name].service, service)
+                        log.warning(
+                            "source %s offered by %s and %s; using the first",
+                            src.name,
+                            self.sources[src.name].service,
+                            service,
+                        )
                         continue
                     self.sources[src.name] = SourceInfo.from_proto(src, service)
         except BaseException:
@@ -197,7 +201,7 @@ class _Session:
         try:
             self.robot._shutdown()  # stops the time-sync and token threads (no public call)
             self.robot.shutdown()  # closes channels
-        except Exception:  # noqa: BLE001 - best effort on a robot that may be gone
+        except Exception:
             log.debug("error closing SDK robot", exc_info=True)
 
 
@@ -243,7 +247,7 @@ class RobotConnection:
                 return
             try:
                 fut.set_result(done.result())
-            except Exception as exc:  # noqa: BLE001 - the SDK's typed errors go to the poller
+            except Exception as exc:
                 fut.set_exception(exc)
 
         sdk_future.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
@@ -272,8 +276,12 @@ class RobotConnection:
                 )
             except (SdkError, OSError, ValueError) as exc:
                 self.last_error = describe_error(exc)
-                log.error("cannot connect to robot %s: %s; retrying in %.1f s",
-                          where, self.last_error, delay)
+                log.error(
+                    "cannot connect to robot %s: %s; retrying in %.1f s",
+                    where,
+                    self.last_error,
+                    delay,
+                )
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
@@ -307,10 +315,8 @@ class RobotConnection:
             skew = session.skew_seconds()
             if skew is not None:
                 self.skew = skew
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
 
     def _notify(self) -> None:
         for callback in self.on_change:

@@ -11,6 +11,7 @@ allowed values, before any stream starts.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -150,23 +151,29 @@ def _source_or_404(request: web.Request) -> str:
     name = request.match_info["source"]
     if not conn.sources:  # never connected yet: we cannot tell a typo from a real camera
         raise web.HTTPServiceUnavailable(
-            text=json.dumps({"error": "robot not connected yet", "source": name,
-                             "reason": conn.last_error}),
+            text=json.dumps(
+                {"error": "robot not connected yet", "source": name, "reason": conn.last_error}
+            ),
             content_type="application/json",
             headers={"Retry-After": "2"},
         )
     if name not in conn.sources:
         raise web.HTTPNotFound(
             text=json.dumps(
-                {"error": f"unknown source {name!r}", "source": name,
-                 "available": sorted(conn.sources)}
+                {
+                    "error": f"unknown source {name!r}",
+                    "source": name,
+                    "available": sorted(conn.sources),
+                }
             ),
             content_type="application/json",
         )
     return name
 
 
-def _spec_for(request: web.Request, source: str, *, snapshot: bool) -> tuple[RenderSpec, float | None]:
+def _spec_for(
+    request: web.Request, source: str, *, snapshot: bool
+) -> tuple[RenderSpec, float | None]:
     spec, fps = parse_request(request.query, snapshot=snapshot)
     info = request.app[CONN_KEY].sources[source]
     return _normalise(spec, info.cols, info.rows), fps
@@ -180,10 +187,8 @@ def _peer(request: web.Request) -> str:
 def _small_send_buffer(request: web.Request) -> None:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        except OSError:
-            pass
 
 
 def _count_sent(client: Client, source: str, nbytes: int, acquired: float) -> None:
@@ -331,8 +336,11 @@ async def api_state(request: web.Request) -> web.Response:
             "kind": c.kind,
             "source": c.source,
             "variant": {
-                "width": c.spec.width, "height": c.spec.height, "quality": c.spec.quality,
-                "rotate": c.spec.rotate, "colormap": c.spec.colormap,
+                "width": c.spec.width,
+                "height": c.spec.height,
+                "quality": c.spec.quality,
+                "rotate": c.spec.rotate,
+                "colormap": c.spec.colormap,
             },
             "max_fps": c.max_fps,
             "fps": round(c.rate.rate(now), 2),
@@ -344,8 +352,9 @@ async def api_state(request: web.Request) -> web.Response:
         }
         for c in hub.clients.values()
     ]
-    return _json({"version": __version__, "robot": _robot_state(request.app[CONN_KEY]),
-                  "clients": clients})
+    return _json(
+        {"version": __version__, "robot": _robot_state(request.app[CONN_KEY]), "clients": clients}
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:

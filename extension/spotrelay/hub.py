@@ -15,6 +15,7 @@ a program sees the repeated ``X-Timestamp``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 
 from spotrelay import codec, metrics
-from spotrelay.codec import CodecError, RenderSpec
+from spotrelay.codec import RenderSpec
 from spotrelay.poller import Frame
 
 log = logging.getLogger("spotrelay.hub")
@@ -52,8 +53,10 @@ class Variant:
         self.source = source
         self.spec = spec
         self.latest: Encoded | None = None
+        self.last_fresh: Encoded | None = None  # what stale repeats are drawn from
         self.version = 0
-        self.published_at = 0.0
+        self.published_at = 0.0  # monotonic, any publication (stale repeats too)
+        self.fresh_at = time.monotonic()  # monotonic, last publication of a new frame
         self.subscribers = 0
         self._changed = asyncio.Event()
 
@@ -61,6 +64,9 @@ class Variant:
         self.latest = enc
         self.version += 1
         self.published_at = time.monotonic()
+        if not enc.stale:
+            self.fresh_at = self.published_at
+            self.last_fresh = enc
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -117,10 +123,15 @@ class Hub:
 
     def publish(self, frame: Frame) -> None:
         """A new frame from the poller: render it for every watched variant of its source."""
+        if frame.image.format == codec.JPEG and not codec.looks_like_jpeg(frame.image.data):
+            metrics.FRAMES_DROPPED.labels(source=frame.source, reason="decode_error").inc()
+            return  # truncated in transit or by the camera: not worth a decode to find out
         self.latest[frame.source] = frame
         if (event := self._new_frame.pop(frame.source, None)) is not None:
             event.set()
-        variants = [v for (s, _), v in self._variants.items() if s == frame.source and v.subscribers]
+        variants = [
+            v for (s, _), v in self._variants.items() if s == frame.source and v.subscribers
+        ]
         if variants:
             self._publish_to(frame, variants)
 
@@ -128,10 +139,7 @@ class Hub:
         to_render = []
         for v in variants:
             if codec.is_passthrough(frame.image, v.spec, frame.source):
-                if codec.looks_like_jpeg(frame.image.data):
-                    v.publish(Encoded(frame.image.data, frame.acquired, frame.seq))
-                else:
-                    metrics.FRAMES_DROPPED.labels(source=frame.source, reason="decode_error").inc()
+                v.publish(Encoded(frame.image.data, frame.acquired, frame.seq))
             else:
                 to_render.append(v)
         if not to_render:
@@ -172,7 +180,11 @@ class Hub:
             now_watched = [
                 v for (s, _), v in self._variants.items() if s == frame.source and v.subscribers
             ]
-            pending = [v for v in now_watched if not codec.is_passthrough(waiting.image, v.spec, waiting.source)]
+            pending = [
+                v
+                for v in now_watched
+                if not codec.is_passthrough(waiting.image, v.spec, waiting.source)
+            ]
             if pending:
                 self._render(waiting, pending)
 
@@ -188,9 +200,7 @@ class Hub:
     def watched(self, source: str) -> int:
         return self._watchers.get(source, 0)
 
-    async def frames(
-        self, source: str, spec: RenderSpec, client: Client
-    ) -> AsyncIterator[Encoded]:
+    async def frames(self, source: str, spec: RenderSpec, client: Client) -> AsyncIterator[Encoded]:
         """Yield the newest rendering whenever there is a newer one, at most ``client.max_fps``.
 
         Renderings published while the caller was still writing the previous one are skipped and
@@ -240,17 +250,17 @@ class Hub:
             if variant.subscribers == 0:
                 self._variants.pop(key, None)
 
-    async def snapshot(self, source: str, spec: RenderSpec, timeout: float = 2.0) -> tuple[bytes, Frame]:
+    async def snapshot(
+        self, source: str, spec: RenderSpec, timeout: float = 2.0
+    ) -> tuple[bytes, Frame]:
         """Render one fresh frame: reuse a very recent one, else poll now and wait for the next."""
         frame = self.latest.get(source)
         if frame is None or time.time() - frame.received > FRESH_ENOUGH:
             self._watch(source, +1)
             try:
                 event = self._new_frame.setdefault(source, asyncio.Event())
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout)
-                except TimeoutError:
-                    pass
             finally:
                 self._watch(source, -1)
             frame = self.latest.get(source)
@@ -265,25 +275,27 @@ class Hub:
     # -- staleness ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Mark stalled variants once a second so every open stream shows the stall."""
+        """Once a second, repeat each stalled variant's last picture marked STALE.
+
+        Staleness is judged per variant, on what its clients actually got: a source whose frames
+        arrive but cannot be decoded is as stale to a viewer as one that stopped.
+        """
+        loop = asyncio.get_running_loop()
         while not self._closed:
             await asyncio.sleep(STALE_REPEAT / 2)
-            now = time.time()
+            mono = time.monotonic()
             for variant in list(self._variants.values()):
-                if not variant.subscribers:
+                if not variant.subscribers or mono - variant.fresh_at < self.stale_after:
                     continue
-                frame = self.latest.get(variant.source)
-                age = now - frame.received if frame else None
-                if age is not None and age < self.stale_after:
+                if mono - variant.published_at < STALE_REPEAT:
                     continue
-                if time.monotonic() - variant.published_at < STALE_REPEAT:
-                    continue
-                enc = variant.latest
-                text = f"STALE {age:.0f} s" if age is not None else "WAITING FOR ROBOT"
-                base = enc.data if enc else None
-                loop = asyncio.get_running_loop()
+                enc = variant.last_fresh
+                if enc is not None and enc.acquired:
+                    text = f"STALE {time.time() - enc.acquired:.0f} s"
+                else:
+                    text = "WAITING FOR ROBOT"
                 data = await loop.run_in_executor(
-                    self.executor, _stale_image, base, variant.spec, text
+                    self.executor, _stale_image, enc.data if enc else None, variant.spec, text
                 )
                 if variant.subscribers:
                     variant.publish(

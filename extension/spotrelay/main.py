@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC logs every GOAWAY of a robot that goes away; our own log says it once, in plain words.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import asyncio
 import logging
-import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor

@@ -29,8 +29,23 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 
 # Around Spot's frame period (66.7 ms): a frame is on time, one or two periods late, or stalled.
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.033, 0.05, 0.067, 0.1, 0.133, 0.2, 0.3, 0.5, 0.75, 1.0,
-                   1.5, 2.5)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.033,
+    0.05,
+    0.067,
+    0.1,
+    0.133,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+)
 # Decoding or encoding one 640x480 frame takes about a millisecond; thumbnails less.
 CODEC_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
@@ -46,56 +61,97 @@ DECODE_KINDS = ("jpeg", "raw", "rle")
 ENCODE_KINDS = ("jpeg", "png")
 
 FRAMES_RECEIVED = Counter(
-    "spotrelay_frames_received_total", "Distinct frames fetched from the robot.", ["source"],
-    registry=REGISTRY)
+    "spotrelay_frames_received_total",
+    "Distinct frames fetched from the robot.",
+    ["source"],
+    registry=REGISTRY,
+)
 FRAMES_DUPLICATE = Counter(
     "spotrelay_frames_duplicate_total",
     "Replies that repeated a frame already seen (asked before the next capture existed).",
-    ["source"], registry=REGISTRY)
+    ["source"],
+    registry=REGISTRY,
+)
 FRAMES_SERVED = Counter(
-    "spotrelay_frames_served_total", "Frames written to clients (each client counts).",
-    ["source"], registry=REGISTRY)
+    "spotrelay_frames_served_total",
+    "Frames written to clients (each client counts).",
+    ["source"],
+    registry=REGISTRY,
+)
 BYTES_SENT = Counter(
-    "spotrelay_bytes_sent_total", "Image bytes written to clients.", ["source"], registry=REGISTRY)
+    "spotrelay_bytes_sent_total", "Image bytes written to clients.", ["source"], registry=REGISTRY
+)
 FRAMES_DROPPED = Counter(
-    "spotrelay_frames_dropped_total", "Frames not shown, by reason.", ["source", "reason"],
-    registry=REGISTRY)
+    "spotrelay_frames_dropped_total",
+    "Frames not shown, by reason.",
+    ["source", "reason"],
+    registry=REGISTRY,
+)
 SOURCE_FPS = Gauge(
     "spotrelay_source_fps",
     "Frames received per second over the last few seconds (use rate() on the counter for truth).",
-    ["source"], registry=REGISTRY)
+    ["source"],
+    registry=REGISTRY,
+)
 FRAME_LATENCY = Histogram(
     "spotrelay_frame_latency_seconds",
     "From capture (robot clock, converted with time sync) to received from the robot / to the "
     "first byte written to a client.",
-    ["source", "stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+    ["source", "stage"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 POLL_DURATION = Histogram(
-    "spotrelay_poll_duration_seconds", "GetImage round trip.", ["service"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY)
+    "spotrelay_poll_duration_seconds",
+    "GetImage round trip.",
+    ["service"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 RPC_ERRORS = Counter(
-    "spotrelay_rpc_errors_total", "Failed GetImage calls or images, by kind.", ["service", "kind"],
-    registry=REGISTRY)
+    "spotrelay_rpc_errors_total",
+    "Failed GetImage calls or images, by kind.",
+    ["service", "kind"],
+    registry=REGISTRY,
+)
 DECODE_SECONDS = Histogram(
-    "spotrelay_decode_seconds", "Time to decode one frame.", ["kind"], buckets=CODEC_BUCKETS,
-    registry=REGISTRY)
+    "spotrelay_decode_seconds",
+    "Time to decode one frame.",
+    ["kind"],
+    buckets=CODEC_BUCKETS,
+    registry=REGISTRY,
+)
 ENCODE_SECONDS = Histogram(
-    "spotrelay_encode_seconds", "Time to render and encode one variant of one frame.", ["kind"],
-    buckets=CODEC_BUCKETS, registry=REGISTRY)
+    "spotrelay_encode_seconds",
+    "Time to render and encode one variant of one frame.",
+    ["kind"],
+    buckets=CODEC_BUCKETS,
+    registry=REGISTRY,
+)
 CLIENTS = Gauge("spotrelay_clients", "Connected stream clients.", ["source"], registry=REGISTRY)
 LAST_FRAME_TS = Gauge(
     "spotrelay_last_frame_timestamp_seconds",
-    "Capture time (local epoch) of the newest frame received.", ["source"], registry=REGISTRY)
+    "Capture time (local epoch) of the newest frame received.",
+    ["source"],
+    registry=REGISTRY,
+)
 ROBOT_CONNECTED = Gauge(
-    "spotrelay_robot_connected", "1 while logged in to the robot.", registry=REGISTRY)
+    "spotrelay_robot_connected", "1 while logged in to the robot.", registry=REGISTRY
+)
 TIME_SYNC_SKEW = Gauge(
-    "spotrelay_time_sync_skew_seconds", "Robot clock minus local clock (time sync).",
-    registry=REGISTRY)
+    "spotrelay_time_sync_skew_seconds",
+    "Robot clock minus local clock (time sync).",
+    registry=REGISTRY,
+)
 BUILD_INFO = Gauge(
-    "spotrelay_build_info", "Always 1; the version is in the label.", ["version"],
-    registry=REGISTRY)
+    "spotrelay_build_info", "Always 1; the version is in the label.", ["version"], registry=REGISTRY
+)
 SOURCE_INFO = Gauge(
-    "spotrelay_source_info", "Always 1; joins a source to its image service and type.",
-    ["source", "service", "image_type"], registry=REGISTRY)
+    "spotrelay_source_info",
+    "Always 1; joins a source to its image service and type.",
+    ["source", "service", "image_type"],
+    registry=REGISTRY,
+)
 
 for _kind in DECODE_KINDS:
     DECODE_SECONDS.labels(kind=_kind)

@@ -21,6 +21,7 @@ Sources nobody watches are polled at a low idle rate so ``/api/sources`` stays f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -173,7 +174,11 @@ class Poller:
             state = _Source(info, self.quality)
             state.watched = name in self._watched
             if name in old:  # keep what we learned about the camera across a reconnect
-                state.period, state.lead, state.seq = old[name].period, old[name].lead, old[name].seq
+                state.period, state.lead, state.seq = (
+                    old[name].period,
+                    old[name].lead,
+                    old[name].seq,
+                )
                 state.rate = old[name].rate
             self.sources[name] = state
         metrics.register_sources((s.name, s.service, s.image_type) for s in conn.sources.values())
@@ -217,10 +222,8 @@ class Poller:
                 self._send(service, batch, now)
                 continue
             wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=max(0.0, soonest - time.time()))
-            except TimeoutError:
-                pass
 
     def _send(self, service: str, batch: list[_Source], now: float) -> None:
         aims = []
@@ -249,7 +252,7 @@ class Poller:
         except ImageResponseError as exc:  # one bad image fails the batch; the rest is in it
             responses = list(exc.response.image_responses) if exc.response else []
             self.conn.report_ok()
-        except Exception as exc:  # noqa: BLE001 - every RPC failure is counted and backed off
+        except Exception as exc:
             kind = _error_kind(exc)
             metrics.RPC_ERRORS.labels(service=service, kind=kind).inc()
             self.conn.report_failure(exc)

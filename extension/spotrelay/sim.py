@@ -77,17 +77,35 @@ class Camera:
 _BODY = ("frontleft", "frontright", "left", "right", "back")
 CAMERAS: tuple[Camera, ...] = (
     *(
-        Camera(f"{n}_fisheye_image", 640, 480, Image.PIXEL_FORMAT_GREYSCALE_U8,
-               image_pb2.ImageSource.IMAGE_TYPE_VISUAL, (Image.FORMAT_JPEG, Image.FORMAT_RAW))
+        Camera(
+            f"{n}_fisheye_image",
+            640,
+            480,
+            Image.PIXEL_FORMAT_GREYSCALE_U8,
+            image_pb2.ImageSource.IMAGE_TYPE_VISUAL,
+            (Image.FORMAT_JPEG, Image.FORMAT_RAW),
+        )
         for n in _BODY
     ),
     *(
-        Camera(f"{n}_depth", 424, 240, Image.PIXEL_FORMAT_DEPTH_U16,
-               image_pb2.ImageSource.IMAGE_TYPE_DEPTH, (Image.FORMAT_RAW, Image.FORMAT_RLE))
+        Camera(
+            f"{n}_depth",
+            424,
+            240,
+            Image.PIXEL_FORMAT_DEPTH_U16,
+            image_pb2.ImageSource.IMAGE_TYPE_DEPTH,
+            (Image.FORMAT_RAW, Image.FORMAT_RLE),
+        )
         for n in _BODY
     ),
-    Camera("hand_color_image", 640, 480, Image.PIXEL_FORMAT_RGB_U8,
-           image_pb2.ImageSource.IMAGE_TYPE_VISUAL, (Image.FORMAT_JPEG, Image.FORMAT_RAW)),
+    Camera(
+        "hand_color_image",
+        640,
+        480,
+        Image.PIXEL_FORMAT_RGB_U8,
+        image_pb2.ImageSource.IMAGE_TYPE_VISUAL,
+        (Image.FORMAT_JPEG, Image.FORMAT_RAW),
+    ),
 )
 
 
@@ -96,13 +114,15 @@ CAMERAS: tuple[Camera, ...] = (
 
 def make_certs(directory: str) -> tuple[str, bytes, bytes]:
     """A CA and a server certificate for *.spot.robot (the SDK overrides the TLS name)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spotrelay simulated robot CA")])
     ca = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -114,7 +134,8 @@ def make_certs(directory: str) -> tuple[str, bytes, bytes]:
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api.spot.robot")]))
-        .issuer_name(ca_name).public_key(key.public_key())
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
@@ -125,7 +146,9 @@ def make_certs(directory: str) -> tuple[str, bytes, bytes]:
     ca_path = os.path.join(directory, "sim-robot-ca.pem")
     with open(ca_path, "wb") as fh:
         fh.write(ca.public_bytes(pem))
-    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return ca_path, key_pem, cert.public_bytes(pem)
 
 
@@ -152,8 +175,13 @@ def _render_loop(cam: Camera, index: int) -> list[np.ndarray]:
     base = cv2.add(base, rng.integers(0, 50, (h, w), dtype=np.uint8))
     for _ in range(12):
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
-        cv2.rectangle(base, (x, y), (x + int(rng.integers(20, 90)), y + int(rng.integers(20, 90))),
-                      int(rng.integers(60, 220)), -1)
+        cv2.rectangle(
+            base,
+            (x, y),
+            (x + int(rng.integers(20, 90)), y + int(rng.integers(20, 90))),
+            int(rng.integers(60, 220)),
+            -1,
+        )
     if cam.pixel_format == Image.PIXEL_FORMAT_RGB_U8:
         base = cv2.applyColorMap(base, cv2.COLORMAP_OCEAN)
     out = []
@@ -205,8 +233,10 @@ class _Content:
             bgr = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
             data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
         elif fmt == Image.FORMAT_RLE:
-            data = rle_encode(img.astype("<u2") if cam.is_depth else img, img.dtype.itemsize *
-                              (img.shape[2] if img.ndim == 3 else 1))
+            data = rle_encode(
+                img.astype("<u2") if cam.is_depth else img,
+                img.dtype.itemsize * (img.shape[2] if img.ndim == 3 else 1),
+            )
         else:
             data = img.astype("<u2").tobytes() if cam.is_depth else img.tobytes()
         with self._lock:
@@ -220,7 +250,7 @@ class _Content:
 
 
 def _ts(proto, seconds: float) -> None:
-    proto.seconds = int(math.floor(seconds))
+    proto.seconds = math.floor(seconds)
     proto.nanos = int((seconds - math.floor(seconds)) * 1e9)
 
 
@@ -255,9 +285,7 @@ class SimRobot:
         self.spot_cam = spot_cam  # reserved: a second image service needs per-authority routing
         self.cert_dir = cert_dir or tempfile.mkdtemp(prefix="spotrelay-sim-")
         self.cameras = {cam.name: cam for cam in CAMERAS}
-        self._phase = {
-            cam.name: (i * 0.37 % 1.0) / rate_hz for i, cam in enumerate(CAMERAS)
-        }
+        self._phase = {cam.name: (i * 0.37 % 1.0) / rate_hz for i, cam in enumerate(CAMERAS)}
         self.rpc_latency = 0.0
         self._faults: dict[str, str] = {}
         self._stalled_at: dict[str, int] = {}
@@ -436,7 +464,7 @@ class _Auth(auth_grpc.AuthServiceServicer):
     def __init__(self, sim: SimRobot):
         self.sim = sim
 
-    def GetAuthToken(self, request, context):  # noqa: N802 - gRPC names
+    def GetAuthToken(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context, authenticated=False)
         resp = auth_pb2.GetAuthTokenResponse()
@@ -456,7 +484,7 @@ class _Payload(payload_grpc.PayloadRegistrationServiceServicer):
     def __init__(self, sim: SimRobot):
         self.sim = sim
 
-    def GetPayloadAuthToken(self, request, context):  # noqa: N802
+    def GetPayloadAuthToken(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context, authenticated=False)
         resp = payload_registration_pb2.GetPayloadAuthTokenResponse()
@@ -475,8 +503,11 @@ class _Payload(payload_grpc.PayloadRegistrationServiceServicer):
 _SERVICES = (  # name, type, authority
     ("auth", "bosdyn.api.AuthService", "auth.spot.robot"),
     ("directory", "bosdyn.api.DirectoryService", "api.spot.robot"),
-    ("payload-registration", "bosdyn.api.PayloadRegistrationService",
-     "payload-registration.spot.robot"),
+    (
+        "payload-registration",
+        "bosdyn.api.PayloadRegistrationService",
+        "payload-registration.spot.robot",
+    ),
     ("robot-id", "bosdyn.api.RobotIdService", "id.spot.robot"),
     ("time-sync", "bosdyn.api.TimeSyncService", "api.spot.robot"),
     ("image", "bosdyn.api.ImageService", "api.spot.robot"),
@@ -493,14 +524,14 @@ class _Directory(directory_grpc.DirectoryServiceServicer):
             for n, t, a in _SERVICES
         ]
 
-    def ListServiceEntries(self, request, context):  # noqa: N802
+    def ListServiceEntries(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context)
         resp = directory_pb2.ListServiceEntriesResponse(service_entries=self._entries())
         self.sim.fill_header(request, resp, received)
         return resp
 
-    def GetServiceEntry(self, request, context):  # noqa: N802
+    def GetServiceEntry(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context)
         resp = directory_pb2.GetServiceEntryResponse()
@@ -518,7 +549,7 @@ class _RobotId(robot_id_grpc.RobotIdServiceServicer):
     def __init__(self, sim: SimRobot):
         self.sim = sim
 
-    def GetRobotId(self, request, context):  # noqa: N802
+    def GetRobotId(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context, authenticated=False)
         resp = robot_id_pb2.RobotIdResponse()
@@ -537,7 +568,7 @@ class _TimeSync(time_sync_grpc.TimeSyncServiceServicer):
         self.sim = sim
         self._lock = threading.Lock()
 
-    def TimeSyncUpdate(self, request, context):  # noqa: N802
+    def TimeSyncUpdate(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context)
         resp = time_sync_pb2.TimeSyncUpdateResponse()
@@ -546,8 +577,12 @@ class _TimeSync(time_sync_grpc.TimeSyncServiceServicer):
         with self._lock:
             samples = self.sim._timesync_samples.setdefault(clock, [])
             if request.clock_identifier and rt.HasField("client_rx"):
-                t0, t1, t2, t3 = (_secs(rt.client_tx), _secs(rt.server_rx),
-                                  _secs(rt.server_tx), _secs(rt.client_rx))
+                t0, t1, t2, t3 = (
+                    _secs(rt.client_tx),
+                    _secs(rt.server_rx),
+                    _secs(rt.server_tx),
+                    _secs(rt.client_rx),
+                )
                 samples.append((((t1 - t0) + (t2 - t3)) / 2, (t3 - t0) - (t2 - t1)))
                 del samples[:-20]
             best = min(samples, key=lambda s: s[1]) if samples else None
@@ -569,7 +604,7 @@ class _ImageService(image_grpc.ImageServiceServicer):
     def __init__(self, sim: SimRobot):
         self.sim = sim
 
-    def ListImageSources(self, request, context):  # noqa: N802
+    def ListImageSources(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context)
         resp = image_pb2.ListImageSourcesResponse()
@@ -578,7 +613,7 @@ class _ImageService(image_grpc.ImageServiceServicer):
         self.sim.fill_header(request, resp, received)
         return resp
 
-    def GetImage(self, request, context):  # noqa: N802
+    def GetImage(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context)
         self.sim.get_image_calls += 1
@@ -593,7 +628,8 @@ class _ImageService(image_grpc.ImageServiceServicer):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m spotrelay.sim", description="A simulated Spot robot for demos and benchmarks."
+        prog="python -m spotrelay.sim",
+        description="A simulated Spot robot for demos and benchmarks.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -604,13 +640,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cert_dir:
         os.makedirs(args.cert_dir, exist_ok=True)
-    sim = SimRobot(host=args.host, port=args.port, clock_skew=args.clock_skew, rate_hz=args.rate,
-                   cert_dir=args.cert_dir)
+    sim = SimRobot(
+        host=args.host,
+        port=args.port,
+        clock_skew=args.clock_skew,
+        rate_hz=args.rate,
+        cert_dir=args.cert_dir,
+    )
     sim.rpc_latency = args.rpc_latency
     sim.start()
-    print(json.dumps({"port": sim.port, "ca": sim.ca_path, "username": sim.username,
-                      "password": sim.password, "guid": sim.payload_guid,
-                      "secret": sim.payload_secret}), flush=True)
+    print(
+        json.dumps(
+            {
+                "port": sim.port,
+                "ca": sim.ca_path,
+                "username": sim.username,
+                "password": sim.password,
+                "guid": sim.payload_guid,
+                "secret": sim.payload_secret,
+            }
+        ),
+        flush=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

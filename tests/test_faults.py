@@ -1,0 +1,253 @@
+"""What users notice when things go wrong: a lost robot, bad frames, a failing camera, bad input.
+
+These tests get their own robot and relay, because they break the robot on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from spotrelay.sim import SimRobot
+from tests.mjpeg import collect, distinct_fps, parts
+from tests.relay import Relay, free_port
+
+
+@pytest.fixture(scope="module")
+def robot(tmp_path_factory):
+    sim = SimRobot(cert_dir=str(tmp_path_factory.mktemp("fault-certs"))).start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def relay(robot):
+    r = Relay.for_sim(robot, "--stale-after", "1").wait_ready()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(robot):
+    yield
+    robot.clear_faults()
+
+
+def metric(relay: Relay, name: str, **labels: str) -> float:
+    _, _, body = relay.get("/metrics")
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            got = ",".join(sorted(re.findall(r'\w+="[^"]*"', line)))
+            if got == want:
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{want}}}")
+
+
+def test_repeats_are_dropped_not_served(relay):
+    before = metric(relay, "spotrelay_frames_duplicate_total", source="right_fisheye_image")
+    got = collect(relay.url + "/stream/right_fisheye_image", seconds=3.0)
+    stamps = [p.timestamp for p in got]
+    assert len(set(stamps)) == len(stamps)
+    # the poller did see repeats (it probes for the next capture), and none reached the client
+    assert metric(relay, "spotrelay_frames_duplicate_total", source="right_fisheye_image") > before
+
+
+def test_corrupt_frames_are_counted_and_skipped(relay, robot):
+    url = relay.url + "/stream/left_fisheye_image?width=320"
+    before = metric(
+        relay, "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
+    )
+    stream = parts(url)
+    next(stream)
+    robot.set_fault("left_fisheye_image", "corrupt")
+    time.sleep(1.0)
+    robot.set_fault("left_fisheye_image", None)
+    after = metric(
+        relay, "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
+    )
+    assert after - before >= 10
+    # the stream survived and carries good frames again
+    fresh = [p for p in (next(stream) for _ in range(40)) if not p.stale]
+    assert fresh and fresh[-1].body[:2] == b"\xff\xd8"
+    stream.close()
+
+
+def test_corrupt_passthrough_frames_are_not_forwarded(relay, robot):
+    stream = parts(relay.url + "/stream/frontright_fisheye_image")
+    next(stream)
+    robot.set_fault("frontright_fisheye_image", "corrupt")
+    time.sleep(0.3)
+    during = [next(stream) for _ in range(3)]
+    robot.set_fault("frontright_fisheye_image", None)
+    assert all(p.body.endswith(b"\xff\xd9") for p in during)
+    stream.close()
+
+
+def test_one_failing_camera_does_not_starve_the_others(relay, robot):
+    robot.set_fault("back_fisheye_image", "error")
+    results: dict[str, list] = {}
+
+    def read(source: str) -> None:
+        results[source] = collect(relay.url + f"/stream/{source}", seconds=3.0)
+
+    threads = [
+        threading.Thread(target=read, args=(s,)) for s in ("hand_color_image", "left_fisheye_image")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert all(distinct_fps(results[s]) >= 13 for s in results), {
+        s: distinct_fps(v) for s, v in results.items()
+    }
+    assert metric(relay, "spotrelay_rpc_errors_total", service="image", kind="image_error") > 0
+
+
+def test_a_stalled_camera_shows_stale_and_the_stream_stays_open(relay, robot):
+    stream = parts(relay.url + "/stream/hand_color_image?width=320")
+    first = next(stream)
+    assert not first.stale
+    robot.set_fault("hand_color_image", "stall")
+    stale = None
+    end = time.time() + 8
+    while time.time() < end:
+        p = next(stream)
+        if p.stale:
+            stale = p
+            break
+    assert stale is not None, "no STALE frame within 8 s"
+    robot.set_fault("hand_color_image", None)
+    end = time.time() + 8
+    while time.time() < end:
+        if not next(stream).stale:
+            break
+    else:
+        raise AssertionError("stream did not recover")
+    stream.close()
+
+
+def test_lost_robot_keeps_streams_open_and_recovers(relay, robot):
+    stream = parts(relay.url + "/stream/left_fisheye_image", timeout=30)
+    next(stream)
+    robot.set_available(False)
+    saw_stale = False
+    end = time.time() + 10
+    while time.time() < end and not saw_stale:
+        saw_stale = next(stream).stale
+    assert saw_stale
+    assert relay.get("/readyz")[0] in (200, 503)  # answers either way; not hung
+    deadline = time.time() + 15
+    while relay.get("/readyz")[0] == 200 and time.time() < deadline:
+        time.sleep(0.2)
+    assert relay.get("/readyz")[0] == 503
+    robot.set_available(True)
+    end = time.time() + 30
+    recovered = False
+    while time.time() < end:
+        if not next(stream).stale:
+            recovered = True
+            break
+    assert recovered, relay.log()[-2000:]
+    stream.close()
+    assert "lost robot" in relay.log()
+
+
+def test_expired_token_reauthenticates(relay, robot):
+    robot.expire_tokens()
+    time.sleep(1.0)
+    got = collect(relay.url + "/stream/back_depth?width=212", seconds=2.0)
+    assert distinct_fps(got) > 10, relay.log()[-2000:]
+
+
+# -- other ways in ---------------------------------------------------------------------------------
+
+
+def test_payload_credentials_and_access_token(robot, tmp_path):
+    creds = tmp_path / "payload_guid_and_secret"
+    creds.write_text(f"{robot.payload_guid}\n{robot.payload_secret}\n")
+    r = Relay(
+        [
+            "--robot",
+            "127.0.0.1",
+            "--robot-port",
+            str(robot.port),
+            "--robot-cert",
+            robot.ca_path,
+            "--payload-credentials-file",
+            str(creds),
+            "--token",
+            "s3cret-t0ken",
+        ]
+    )
+    try:
+        r.wait_ready()
+        assert r.get("/api/sources")[0] == 401
+        assert r.get("/api/sources?token=wrong")[0] == 401
+        assert r.get("/api/sources?token=s3cret-t0ken")[0] == 200
+        assert r.get("/api/sources", headers={"Authorization": "Bearer s3cret-t0ken"})[0] == 200
+        assert r.get("/healthz")[0] == 200
+        p = next(parts(r.url + "/stream/back_fisheye_image?token=s3cret-t0ken"))
+        assert p.body[:2] == b"\xff\xd8"
+        assert "payload" in r.log()
+    finally:
+        took = r.stop()
+    assert took < 2.0, f"SIGTERM took {took:.2f} s"
+    log = r.log()
+    for secret in ("s3cret-t0ken", robot.payload_secret, robot.password):
+        assert secret not in log
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SPOTRELAY_", "BOSDYN_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "spotrelay", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**base, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--port", "99999"], {}, "--port must be in 1..65535"),
+        (["--robot", "x"], {}, "BOSDYN_CLIENT_USERNAME"),
+        ([], {}, "no robot"),
+        ([], {"SPOTRELAY_PORT": "abc", "SPOTRELAY_SIM": "1"}, "SPOTRELAY_PORT"),
+        (["--robot", "x", "--payload-credentials-file", "/nonexistent"], {}, "payload credentials"),
+        (["--robot", "x", "--guid", "g"], {}, "--guid and --secret"),
+    ],
+)
+def test_bad_options_give_one_line(args, env, says):
+    out = _cli(*args, env=env)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unreachable_robot_is_one_log_line_per_retry_and_keeps_serving(tmp_path):
+    dead = free_port()
+    r = Relay(
+        ["--robot", "127.0.0.1", "--robot-port", str(dead)],
+        env={"BOSDYN_CLIENT_USERNAME": "u", "BOSDYN_CLIENT_PASSWORD": "p"},
+    )
+    try:
+        time.sleep(3)
+        assert r.get("/healthz")[0] == 200
+        status, _, body = r.get("/readyz")
+        assert status == 503 and b"not connected" in body
+        assert r.get("/stream/anything")[0] == 503
+    finally:
+        r.stop()
+    log = r.log()
+    assert "Traceback" not in log
+    assert re.search(r"cannot connect to robot 127\.0\.0\.1:\d+: \w+", log)
