@@ -1,0 +1,124 @@
+"""The viewer page in a real browser: headless Chromium, driven over the DevTools protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+
+from tests.relay import free_port
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run does)")
+
+TILES_JS = """JSON.stringify([...document.querySelectorAll('.tile')].map(t => ({
+  name: t.dataset.source, w: t.querySelector('img').naturalWidth,
+  info: t.querySelector('.info').textContent, stale: t.classList.contains('stale')})))"""
+
+
+class Page:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws, self.ids = ws, itertools.count(1)
+
+    async def call(self, method: str, **params):
+        msg_id = next(self.ids)
+        await self.ws.send_json({"id": msg_id, "method": method, "params": params})
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if data.get("id") == msg_id:
+                if "error" in data:
+                    raise AssertionError(data["error"])
+                return data["result"]
+        raise AssertionError("DevTools connection closed")
+
+    async def eval(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+
+def _page_ws_url(port: int, deadline: float) -> str:
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                pages = [p for p in json.load(r) if p.get("type") == "page"]
+            if pages:
+                return pages[0]["webSocketDebuggerUrl"]
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("chromium did not start")
+
+
+async def _drive(ws_url: str) -> tuple[list[dict], dict]:
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        page = Page(ws)
+        await page.call("Runtime.enable")
+        tiles: list[dict] = []
+        for _ in range(40):  # up to ~10 s for every tile to show a live picture
+            await asyncio.sleep(0.25)
+            tiles = json.loads(await page.eval(TILES_JS) or "[]")
+            if len(tiles) == 11 and all(t["w"] > 0 and "fps" in t["info"] for t in tiles):
+                break
+        await asyncio.sleep(2.0)  # let the fps counters settle over real time
+        tiles = json.loads(await page.eval(TILES_JS))
+        await page.eval(
+            "document.querySelector('.tile[data-source=\"back_fisheye_image\"]').click()"
+        )
+        big = {}
+        for _ in range(20):
+            await asyncio.sleep(0.25)
+            big = await page.eval(
+                "({open: document.getElementById('big').classList.contains('open'),"
+                " w: document.getElementById('bigimg').naturalWidth,"
+                " links: [...document.querySelectorAll('#bigbar a')].map(a => a.getAttribute('href'))})"
+            )
+            if big.get("w"):
+                break
+        return tiles, big
+
+
+def test_viewer_shows_every_camera_live_and_a_large_view(relay):
+    port = free_port()
+    profile = tempfile.mkdtemp(prefix="spotrelay-chromium-")
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--remote-debugging-port={port}",
+            "--window-size=1400,1000",
+            relay.url + "/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ws_url = _page_ws_url(port, time.time() + 30)
+        tiles, big = asyncio.run(_drive(ws_url))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(profile, ignore_errors=True)
+    names = {t["name"] for t in tiles}
+    assert len(names) == 11, tiles
+    assert all(t["w"] in (240, 320) for t in tiles), tiles  # 320-wide tiles (240 for rotated)
+    fps = {t["name"]: float(t["info"].split(" fps")[0]) for t in tiles}
+    # 11 live tiles at once in one browser: far beyond the 6 HTTP/1.1 connections per host.
+    assert min(fps.values()) > 10, fps
+    assert big["open"] and big["w"] == 640, big
+    assert any(link.startswith("/stream/back_fisheye_image") for link in big["links"])
