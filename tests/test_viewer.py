@@ -78,7 +78,8 @@ async def _drive(ws_url: str) -> tuple[list[dict], dict]:
             big = await page.eval(
                 "({open: document.getElementById('big').classList.contains('open'),"
                 " w: document.getElementById('bigimg').naturalWidth,"
-                " links: [...document.querySelectorAll('#bigbar a')].map(a => a.getAttribute('href'))})"
+                " links: [...document.querySelectorAll('#bigbar a')]"
+                ".map(a => a.getAttribute('href'))})"
             )
             if big.get("w"):
                 break

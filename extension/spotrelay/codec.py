@@ -13,7 +13,8 @@ format's width, meaning that pixel N times.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import cv2
@@ -57,6 +58,11 @@ AUTO_ROTATION_CW = {
     "right_fisheye_image": 180.0,
 }
 DEFAULT_QUALITY = 80
+_FORMAT_KIND = {JPEG: "jpeg", RAW: "raw", RLE: "rle"}
+
+Observer = Callable[[str, str, float], None]
+"""Called as observe("decode" | "encode", kind, seconds): lets the caller time the stages
+(metrics) without the codec knowing about them."""
 DEPTH_MAX_M = 5.0  # fixed colour range, so colours mean the same distance in every frame
 
 
@@ -312,7 +318,31 @@ def _reduction_for(image: ImageData, spec: RenderSpec, source_name: str) -> int:
     return jpeg_reduction(image.cols, image.rows, out_w, out_h)
 
 
-def _render_decoded(img: np.ndarray, image: ImageData, spec: RenderSpec, source_name: str) -> bytes:
+def _render_decoded(
+    img: np.ndarray,
+    image: ImageData,
+    spec: RenderSpec,
+    source_name: str,
+    observe: Observer | None = None,
+) -> bytes:
+    start = time.perf_counter()
+    out = _render_decoded_untimed(img, image, spec, source_name)
+    if observe is not None:
+        observe("encode", spec.format, time.perf_counter() - start)
+    return out
+
+
+def _timed_decode(image: ImageData, reduction: int, observe: Observer | None) -> np.ndarray:
+    start = time.perf_counter()
+    img = decode(image, reduction)
+    if observe is not None:
+        observe("decode", _FORMAT_KIND.get(image.format, "raw"), time.perf_counter() - start)
+    return img
+
+
+def _render_decoded_untimed(
+    img: np.ndarray, image: ImageData, spec: RenderSpec, source_name: str
+) -> bytes:
     degrees, out_w, out_h = _plan(image, spec, source_name)
     small = resize(img, out_w, out_h, nearest=image.is_depth)
     if spec.format == "png":  # lossless: 16-bit values stay 16-bit, no colour map
@@ -321,15 +351,20 @@ def _render_decoded(img: np.ndarray, image: ImageData, spec: RenderSpec, source_
     return encode_jpeg(rotate(out, degrees), spec.quality or DEFAULT_QUALITY)
 
 
-def render(image: ImageData, spec: RenderSpec, source_name: str) -> bytes:
+def render(
+    image: ImageData, spec: RenderSpec, source_name: str, observe: Observer | None = None
+) -> bytes:
     if is_passthrough(image, spec, source_name):
         return image.data
-    img = decode(image, _reduction_for(image, spec, source_name))
-    return _render_decoded(img, image, spec, source_name)
+    img = _timed_decode(image, _reduction_for(image, spec, source_name), observe)
+    return _render_decoded(img, image, spec, source_name, observe)
 
 
 def render_many(
-    image: ImageData, specs: Iterable[RenderSpec], source_name: str
+    image: ImageData,
+    specs: Iterable[RenderSpec],
+    source_name: str,
+    observe: Observer | None = None,
 ) -> dict[RenderSpec, bytes | CodecError]:
     """Several variants of one frame, decoding once per distinct reduction."""
     out: dict[RenderSpec, bytes | CodecError] = {}
@@ -341,7 +376,7 @@ def render_many(
         factor = _reduction_for(image, spec, source_name)
         if factor not in decoded:
             try:
-                decoded[factor] = decode(image, factor)
+                decoded[factor] = _timed_decode(image, factor, observe)
             except CodecError as exc:
                 decoded[factor] = exc
         img = decoded[factor]
@@ -349,7 +384,7 @@ def render_many(
             out[spec] = img
             continue
         try:
-            out[spec] = _render_decoded(img, image, spec, source_name)
+            out[spec] = _render_decoded(img, image, spec, source_name, observe)
         except CodecError as exc:
             out[spec] = exc
     return out

@@ -155,7 +155,7 @@ class Hub:
         self._rendering.add(frame.source)
         specs = [v.spec for v in variants]
         fut = asyncio.get_running_loop().run_in_executor(
-            self.executor, codec.render_many, frame.image, specs, frame.source
+            self.executor, codec.render_many, frame.image, specs, frame.source, _observe
         )
         fut.add_done_callback(lambda f: self._rendered(frame, variants, f))
 
@@ -269,7 +269,9 @@ class Hub:
         if codec.is_passthrough(frame.image, spec, source):
             return frame.image.data, frame
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self.executor, codec.render, frame.image, spec, source)
+        data = await loop.run_in_executor(
+            self.executor, codec.render, frame.image, spec, source, _observe
+        )
         return data, frame
 
     # -- staleness ----------------------------------------------------------------------------
@@ -307,6 +309,13 @@ class Hub:
         self._closed = True
         for variant in list(self._variants.values()):
             variant.wake()
+
+
+def _observe(stage: str, kind: str, seconds: float) -> None:
+    """Codec timings into the histograms (prometheus-client is thread-safe)."""
+    (metrics.DECODE_SECONDS if stage == "decode" else metrics.ENCODE_SECONDS).labels(
+        kind=kind
+    ).observe(seconds)
 
 
 def _stale_image(jpeg: bytes | None, spec: RenderSpec, text: str) -> bytes:
