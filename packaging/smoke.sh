@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Container smoke test: run docker-compose.yml as the robot would (bridge network, port 21080,
+# payload credentials mounted read-only), against the simulated robot in a second container made
+# from the same image, and check what a user relies on:
+#   a frame arrives through the mapped port, the relay runs as non-root, Docker reports it
+#   healthy, and `docker stop` ends it cleanly within 2 s.
+#   packaging/smoke.sh spotrelay:0.1.0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+image=${1:?image tag}
+project=spotrelay-smoke
+sim=spotrelay-smoke-sim
+work=$(mktemp -d /tmp/spotrelay-smoke.XXXXXX)
+mkdir -p "$work/sim" "$work/creds"
+chmod 0777 "$work/sim"
+say() { echo "smoke: $*"; }
+compose() { SPOTRELAY_PUBLISH_IP=127.0.0.1 docker-compose -p "$project" -f docker-compose.yml -f "$work/override.yml" "$@"; }
+cleanup() {
+  compose down -t 1 >/dev/null 2>&1 || true
+  docker rm -f "$sim" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cleanup_old() { docker rm -f "$sim" >/dev/null 2>&1 || true; }
+cleanup_old
+
+say "simulated robot in container $sim"
+docker run -d --name "$sim" -v "$work/sim:/sim" "$image" \
+  python3 -m spotrelay.sim --host 0.0.0.0 --port 50443 --cert-dir /sim >/dev/null
+info=""
+for _ in $(seq 60); do
+  info=$(docker logs "$sim" 2>/dev/null | grep -m1 '^{' || true)
+  [ -n "$info" ] && break
+  sleep 0.5
+done
+[ -n "$info" ] || { docker logs "$sim"; say "FAIL: the simulated robot did not start"; exit 1; }
+sim_ip=$(docker inspect -f '{{.NetworkSettings.IPAddress}}' "$sim")
+python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["guid"]); print(d["secret"])' "$info" \
+  > "$work/creds/payload_guid_and_secret"
+
+cat > "$work/override.yml" <<YAML
+version: "2.4"
+services:
+  spotrelay:
+    image: $image
+    environment:
+      SPOTRELAY_ROBOT: "$sim_ip"
+      SPOTRELAY_ROBOT_PORT: "50443"
+      SPOTRELAY_ROBOT_CERT: /sim/sim-robot-ca.pem
+    volumes:
+      - $work/sim:/sim:ro
+      - $work/creds:/opt/payload_credentials:ro
+    logging:
+      driver: json-file   # no journald on a build machine
+YAML
+
+say "relay from docker-compose.yml (payload credentials, bridge network, port 21080)"
+compose up -d >/dev/null 2>&1 || { compose up -d; exit 1; }
+cid=$(compose ps -q spotrelay)
+
+say "reading a frame through 127.0.0.1:21080"
+if ! python3 - <<'PY'
+import http.client, sys, time
+deadline = time.time() + 90
+while time.time() < deadline:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", 21080, timeout=10)
+        c.request("GET", "/stream/back_fisheye_image")
+        r = c.getresponse()
+        if r.status == 200:
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += r.read(1)
+            length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+            body = r.read(length)
+            assert body[:2] == b"\xff\xd8" and len(body) == length, "not a JPEG"
+            print(f"smoke: got a {length}-byte JPEG from the container")
+            sys.exit(0)
+    except (OSError, http.client.HTTPException):
+        pass
+    time.sleep(1)
+sys.exit(1)
+PY
+then
+  docker logs "$cid" 2>&1 | tail -20
+  say "FAIL: no frame through the mapped port"
+  exit 1
+fi
+
+uid=$(docker exec "$cid" id -u)
+[ "$uid" != "0" ] || { say "FAIL: the relay runs as root"; exit 1; }
+say "runs as uid $uid ($(docker exec "$cid" id -un))"
+
+for _ in $(seq 40); do
+  health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
+  [ "$health" = healthy ] && break
+  sleep 1
+done
+[ "$health" = healthy ] || { say "FAIL: Docker health is '$health'"; exit 1; }
+say "Docker HEALTHCHECK: $health"
+
+start=$(date +%s.%N)
+docker stop -t 10 "$cid" >/dev/null
+took=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
+code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
+say "docker stop took ${took} s, exit code $code"
+python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) < 2.0 else 1)" "$took" \
+  || { say "FAIL: stopping took ${took} s (limit 2 s)"; exit 1; }
+[ "$code" = 0 ] || { docker logs "$cid" 2>&1 | tail -5; say "FAIL: exit code $code"; exit 1; }
+say "PASS"
