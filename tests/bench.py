@@ -129,7 +129,7 @@ def relay_fps(relay: Relay, sources: list[str], query: str, seconds: float, copi
 
 
 def discard_clients(relay: Relay, sources: list[str], query: str, n: int) -> list[socket.socket]:
-    """n raw clients per source that read and throw away: cheap for this process, real for the relay."""
+    """n raw clients per source that read and discard: cheap here, real work for the relay."""
     socks = []
     for s in sources:
         for _ in range(n):
@@ -209,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 # fan-out and cost of work, same robot and relay
                 cpu1, (fps1, _) = measure_cpu(
-                    relay, secs, lambda: relay_fps(relay, VISUAL, "?width=320", secs)
+                    relay, secs, lambda r=relay: relay_fps(r, VISUAL, "?width=320", secs)
                 )
                 extra = discard_clients(relay, VISUAL, "?width=320", 9)
                 time.sleep(1)
                 cpu10, (fps10, _) = measure_cpu(
-                    relay, secs, lambda: relay_fps(relay, VISUAL, "?width=320", secs)
+                    relay, secs, lambda r=relay: relay_fps(r, VISUAL, "?width=320", secs)
                 )
                 for s in extra:
                     s.close()
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 time.sleep(1)
                 cpu_pass, (fps_pass, _) = measure_cpu(
-                    relay, secs, lambda: relay_fps(relay, VISUAL, "", secs)
+                    relay, secs, lambda r=relay: relay_fps(r, VISUAL, "", secs)
                 )
                 rows.append(
                     (
