@@ -30,9 +30,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    if level != "DEBUG":  # the SDK and aiohttp are chatty; their warnings still show
-        for name in ("bosdyn", "aiohttp.access"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # The SDK logs whole requests at DEBUG, login requests included: never below WARNING, so no
+    # password or token can reach the log. The access log is off for the same reason (?token=).
+    logging.getLogger("bosdyn").setLevel(logging.WARNING)
 
 
 async def serve(cfg: Config) -> int:
