@@ -39,7 +39,7 @@ if [ "$arch" != "$native" ]; then
 fi
 
 tag="spotrelay-base:bookworm-$arch"
-if ! docker image inspect "$tag" >/dev/null 2>&1; then
+if [ "$(docker image inspect -f '{{.Architecture}}' "$tag" 2>/dev/null)" != "$arch" ]; then
   mirror=$( { grep -rhoE '^(URIs:|deb) *https?://[^ ]+' /etc/apt/sources.list.d/ /etc/apt/sources.list \
     2>/dev/null || true; } | awk '$2 ~ /\/debian\/?$/ {print $2; exit}')
   mirror=${mirror:-http://deb.debian.org/debian}
@@ -48,8 +48,15 @@ if ! docker image inspect "$tag" >/dev/null 2>&1; then
   debootstrap --variant=minbase --arch="$arch" bookworm "$root" "$mirror" >/tmp/spotrelay-debootstrap.log 2>&1 \
     || { tail -n 20 /tmp/spotrelay-debootstrap.log >&2; exit 1; }
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-  tar -C "$root" -c . | docker import --platform "linux/$arch" - "$tag" >/dev/null
+  # `docker import --platform` is ignored by older engines (the image is labelled with the
+  # engine's own architecture); a FROM scratch build with --platform records it correctly.
+  ctx=$(mktemp -d /tmp/spotrelay-basectx.XXXXXX)
+  tar -C "$root" -cf "$ctx/rootfs.tar" .
   rm -rf "$root"
+  printf 'FROM scratch\nADD rootfs.tar /\nCMD ["bash"]\n' >"$ctx/Dockerfile"
+  docker build -q --platform "linux/$arch" -t "$tag" "$ctx" >/dev/null 2>&1 \
+    || docker build --platform "linux/$arch" -t "$tag" "$ctx" >&2
+  rm -rf "$ctx"
   log "made $tag"
 fi
 echo "$tag"

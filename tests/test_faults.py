@@ -251,3 +251,16 @@ def test_unreachable_robot_is_one_log_line_per_retry_and_keeps_serving(tmp_path)
     log = r.log()
     assert "Traceback" not in log
     assert re.search(r"cannot connect to robot 127\.0\.0\.1:\d+: \w+", log)
+
+
+def test_image_services_auto_discovers_from_the_directory(robot):
+    r = Relay.for_sim(
+        robot, "--image-services", "auto", "--sources", "back_fisheye_image,back_depth"
+    )
+    try:
+        r.wait_ready()
+        data = r.json("/api/sources")
+    finally:
+        r.stop()
+    assert data["robot"]["image_services"] == ["image"]
+    assert sorted(s["name"] for s in data["sources"]) == ["back_depth", "back_fisheye_image"]
