@@ -5,9 +5,9 @@ clients or addresses, so a busy relay cannot blow up a fleet's Prometheus; the p
 ``GET /api/state``. Every per-source series is created as soon as the source is known, so
 dashboards and alerts see zeros rather than gaps before the first frame.
 
-A private registry keeps the exposition to our own metrics (no default process collectors
-duplicating what node-exporter already reports... except process CPU and memory, which are
-registered explicitly because the relay's own cost is what operators ask about).
+A private registry keeps the exposition to what is declared here, plus the process collector
+(CPU, memory, open files): the relay's own cost is the first thing operators of a small payload
+computer ask about.
 """
 
 from __future__ import annotations
