@@ -20,7 +20,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run does)")
 
 TILES_JS = """JSON.stringify([...document.querySelectorAll('.tile')].map(t => ({
-  name: t.dataset.source, w: t.querySelector('img').naturalWidth,
+  name: t.dataset.source, w: parseInt(t.querySelector('img').dataset.size || '0'),
   info: t.querySelector('.info').textContent, stale: t.classList.contains('stale')})))"""
 
 
@@ -77,12 +77,23 @@ async def _drive(ws_url: str) -> tuple[list[dict], dict]:
             await asyncio.sleep(0.25)
             big = await page.eval(
                 "({open: document.getElementById('big').classList.contains('open'),"
-                " w: document.getElementById('bigimg').naturalWidth,"
+                " w: parseInt(document.getElementById('bigimg').dataset.size || '0'),"
                 " links: [...document.querySelectorAll('#bigbar a')]"
                 ".map(a => a.getAttribute('href'))})"
             )
             if big.get("w"):
                 break
+        # MJPEG straight into an <img>, as integrators embed it in their own pages
+        mjpeg = await page.call(
+            "Runtime.evaluate",
+            awaitPromise=True,
+            returnByValue=True,
+            expression="new Promise(r => { const i = new Image();"
+            " i.onload = () => setTimeout(() => r([i.naturalWidth, i.naturalHeight]), 500);"
+            " i.onerror = () => r([-1, -1]); document.body.append(i);"
+            " i.src = '/stream/left_fisheye_image?width=320'; })",
+        )
+        big["mjpeg_img"] = mjpeg["result"]["value"]
         return tiles, big
 
 
@@ -123,3 +134,4 @@ def test_viewer_shows_every_camera_live_and_a_large_view(relay):
     assert min(fps.values()) > 10, fps
     assert big["open"] and big["w"] == 640, big
     assert any(link.startswith("/stream/back_fisheye_image") for link in big["links"])
+    assert big["mjpeg_img"] == [320, 240], big
