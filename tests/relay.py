@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,16 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a Prometheus exposition (labels must match exactly)."""
+    want = sorted(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        key = line.split(" ")[0]
+        if key.split("{")[0] == name and sorted(re.findall(r'\w+="[^"]*"', key)) == want:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{labels}")
 
 
 def free_port() -> int:
@@ -72,6 +83,9 @@ class Relay:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return sample(self.get("/metrics")[2].decode(), name, **labels)
 
     def json(self, path: str) -> Any:
         status, _, body = self.get(path)

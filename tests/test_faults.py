@@ -39,38 +39,27 @@ def _reset(robot):
     robot.clear_faults()
 
 
-def metric(relay: Relay, name: str, **labels: str) -> float:
-    _, _, body = relay.get("/metrics")
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in body.decode().splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            got = ",".join(sorted(re.findall(r'\w+="[^"]*"', line)))
-            if got == want:
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name}{{{want}}}")
-
-
 def test_repeats_are_dropped_not_served(relay):
-    before = metric(relay, "spotrelay_frames_duplicate_total", source="right_fisheye_image")
+    before = relay.metric("spotrelay_frames_duplicate_total", source="right_fisheye_image")
     got = collect(relay.url + "/stream/right_fisheye_image", seconds=3.0)
     stamps = [p.timestamp for p in got]
     assert len(set(stamps)) == len(stamps)
     # the poller did see repeats (it probes for the next capture), and none reached the client
-    assert metric(relay, "spotrelay_frames_duplicate_total", source="right_fisheye_image") > before
+    assert relay.metric("spotrelay_frames_duplicate_total", source="right_fisheye_image") > before
 
 
 def test_corrupt_frames_are_counted_and_skipped(relay, robot):
     url = relay.url + "/stream/left_fisheye_image?width=320"
-    before = metric(
-        relay, "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
+    before = relay.metric(
+        "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
     )
     stream = parts(url)
     next(stream)
     robot.set_fault("left_fisheye_image", "corrupt")
     time.sleep(1.0)
     robot.set_fault("left_fisheye_image", None)
-    after = metric(
-        relay, "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
+    after = relay.metric(
+        "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
     )
     assert after - before >= 10
     # the stream survived and carries good frames again
@@ -107,7 +96,7 @@ def test_one_failing_camera_does_not_starve_the_others(relay, robot):
     assert all(distinct_fps(results[s]) >= 13 for s in results), {
         s: distinct_fps(v) for s, v in results.items()
     }
-    assert metric(relay, "spotrelay_rpc_errors_total", service="image", kind="image_error") > 0
+    assert relay.metric("spotrelay_rpc_errors_total", service="image", kind="image_error") > 0
 
 
 def test_a_stalled_camera_shows_stale_and_the_stream_stays_open(relay, robot):

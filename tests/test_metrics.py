@@ -19,7 +19,7 @@ import pytest
 from spotrelay import metrics
 from spotrelay.sim import SimRobot
 from tests.mjpeg import parts
-from tests.relay import Relay, free_port
+from tests.relay import Relay, free_port, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -40,15 +40,6 @@ def exposition(relay: Relay) -> str:
     status, headers, body = relay.get("/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     return body.decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    want = sorted(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        key = line.split(" ")[0]
-        if key.split("{")[0] == name and sorted(re.findall(r'\w+="[^"]*"', key)) == want:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name}{labels}")
 
 
 # -- the exposition -------------------------------------------------------------------------------

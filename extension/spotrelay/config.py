@@ -70,25 +70,15 @@ def _truthy(value: str) -> bool:
     raise ConfigError(f"SPOTRELAY_SIM must be 1/0/true/false, not {value!r}")
 
 
-def _int_in(name: str, lo: int, hi: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, not {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{name} must be in {lo}..{hi}, not {value}")
-        return value
+def _number_in(name: str, kind: type[int] | type[float], lo: float, hi: float):
+    """An argparse type: a number of ``kind`` within lo..hi, with a message naming the option."""
+    noun = "an integer" if kind is int else "a number"
 
-    return parse
-
-
-def _float_in(name: str, lo: float, hi: float):
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, not {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{name} must be {noun}, not {text!r}") from None
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{name} must be in {lo:g}..{hi:g}, not {value:g}")
         return value
@@ -103,14 +93,14 @@ def _csv(text: str) -> tuple[str, ...]:
 # (flag, type, default, help). The env var name is derived from the flag.
 _OPTIONS: list[tuple[str, object, object, str]] = [
     ("--robot", str, None, "robot address (e.g. 192.168.80.3; 192.168.50.3 from a CORE I/O)"),
-    ("--robot-port", _int_in("--robot-port", 1, 65535), 443, "robot gRPC port"),
+    ("--robot-port", _number_in("--robot-port", int, 1, 65535), 443, "robot gRPC port"),
     ("--robot-cert", str, None, "CA certificate (PEM) to trust instead of the SDK's bundled one"),
     ("--payload-credentials-file", str, None, "file with two lines: payload GUID, then secret"),
     ("--guid", str, None, "payload GUID (with --secret), instead of a user login"),
     ("--secret", str, None, "payload secret (with --guid)"),
     (
         "--port",
-        _int_in("--port", 1, 65535),
+        _number_in("--port", int, 1, 65535),
         DEFAULT_PORT,
         "HTTP port (CORE I/O admits 21000-22000)",
     ),
@@ -118,11 +108,21 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("--sources", _csv, (), "comma-separated image sources to relay (default: all)"),
     ("--image-services", _csv, ("image",), "image services to poll, or 'auto' for every one"),
     ("--token", str, None, "require this access token on every request but /healthz"),
-    ("--robot-quality", _int_in("--robot-quality", 1, 100), 75, "JPEG quality asked of the robot"),
-    ("--idle-fps", _float_in("--idle-fps", 0.0, 15.0), 1.0, "poll rate of unwatched sources"),
+    (
+        "--robot-quality",
+        _number_in("--robot-quality", int, 1, 100),
+        75,
+        "JPEG quality asked of the robot",
+    ),
+    (
+        "--idle-fps",
+        _number_in("--idle-fps", float, 0.0, 15.0),
+        1.0,
+        "poll rate of unwatched sources",
+    ),
     (
         "--stale-after",
-        _float_in("--stale-after", 0.2, 60.0),
+        _number_in("--stale-after", float, 0.2, 60.0),
         2.0,
         "seconds before a stream is stale",
     ),
