@@ -13,7 +13,7 @@ echo "health: $(docker exec "$name" uname -m) container started"
 for _ in $(seq 180); do
   if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=2)" 2>/dev/null; then
     echo "health: /healthz answered after $(( $(date +%s) - start )) s"
-    if python3 -c "import urllib.request; b=urllib.request.urlopen('http://127.0.0.1:$port/snapshot/back_fisheye_image', timeout=30).read(); assert b[:2]==b'\xff\xd8'" ; then
+    if python3 -c "import urllib.request; b=urllib.request.urlopen('http://127.0.0.1:$port/snapshot/back_fisheye_image', timeout=30).read(); assert b[:2]==b'\xff\xd8'" 2>/dev/null; then
       echo "health: snapshot served after $(( $(date +%s) - start )) s: PASS"
       exit 0
     fi
