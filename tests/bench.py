@@ -13,9 +13,12 @@ in another; clients run here. Scenarios:
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads
+
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
