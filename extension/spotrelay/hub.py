@@ -61,6 +61,12 @@ class Variant:
         self._changed = asyncio.Event()
 
     def publish(self, enc: Encoded) -> None:
+        """Make ``enc`` the newest rendering. A fresh frame that is not newer than the last one
+        published is ignored, so however renders overlap, a client never sees a capture twice
+        or out of order."""
+        fresh = self.last_fresh
+        if not enc.stale and fresh is not None and enc.acquired <= fresh.acquired:
+            return
         self.latest = enc
         self.version += 1
         self.published_at = time.monotonic()
