@@ -243,4 +243,3 @@ def test_slow_client_does_not_slow_others(relay):
         assert stuck, "the stalled client should be skipping frames, not buffering them"
     finally:
         slow.close()
-
