@@ -4,11 +4,14 @@ clients (our strict MJPEG parser, ffprobe, OpenCV) reading real JPEG bytes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -243,3 +246,40 @@ def test_slow_client_does_not_slow_others(relay):
         assert stuck, "the stalled client should be skipping frames, not buffering them"
     finally:
         slow.close()
+
+
+def test_vlc_plays_the_stream(relay):
+    cvlc = shutil.which("cvlc")
+    if cvlc is None:
+        pytest.skip("VLC not installed (.ci/run installs vlc-bin)")
+    out = Path(tempfile.mkdtemp(prefix="spotrelay-vlc-"))  # reachable by the user VLC runs as
+    out.chmod(0o777)
+    # VLC refuses to run as root; its scene filter writes every decoded picture as a PNG.
+    cmd = [
+        cvlc,
+        "-I",
+        "dummy",
+        "--no-audio",
+        "--vout=dummy",
+        "--video-filter=scene",
+        f"--scene-path={out}",
+        "--scene-format=png",
+        "--scene-ratio=1",
+        "--scene-prefix=f",
+        relay.url + "/stream/hand_color_image?width=320",
+    ]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "nobody", "--", *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and len(list(out.glob("*.png"))) < 20:
+            time.sleep(0.2)
+        pictures = sorted(out.glob("*.png"))
+        assert len(pictures) >= 20, "VLC decoded fewer than 20 pictures in 20 s"
+        h, w = decode(pictures[-1].read_bytes()).shape[:2]
+        assert w == 320 and 240 <= h <= 256  # VLC pads picture height to its block alignment
+    finally:
+        proc.kill()
+        proc.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
