@@ -107,7 +107,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("--bind", str, "0.0.0.0", "HTTP bind address"),
     ("--sources", _csv, (), "comma-separated image sources to relay (default: all)"),
     ("--image-services", _csv, ("image",), "image services to poll, or 'auto' for every one"),
-    ("--token", str, None, "require this access token on every request but /healthz"),
+    ("--token", str, None, "require this access token on every request but /healthz and /readyz"),
     (
         "--robot-quality",
         _number_in("--robot-quality", int, 1, 100),
