@@ -28,7 +28,6 @@ from bosdyn.client.exceptions import (
     Error as SdkError,
 )
 from bosdyn.client.exceptions import (
-    RetryableRpcError,
     UnauthenticatedError,
 )
 from bosdyn.client.image import ImageClient
@@ -327,8 +326,3 @@ class RobotConnection:
             session, self._session = self._session, None
             self.connected.clear()
             await asyncio.to_thread(session.close)
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """RPC failures that say something about the link rather than one image."""
-    return isinstance(exc, (RetryableRpcError, UnauthenticatedError, ConnectionError))

@@ -135,11 +135,11 @@ class Hub:
         self.latest[frame.source] = frame
         if (event := self._new_frame.pop(frame.source, None)) is not None:
             event.set()
-        variants = [
-            v for (s, _), v in self._variants.items() if s == frame.source and v.subscribers
-        ]
-        if variants:
+        if variants := self._watched_variants(frame.source):
             self._publish_to(frame, variants)
+
+    def _watched_variants(self, source: str) -> list[Variant]:
+        return [v for (s, _), v in self._variants.items() if s == source and v.subscribers]
 
     def _publish_to(self, frame: Frame, variants: list[Variant]) -> None:
         to_render = []
@@ -182,17 +182,8 @@ class Hub:
             metrics.FRAMES_DROPPED.labels(source=frame.source, reason="decode_error").inc()
             log.debug("cannot render %s #%d: %s", frame.source, frame.seq, exc or results)
         waiting = self._waiting.pop(frame.source, None)
-        if waiting is not None:
-            now_watched = [
-                v for (s, _), v in self._variants.items() if s == frame.source and v.subscribers
-            ]
-            pending = [
-                v
-                for v in now_watched
-                if not codec.is_passthrough(waiting.image, v.spec, waiting.source)
-            ]
-            if pending:
-                self._render(waiting, pending)
+        if waiting is not None:  # variants that already have it ignore it (Variant.publish)
+            self._publish_to(waiting, self._watched_variants(frame.source))
 
     # -- clients ------------------------------------------------------------------------------
 

@@ -49,12 +49,9 @@ async def serve(cfg: Config) -> int:
     workers = max(2, os.cpu_count() or 2)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="codec")
     conn = RobotConnection(target, cfg.image_services, cfg.sources)
-    conn.on_change.append(
-        lambda c: (
-            metrics.ROBOT_CONNECTED.set(1 if c.connected.is_set() else 0),
-            metrics.TIME_SYNC_SKEW.set(c.skew),
-        )
-    )
+    # Read at scrape time from the connection's own state, so the gauges cannot go stale.
+    metrics.ROBOT_CONNECTED.set_function(lambda: 1.0 if conn.connected.is_set() else 0.0)
+    metrics.TIME_SYNC_SKEW.set_function(lambda: conn.skew)
     hub = Hub(executor, stale_after=cfg.stale_after)
     poller = Poller(conn, hub.publish, quality=cfg.robot_quality, idle_fps=cfg.idle_fps)
     hub.on_watch = poller.set_watched
@@ -79,7 +76,6 @@ async def serve(cfg: Config) -> int:
     tasks = [
         asyncio.create_task(conn.run(), name="connection"),
         asyncio.create_task(hub.run(), name="stale"),
-        asyncio.create_task(_skew_gauge(conn), name="skew"),
     ]
     await stop.wait()
     log.info("shutting down")
@@ -94,12 +90,6 @@ async def serve(cfg: Config) -> int:
     if sim:
         sim.stop()
     return 0
-
-
-async def _skew_gauge(conn: RobotConnection) -> None:
-    while True:
-        metrics.TIME_SYNC_SKEW.set(conn.skew)
-        await asyncio.sleep(5)
 
 
 def main(argv: list[str] | None = None) -> None:
