@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp-setup
 PORT ?= 21080
 ARGS ?=
 
-.PHONY: setup run test lint fmt bench lock clean
+.PHONY: setup run test test-fast lint fmt bench lock clean
 
 setup: $(STAMP)
 
@@ -21,9 +21,15 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 run: setup
 	$(BIN)/spotrelay --sim --bind 127.0.0.1 --port $(PORT) $(ARGS)
 
+## Everything: ruff, then in-process and end-to-end tests, with coverage (fails under 85 %).
 test: setup
 	$(BIN)/ruff check extension tests
+	$(BIN)/ruff format --check extension tests
 	$(BIN)/pytest -q $(ARGS)
+
+## In-process tests only (plan, codec, schedule, hub, HTTP handlers, config): seconds.
+test-fast: setup
+	$(BIN)/pytest -q -m "not e2e" --no-cov $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check extension tests

@@ -1,4 +1,5 @@
-"""Shared fixtures: one simulated robot (real gRPC over TLS) and one relay process per session.
+"""Shared fixtures: one simulated robot (real gRPC over TLS) and one relay process per session,
+and a check that the whole run leaves no process, listening port or temporary folder behind.
 
 Tests that change the robot (faults, latency, outages) must undo it; the ``clean_sim`` fixture
 does that for them.
@@ -10,10 +11,79 @@ import os
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no GOAWAY chatter
 
+import shutil
+import tempfile
+
 import pytest
+
+# Every temporary file of this run (ours, the relays', the sims', the tools') goes in one folder
+# of its own, so the check below sees this run only, whatever else runs on the machine.
+_TMP = tempfile.mkdtemp(prefix="spotrelay-tests-")
+os.chmod(_TMP, 0o711)  # tools run as another user (VLC refuses root) may reach their own folders
+os.environ["TMPDIR"] = tempfile.tempdir = _TMP
 
 from spotrelay.sim import SimRobot
 from tests.relay import Relay
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (from /proc), zombies excluded."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _listening_ports() -> set[int]:
+    """TCP ports this process listens on."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _temp_entries() -> set[str]:
+    return {n for n in os.listdir(_TMP) if not n.startswith("pytest-of-")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_behind():
+    """Session-wide: every test cleans up what it starts. Checked after all other fixtures."""
+    before_ports = _listening_ports()
+    yield
+    left = {
+        "processes": sorted(_descendants(os.getpid())),
+        "listening ports": sorted(_listening_ports() - before_ports),
+        "temporary files": sorted(_temp_entries()),
+    }
+    left = {k: v for k, v in left.items() if v}
+    shutil.rmtree(_TMP, ignore_errors=True)
+    assert not left, f"the tests left behind: {left}"
 
 
 @pytest.fixture(scope="session")

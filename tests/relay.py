@@ -60,6 +60,7 @@ class Relay:
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
         )
+        self._log_text: str | None = None
 
     @classmethod
     def for_sim(cls, sim: Any, *extra: str, payload: bool = False, **kw: Any) -> Relay:
@@ -72,6 +73,8 @@ class Relay:
         return cls([*args, *extra], env=env, **kw)
 
     def log(self) -> str:
+        if self._log_text is not None:
+            return self._log_text
         with open(self.log_file.name, encoding="utf-8", errors="replace") as fh:
             return fh.read()
 
@@ -119,5 +122,7 @@ class Relay:
                 self.proc.kill()
                 self.proc.wait()
         took = time.time() - start
+        self._log_text = self.log()  # kept for the test; the file goes
         self.log_file.close()
+        os.unlink(self.log_file.name)
         return took

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from bosdyn.api import image_pb2
 
-from spotrelay import codec
-from spotrelay.codec import CodecError, ImageData, RenderSpec
+from spotrelay import codec, plan
+from spotrelay.codec import CodecError
+from spotrelay.frames import ImageData, RenderSpec
 
 I = image_pb2.Image  # noqa: E741 - proto namespace
 
@@ -21,6 +22,10 @@ def grey_jpeg(w: int = 640, h: int = 480) -> ImageData:
     img = np.zeros((h, w), np.uint8)
     img[: h // 4, : w // 4] = 255  # a bright marker in the top-left corner
     return ImageData(jpeg_of(img), I.FORMAT_JPEG, I.PIXEL_FORMAT_GREYSCALE_U8, h, w)
+
+
+def render(image: ImageData, spec: RenderSpec, source: str = "x") -> bytes:
+    return codec.render(image, plan.plan(source, image.shape, spec))
 
 
 def decoded(data: bytes) -> np.ndarray:
@@ -46,22 +51,25 @@ def marker_corner(img: np.ndarray) -> str:
 
 def test_passthrough_returns_the_robots_bytes():
     image = grey_jpeg()
-    assert codec.render(image, RenderSpec(), "back_fisheye_image") is image.data
+    assert render(image, RenderSpec(), "back_fisheye_image") is image.data
     # asking for the native size explicitly, or auto-rotation of a camera that needs none
-    assert codec.render(image, RenderSpec(width=640), "back_fisheye_image") is image.data
-    assert codec.is_passthrough(image, RenderSpec(rotate="auto"), "back_fisheye_image")
-    assert not codec.is_passthrough(image, RenderSpec(rotate="auto"), "frontleft_fisheye_image")
-    assert not codec.is_passthrough(image, RenderSpec(quality=50), "x")
-    assert not codec.is_passthrough(image, RenderSpec(width=320), "x")
+    assert render(image, RenderSpec(width=640), "back_fisheye_image") is image.data
+    assert render(image, RenderSpec(rotate="auto"), "back_fisheye_image") is image.data
+    assert render(image, RenderSpec(rotate="auto"), "frontleft_fisheye_image") != image.data
+    assert render(image, RenderSpec(quality=50)) != image.data
+
+
+def test_a_plan_for_another_shape_is_refused():
+    image = grey_jpeg()
+    other = plan.plan("x", grey_jpeg(320, 240).shape, RenderSpec(width=100))
+    with pytest.raises(CodecError, match="plan for"):
+        codec.render(image, other)
 
 
 def test_reduced_decode_is_used_when_the_target_allows():
     image = grey_jpeg()
     assert codec.decode(image, 4).shape == (120, 160)
-    assert codec.jpeg_reduction(640, 480, 320, 240) == 2
-    assert codec.jpeg_reduction(640, 480, 321, 240) == 1
-    assert codec.jpeg_reduction(640, 480, 80, 60) == 8
-    out = decoded(codec.render(image, RenderSpec(width=160), "x"))
+    out = decoded(render(image, RenderSpec(width=160), "x"))
     assert out.shape == (120, 160)
     assert marker_corner(out) == "top-left"
 
@@ -70,7 +78,7 @@ def test_colour_jpeg_stays_colour_and_reduced():
     bgr = np.zeros((480, 640, 3), np.uint8)
     bgr[..., 2] = 200  # red in BGR
     image = ImageData(jpeg_of(bgr), I.FORMAT_JPEG, I.PIXEL_FORMAT_RGB_U8, 480, 640)
-    out = decoded(codec.render(image, RenderSpec(width=320), "hand_color_image"))
+    out = decoded(render(image, RenderSpec(width=320), "hand_color_image"))
     assert out.shape == (240, 320, 3)
     assert out[..., 2].mean() > 150 and out[..., 0].mean() < 50
 
@@ -80,7 +88,7 @@ def test_corrupt_jpeg_is_a_codec_error():
     for data in (b"", b"\xff\xd8garbage", good.data[: len(good.data) // 3]):
         bad = ImageData(data, I.FORMAT_JPEG, I.PIXEL_FORMAT_GREYSCALE_U8, 480, 640)
         with pytest.raises(CodecError):
-            codec.render(bad, RenderSpec(width=320), "x")
+            render(bad, RenderSpec(width=320), "x")
     assert not codec.looks_like_jpeg(good.data[:-10])
     assert codec.looks_like_jpeg(good.data)
 
@@ -106,7 +114,7 @@ def test_jpeg_of_the_wrong_size_is_rejected():
     ],
 )
 def test_target_size_keeps_aspect_and_never_upscales(box, expected):
-    assert codec.target_size(640, 480, *box) == expected
+    assert plan.target_size(640, 480, *box) == expected
 
 
 @pytest.mark.parametrize(
@@ -118,28 +126,28 @@ def test_target_size_keeps_aspect_and_never_upscales(box, expected):
     ],
 )
 def test_quarter_turns_are_clockwise(rotate, corner, shape):
-    out = decoded(codec.render(grey_jpeg(), RenderSpec(rotate=rotate), "x"))
+    out = decoded(render(grey_jpeg(), RenderSpec(rotate=rotate), "x"))
     assert out.shape == shape
     assert marker_corner(out) == corner
 
 
 def test_rotated_output_fits_the_requested_box():
-    out = decoded(codec.render(grey_jpeg(), RenderSpec(width=240, rotate="90"), "x"))
+    out = decoded(render(grey_jpeg(), RenderSpec(width=240, rotate="90"), "x"))
     assert out.shape == (320, 240)
 
 
 def test_auto_rotation_follows_the_sdk_viewer():
-    assert codec.rotation_degrees("auto", "frontleft_fisheye_image") == 78
-    assert codec.rotation_degrees("auto", "frontright_fisheye_image") == 102
-    assert codec.rotation_degrees("auto", "right_fisheye_image") == 180
-    assert codec.rotation_degrees("auto", "back_fisheye_image") == 0
-    out = decoded(codec.render(grey_jpeg(), RenderSpec(rotate="auto"), "frontleft_fisheye_image"))
+    assert plan.rotation_degrees("auto", "frontleft_fisheye_image") == 78
+    assert plan.rotation_degrees("auto", "frontright_fisheye_image") == 102
+    assert plan.rotation_degrees("auto", "right_fisheye_image") == 180
+    assert plan.rotation_degrees("auto", "back_fisheye_image") == 0
+    out = decoded(render(grey_jpeg(), RenderSpec(rotate="auto"), "frontleft_fisheye_image"))
     # a 78 degree turn of 640x480 needs a canvas about 603 wide and 726 tall
     assert abs(out.shape[1] - 603) <= 2 and abs(out.shape[0] - 726) <= 2
     out = decoded(
-        codec.render(grey_jpeg(), RenderSpec(rotate="auto", width=300), "frontleft_fisheye_image")
+        render(grey_jpeg(), RenderSpec(rotate="auto", width=300), "frontleft_fisheye_image")
     )
-    assert out.shape[1] <= 300
+    assert out.shape[1] == 300  # the rotated picture is the width asked for
 
 
 # -- RAW ------------------------------------------------------------------------------------------
@@ -237,20 +245,20 @@ def depth_image() -> ImageData:
 
 def test_depth_colour_map_fixed_range_and_black_holes():
     image = depth_image()
-    out = decoded(codec.render(image, RenderSpec(quality=100), "left_depth"))
+    out = decoded(render(image, RenderSpec(quality=100), "left_depth"))
     assert out.shape == (240, 424, 3)
     assert out[:, 10:90].max() < 20  # no data stays black
     near, far = out[:, 120:180].mean(axis=(0, 1)), out[:, 220:280].mean(axis=(0, 1))
     assert np.abs(near - far).sum() > 100
-    again = decoded(codec.render(image, RenderSpec(quality=100), "left_depth"))
+    again = decoded(render(image, RenderSpec(quality=100), "left_depth"))
     assert np.array_equal(out, again)  # same distance, same colour: no per-frame stretching
-    grey = decoded(codec.render(image, RenderSpec(quality=100, colormap="gray"), "left_depth"))
+    grey = decoded(render(image, RenderSpec(quality=100, colormap="gray"), "left_depth"))
     assert np.abs(grey[..., 0].astype(int) - grey[..., 2]).max() < 10
 
 
 def test_depth_png_is_16_bit_and_lossless():
     image = depth_image()
-    out = decoded(codec.render(image, RenderSpec(format="png"), "left_depth"))
+    out = decoded(render(image, RenderSpec(format="png"), "left_depth"))
     assert out.dtype == np.uint16
     assert np.array_equal(out, np.frombuffer(image.data, "<u2").reshape(240, 424))
 
@@ -260,7 +268,7 @@ def test_greyscale_u16_is_stretched_for_display():
     image = ImageData(
         ramp.astype(">u2").tobytes(), I.FORMAT_RAW, I.PIXEL_FORMAT_GREYSCALE_U16, 48, 64
     )
-    out = decoded(codec.render(image, RenderSpec(quality=100), "ir"))
+    out = decoded(render(image, RenderSpec(quality=100), "ir"))
     assert out.dtype == np.uint8 and out.min() < 30 and out.max() > 220
 
 
@@ -272,11 +280,14 @@ def test_render_many_shares_decodes_and_isolates_errors():
         RenderSpec(width=320, quality=30),
         RenderSpec(rotate="90"),
     ]
-    out = codec.render_many(image, specs, "x")
-    assert out[specs[0]] is image.data
-    assert decoded(out[specs[1]]).shape == (240, 320)
-    assert len(out[specs[2]]) < len(out[specs[1]])
-    assert decoded(out[specs[3]]).shape == (640, 480)
+    plans = [plan.plan("x", image.shape, s) for s in specs]
+    decodes = []
+    out = codec.render_many(image, plans, lambda stage, kind, t: decodes.append(stage))
+    assert out[plans[0]] is image.data
+    assert decoded(out[plans[1]]).shape == (240, 320)
+    assert len(out[plans[2]]) < len(out[plans[1]])
+    assert decoded(out[plans[3]]).shape == (640, 480)
+    assert decodes.count("decode") == 2  # one at 1/2 scale for both 320s, one full for the turn
     bad = ImageData(image.data[:100], I.FORMAT_JPEG, I.PIXEL_FORMAT_GREYSCALE_U8, 480, 640)
-    out = codec.render_many(bad, specs, "x")
-    assert all(isinstance(out[s], CodecError) for s in specs[1:])
+    out = codec.render_many(bad, plans)
+    assert all(isinstance(out[p], CodecError) for p in plans[1:])

@@ -5,10 +5,7 @@ These tests get their own robot and relay, because they break the robot on purpo
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,6 +14,9 @@ import pytest
 from spotrelay.sim import SimRobot
 from tests.mjpeg import collect, distinct_fps, parts
 from tests.relay import Relay, free_port
+from tests.wait import wait_until
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,16 @@ def test_corrupt_frames_are_counted_and_skipped(relay, robot):
     stream = parts(url)
     next(stream)
     robot.set_fault("left_fisheye_image", "corrupt")
-    time.sleep(1.0)
-    robot.set_fault("left_fisheye_image", None)
-    after = relay.metric(
-        "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
+    wait_until(
+        lambda: (
+            relay.metric(
+                "spotrelay_frames_dropped_total", source="left_fisheye_image", reason="decode_error"
+            )
+            >= before + 10
+        ),
+        what="ten corrupt frames counted",
     )
-    assert after - before >= 10
+    robot.set_fault("left_fisheye_image", None)
     # the stream survived and carries good frames again
     fresh = [p for p in (next(stream) for _ in range(40)) if not p.stale]
     assert fresh and fresh[-1].body[:2] == b"\xff\xd8"
@@ -69,12 +73,20 @@ def test_corrupt_frames_are_counted_and_skipped(relay, robot):
 
 
 def test_corrupt_passthrough_frames_are_not_forwarded(relay, robot):
-    stream = parts(relay.url + "/stream/frontright_fisheye_image")
+    source = "frontright_fisheye_image"
+    before = relay.metric("spotrelay_frames_dropped_total", source=source, reason="decode_error")
+    stream = parts(relay.url + f"/stream/{source}")
     next(stream)
-    robot.set_fault("frontright_fisheye_image", "corrupt")
-    time.sleep(0.3)
-    during = [next(stream) for _ in range(3)]
-    robot.set_fault("frontright_fisheye_image", None)
+    robot.set_fault(source, "corrupt")
+    wait_until(
+        lambda: (
+            relay.metric("spotrelay_frames_dropped_total", source=source, reason="decode_error")
+            >= before + 3
+        ),
+        what="corrupt frames caught",
+    )
+    during = [next(stream) for _ in range(3)]  # stale repeats of the last good frame
+    robot.set_fault(source, None)
     assert all(p.body.endswith(b"\xff\xd9") for p in during)
     stream.close()
 
@@ -131,11 +143,7 @@ def test_lost_robot_keeps_streams_open_and_recovers(relay, robot):
     while time.time() < end and not saw_stale:
         saw_stale = next(stream).stale
     assert saw_stale
-    assert relay.get("/readyz")[0] in (200, 503)  # answers either way; not hung
-    deadline = time.time() + 15
-    while relay.get("/readyz")[0] == 200 and time.time() < deadline:
-        time.sleep(0.2)
-    assert relay.get("/readyz")[0] == 503
+    wait_until(lambda: relay.get("/readyz", timeout=2)[0] == 503, 15, "/readyz saying 503")
     robot.set_available(True)
     end = time.time() + 30
     recovered = False
@@ -149,8 +157,10 @@ def test_lost_robot_keeps_streams_open_and_recovers(relay, robot):
 
 
 def test_expired_token_reauthenticates(relay, robot):
+    logins = relay.log().count("connected to robot")
     robot.expire_tokens()
-    time.sleep(1.0)
+    wait_until(lambda: relay.log().count("connected to robot") > logins, 10, "a new login")
+    assert "UnauthenticatedError" in relay.log()
     got = collect(relay.url + "/stream/back_depth?width=212", seconds=2.0)
     assert distinct_fps(got) > 10, relay.log()[-2000:]
 
@@ -193,36 +203,6 @@ def test_payload_credentials_and_access_token(robot, tmp_path):
         assert secret not in log
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SPOTRELAY_", "BOSDYN_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "spotrelay", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**base, **(env or {})},
-    )
-
-
-@pytest.mark.parametrize(
-    ("args", "env", "says"),
-    [
-        (["--port", "99999"], {}, "--port must be in 1..65535"),
-        (["--robot", "x"], {}, "BOSDYN_CLIENT_USERNAME"),
-        ([], {}, "no robot"),
-        ([], {"SPOTRELAY_PORT": "abc", "SPOTRELAY_SIM": "1"}, "SPOTRELAY_PORT"),
-        (["--robot", "x", "--payload-credentials-file", "/nonexistent"], {}, "payload credentials"),
-        (["--robot", "x", "--guid", "g"], {}, "--guid and --secret"),
-    ],
-)
-def test_bad_options_give_one_line(args, env, says):
-    out = _cli(*args, env=env)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and says in lines[0], out.stderr
-    assert "Traceback" not in out.stderr
-
-
 def test_unreachable_robot_is_one_log_line_per_retry_and_keeps_serving(tmp_path):
     dead = free_port()
     r = Relay(
@@ -230,7 +210,7 @@ def test_unreachable_robot_is_one_log_line_per_retry_and_keeps_serving(tmp_path)
         env={"BOSDYN_CLIENT_USERNAME": "u", "BOSDYN_CLIENT_PASSWORD": "p"},
     )
     try:
-        time.sleep(3)
+        wait_until(lambda: r.log().count("cannot connect to robot") >= 2, 10, "a retried login")
         assert r.get("/healthz")[0] == 200
         status, _, body = r.get("/readyz")
         assert status == 503 and b"not connected" in body

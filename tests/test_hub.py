@@ -1,30 +1,43 @@
-"""The hub in-process, with the real codec on real JPEG frames: what each client is handed."""
+"""The hub in-process, with the real codec on real JPEG frames and a fake clock: what each client
+is handed, when frames are shared, skipped, repeated as STALE, or re-planned."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import cv2
 import numpy as np
+import pytest
 from bosdyn.api import image_pb2
 
-from spotrelay.codec import ImageData, RenderSpec
+from spotrelay.frames import Frame, ImageData, RenderSpec, SourceInfo
 from spotrelay.hub import Client, Hub
-from spotrelay.poller import Frame
+from spotrelay.metrics import Metrics
+from tests.wait import async_wait_until
 
 SOURCE = "back_fisheye_image"
+INFO = SourceInfo(SOURCE, "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG", "RAW"))
 
 
-def frame(seq: int) -> Frame:
-    img = np.full((480, 640), seq * 20 % 256, np.uint8)
+def frame(seq: int, w: int = 640, h: int = 480) -> Frame:
+    img = np.full((h, w), seq * 20 % 256, np.uint8)
     data = cv2.imencode(".jpg", img)[1].tobytes()
     image = ImageData(
-        data, image_pb2.Image.FORMAT_JPEG, image_pb2.Image.PIXEL_FORMAT_GREYSCALE_U8, 480, 640
+        data, image_pb2.Image.FORMAT_JPEG, image_pb2.Image.PIXEL_FORMAT_GREYSCALE_U8, h, w
     )
     t = 1_000_000.0 + seq / 15
-    return Frame(SOURCE, "image", image, t, t + 2.5, t + 0.03, seq)
+    return Frame(SOURCE, image, t, t + 2.5, t + 0.03, seq)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class GatedExecutor(ThreadPoolExecutor):
@@ -33,8 +46,12 @@ class GatedExecutor(ThreadPoolExecutor):
     def __init__(self) -> None:
         super().__init__(max_workers=2)
         self.gate = threading.Event()
+        self.gate.set()
+        self.jobs = 0
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
+        self.jobs += 1
+
         def gated():
             self.gate.wait(5)
             return fn(*args, **kwargs)
@@ -42,76 +59,179 @@ class GatedExecutor(ThreadPoolExecutor):
         return super().submit(gated)
 
 
+@contextlib.asynccontextmanager
+async def hub_for_test(**kw):
+    executor = GatedExecutor()
+    watched: list[tuple[str, bool]] = []
+    hub = Hub(executor, Metrics(), on_watch=lambda s, w: watched.append((s, w)), **kw)
+    hub.set_sources([INFO])
+    hub.watch_log = watched  # type: ignore[attr-defined]
+    try:
+        yield hub, executor
+    finally:
+        hub.close()
+        executor.shutdown(wait=True)
+
+
+def client(spec: RenderSpec | None = None, fps: float | None = None) -> Client:
+    return Client("test", SOURCE, spec or RenderSpec(), "", fps)
+
+
 async def take(it, n: int, timeout: float = 5.0) -> list:
     return [await asyncio.wait_for(it.__anext__(), timeout) for _ in range(n)]
 
 
+def run(coro):
+    return asyncio.run(coro)
+
+
 def test_a_client_joining_mid_render_does_not_make_others_see_a_frame_twice():
     async def scenario() -> tuple[list, list]:
-        executor = GatedExecutor()
-        hub = Hub(executor)
-        small = hub.frames(
-            SOURCE, RenderSpec(width=320), Client(0, "t", SOURCE, RenderSpec(), "", None)
-        )
-        executor.gate.set()
-        hub.publish(frame(1))
-        first = await take(small, 1)
-        executor.gate.clear()
-        hub.publish(frame(2))  # rendering of #2 is now held in the pool
-        reading = asyncio.ensure_future(take(small, 2))  # the first client keeps reading
-        await asyncio.sleep(0.05)
-        other = hub.frames(
-            SOURCE, RenderSpec(width=160), Client(0, "t", SOURCE, RenderSpec(), "", None)
-        )
-        joined = asyncio.ensure_future(take(other, 2))
-        await asyncio.sleep(0.05)  # the joiner asks for #2 while it is still being rendered
-        executor.gate.set()
-        await asyncio.sleep(0.3)
-        hub.publish(frame(3))
-        rest = await reading
-        hub.close()
-        executor.shutdown()
-        return [e.seq for e in first + rest], [e.seq for e in await joined]
+        async with hub_for_test() as (hub, executor):
+            small = hub.frames(SOURCE, RenderSpec(width=320), client())
+            hub.publish(frame(1))
+            first = await take(small, 1)
+            executor.gate.clear()
+            hub.publish(frame(2))  # rendering of #2 is now held in the pool
+            reading = asyncio.ensure_future(take(small, 2))  # the first client keeps reading
+            other = hub.frames(SOURCE, RenderSpec(width=160), client())
+            joined = asyncio.ensure_future(take(other, 2))
+            # the joiner asks for #2 while it is still being rendered
+            await async_wait_until(lambda: len(hub.clients) == 2, what="the joiner subscribed")
+            executor.gate.set()
+            await async_wait_until(lambda: hub.latest[SOURCE].seq == 2 and not hub._rendering)
+            hub.publish(frame(3))
+            rest = await reading
+            return [e.seq for e in first + rest], [e.seq for e in await joined]
 
-    seen, joiner = asyncio.run(scenario())
+    seen, joiner = run(scenario())
     assert seen == [1, 2, 3]
     assert joiner == [2, 3]
 
 
 def test_slow_client_gets_the_newest_frame_and_counts_what_it_skipped():
     async def scenario() -> tuple[list[int], int]:
-        executor = ThreadPoolExecutor(2)
-        hub = Hub(executor)
-        client = Client(0, "t", SOURCE, RenderSpec(), "", None)
-        frames = hub.frames(SOURCE, RenderSpec(), client)  # passthrough: published at once
-        hub.publish(frame(1))
-        got = await take(frames, 1)
-        for seq in range(2, 7):  # five frames while the client is busy elsewhere
-            hub.publish(frame(seq))
-        got += await take(frames, 1)
-        hub.close()
-        executor.shutdown()
-        return [e.seq for e in got], client.frames_dropped
+        async with hub_for_test() as (hub, _):
+            c = client()
+            frames = hub.frames(SOURCE, RenderSpec(), c)  # passthrough: published at once
+            hub.publish(frame(1))
+            got = await take(frames, 1)
+            for seq in range(2, 7):  # five frames while the client is busy elsewhere
+                hub.publish(frame(seq))
+            got += await take(frames, 1)
+            return [e.seq for e in got], c.frames_dropped
 
-    seqs, dropped = asyncio.run(scenario())
+    seqs, dropped = run(scenario())
     assert seqs == [1, 6]
     assert dropped == 4
 
 
-def test_passthrough_hands_every_client_the_same_bytes():
-    async def scenario() -> list[bytes]:
-        executor = ThreadPoolExecutor(2)
-        hub = Hub(executor)
-        its = [
-            hub.frames(SOURCE, RenderSpec(), Client(0, "t", SOURCE, RenderSpec(), "", None))
-            for _ in range(3)
-        ]
-        f = frame(1)
-        hub.publish(f)
-        out = [(await take(it, 1))[0].data for it in its]
-        hub.close()
-        executor.shutdown()
-        return [f.image.data, *out]
+def test_passthrough_hands_every_client_the_same_bytes_and_renders_nothing():
+    async def scenario() -> tuple[list[bytes], bytes, int]:
+        async with hub_for_test() as (hub, executor):
+            its = [hub.frames(SOURCE, RenderSpec(), client()) for _ in range(3)]
+            f = frame(1)
+            hub.publish(f)
+            out = [(await take(it, 1))[0].data for it in its]
+            return out, f.image.data, executor.jobs
 
-    original, *served = asyncio.run(scenario())
+    served, original, jobs = run(scenario())
     assert all(s is original for s in served)
+    assert jobs == 0
+
+
+def test_requests_that_render_alike_share_one_render_per_frame():
+    async def scenario() -> tuple[int, set[int]]:
+        async with hub_for_test() as (hub, executor):
+            specs = [RenderSpec(width=320), RenderSpec(height=240), RenderSpec(width=320)] * 4
+            its = [hub.frames(SOURCE, s, client(s)) for s in specs]
+            for seq in (1, 2, 3):
+                hub.publish(frame(seq))
+                got = [await take(it, 1) for it in its]
+                await async_wait_until(lambda: not hub._rendering)
+            return executor.jobs, {id(g[0].data) for g in got}
+
+    jobs, distinct = run(scenario())
+    assert jobs == 3  # one render per frame for twelve clients
+    assert len(distinct) == 1
+
+
+def test_watching_is_reported_once_per_source_and_undone_on_close():
+    async def scenario() -> list:
+        async with hub_for_test() as (hub, _):
+            a = hub.frames(SOURCE, RenderSpec(), client())
+            b = hub.frames(SOURCE, RenderSpec(width=100), client())
+            hub.publish(frame(1))
+            await take(a, 1)
+            await take(b, 1)
+            assert hub.watched(SOURCE) == 2
+            await a.aclose()
+            await b.aclose()
+            assert hub.watched(SOURCE) == 0 and not hub.clients
+            return hub.watch_log  # type: ignore[attr-defined]
+
+    assert run(scenario()) == [(SOURCE, True), (SOURCE, False)]
+
+
+def test_stalled_stream_repeats_its_last_picture_marked_stale():
+    async def scenario() -> list:
+        clock = FakeClock()
+        async with hub_for_test(clock=clock, stale_after=2.0) as (hub, _):
+            it = hub.frames(SOURCE, RenderSpec(width=320), client())
+            hub.publish(frame(1))
+            first = await take(it, 1)
+            clock.now += 1.0
+            await hub.repeat_stale()  # not stale yet: nothing published
+            clock.now += 1.5
+            await hub.repeat_stale()
+            stale = await take(it, 1)
+            clock.now += 0.5
+            await hub.repeat_stale()  # repeats once a second, not at every check
+            clock.now += 0.6
+            await hub.repeat_stale()
+            again = await take(it, 1)
+            assert hub.is_stale(SOURCE)
+            hub.publish(frame(2))
+            fresh = await take(it, 1)
+            assert not hub.is_stale(SOURCE)
+            return first + stale + again + fresh
+
+    got = run(scenario())
+    assert [(e.seq, e.stale) for e in got] == [(1, False), (1, True), (1, True), (2, False)]
+    assert got[1].acquired == got[0].acquired  # X-Timestamp repeats: a program can tell
+    assert got[1].data != got[0].data  # a person can tell: the picture carries a banner
+
+
+def test_a_camera_that_changes_resolution_is_replanned_for_its_clients():
+    async def scenario() -> list[tuple[int, int]]:
+        async with hub_for_test() as (hub, _):
+            it = hub.frames(SOURCE, RenderSpec(width=320), client())
+            native = hub.frames(SOURCE, RenderSpec(), client())
+            sizes = []
+            for seq, (w, h) in enumerate([(640, 480), (1280, 720), (1280, 720)], start=1):
+                hub.publish(frame(seq, w, h))
+                enc = (await take(it, 1))[0]
+                img = cv2.imdecode(np.frombuffer(enc.data, np.uint8), cv2.IMREAD_UNCHANGED)
+                sizes.append((img.shape[1], img.shape[0]))
+                assert (await take(native, 1))[0].seq == seq
+            return sizes
+
+    assert run(scenario()) == [(320, 240), (320, 180), (320, 180)]
+
+
+def test_next_frame_waits_for_a_frame_newer_than_asked_and_times_out_cleanly():
+    async def scenario() -> None:
+        clock = FakeClock()
+        async with hub_for_test(clock=clock) as (hub, _):
+            hub.publish(frame(1))
+            assert (await hub.next_frame(SOURCE, after=clock.now - 1)).seq == 1
+            waiting = asyncio.ensure_future(hub.next_frame(SOURCE, after=clock.now, timeout=5))
+            await async_wait_until(lambda: hub.watched(SOURCE) == 1, what="source polled")
+            clock.now += 0.1
+            hub.publish(frame(2))
+            assert (await waiting).seq == 2
+            assert hub.watched(SOURCE) == 0
+            with pytest.raises(LookupError):
+                await hub.next_frame(SOURCE, after=clock.now, timeout=0)
+
+    run(scenario())

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -19,7 +18,11 @@ import pytest
 from spotrelay import metrics
 from spotrelay.sim import SimRobot
 from tests.mjpeg import parts
+from tests.procs import spawn
 from tests.relay import Relay, free_port, sample
+from tests.wait import wait_until
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -77,15 +80,12 @@ def test_every_source_has_its_series_before_anyone_watches(relay):
 
 def test_labels_are_bounded(relay):
     """However many clients connect, no label carries a client, an address or a port."""
-    threads = [
-        threading.Thread(target=lambda: next(parts(relay.url + "/stream/left_depth")))
-        for _ in range(3)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    streams = [parts(relay.url + "/stream/left_depth") for _ in range(3)]
+    for stream in streams:
+        next(stream)
     text = exposition(relay)
+    for stream in streams:
+        stream.close()
     labels = set(re.findall(r"(\w+)=\"", text))
     assert labels <= {"source", "service", "reason", "stage", "kind", "image_type", "version", "le"}
     assert "127.0.0.1" not in text
@@ -134,46 +134,42 @@ def prometheus_server(relay):
         pytest.skip("prometheus not installed (.ci/run does)")
     work = Path(tempfile.mkdtemp(prefix="spotrelay-prom-"))
     (work / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "global: {scrape_interval: 500ms, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         f"  - job_name: spotrelay\n    static_configs: [{{targets: ['127.0.0.1:{relay.port}']}}]\n"
     )
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(url + "/-/ready", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("prometheus did not start")
-        while time.time() < deadline:  # measure only once scrapes are landing
-            try:
-                if promql(url, 'up{job="spotrelay"}', time.time()) == 1:
-                    break
-            except (AssertionError, OSError):
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("prometheus never scraped the relay")
-        yield url
+        with spawn(
+            [
+                PROMETHEUS,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ]
+        ):
+            wait_until(lambda: _answers(url + "/-/ready"), 30, "prometheus ready")
+            # measure only once scrapes are landing
+            wait_until(lambda: _up(url), 30, "prometheus scraping the relay")
+            yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _up(url: str) -> bool:
+    try:
+        return promql(url, 'up{job="spotrelay"}', time.time()) == 1
+    except (AssertionError, OSError):
+        return False
 
 
 def promql(url: str, query: str, at: float) -> float:
@@ -187,19 +183,22 @@ def promql(url: str, query: str, at: float) -> float:
 
 def test_prometheus_rate_matches_what_clients_received(relay, prometheus_server):
     source, received = "frontright_fisheye_image", []
-    end = time.time() + 14
+    window = 6.0
+    end = time.time() + window + 1.5
     for part in parts(relay.url + f"/stream/{source}?width=320&fps=10"):
         received.append(part.received)
         if part.received > end:
             break
-    at, window = end - 2, 10.0
+    at = end - 1
     got = sum(1 for t in received if at - window < t <= at) / window
-    time.sleep(2)  # let the last scrapes land
-    rate = promql(
-        prometheus_server,
-        f'rate(spotrelay_frames_served_total{{source="{source}"}}[{window:.0f}s])',
-        at,
+    query = f'rate(spotrelay_frames_served_total{{source="{source}"}}[{window:.0f}s])'
+    # the scrape after `at` must have landed before the rate at `at` is final
+    wait_until(
+        lambda: promql(prometheus_server, "timestamp(up)", time.time()) > at + 0.6,
+        10,
+        "a scrape after the measured window",
     )
+    rate = promql(prometheus_server, query, at)
     assert got > 8
     print(f"prometheus {rate:.3f}/s, client {got:.3f}/s")
     assert abs(rate - got) / got < 0.10, (rate, got)

@@ -1,5 +1,5 @@
 """End to end: the relay process, through the real SDK over TLS to the simulated robot, to real HTTP
-clients (our strict MJPEG parser, ffprobe, OpenCV) reading real JPEG bytes."""
+clients (our strict MJPEG parser, ffprobe, OpenCV, VLC) reading real JPEG bytes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ import numpy as np
 import pytest
 
 from tests.mjpeg import collect, distinct_fps, parts
+from tests.procs import spawn
 from tests.relay import Relay
+from tests.wait import wait_until
+
+pytestmark = pytest.mark.e2e
 
 FISHEYES = [
     "frontleft_fisheye_image",
@@ -62,10 +66,11 @@ def test_sources_lists_every_camera_with_live_state(relay):
     depth = by_name["frontleft_depth"]
     assert (depth["cols"], depth["rows"], depth["image_type"]) == (424, 240, "depth")
     # Unwatched sources are still polled at the idle rate, so their age stays small.
-    time.sleep(1.5)
-    data = relay.json("/api/sources")
-    ages = [s["age"] for s in data["sources"]]
-    assert all(a is not None and a < 3.0 for a in ages), ages
+    ages = wait_until(
+        lambda: [s["age"] for s in relay.json("/api/sources")["sources"] if s["age"] is not None],
+        what="every source has a frame",
+    )
+    assert len(ages) == len(data["sources"]) and max(ages) < 3.0, ages
     # The robot's clock is skewed; ages near zero prove the capture time was converted.
     assert abs(data["robot"]["clock_skew"]) > 0.5
 
@@ -83,33 +88,6 @@ def test_unknown_source_is_404_naming_it(relay):
         assert headers["Content-Type"].startswith("application/json")
         data = json.loads(body)
         assert data["source"] == "nope" and "frontleft_fisheye_image" in data["available"]
-
-
-@pytest.mark.parametrize(
-    ("query", "param"),
-    [
-        ("width=abc", "width"),
-        ("width=5", "width"),
-        ("height=100000", "height"),
-        ("quality=0", "quality"),
-        ("quality=101", "quality"),
-        ("rotate=45", "rotate"),
-        ("fps=0", "fps"),
-        ("fps=fast", "fps"),
-        ("colormap=rainbowz", "colormap"),
-        ("format=png", "format"),  # PNG is for snapshots only
-    ],
-)
-def test_bad_stream_parameter_is_400_naming_it(relay, query, param):
-    status, _headers, body = relay.get(f"/stream/frontleft_fisheye_image?{query}")
-    assert status == 400
-    data = json.loads(body)
-    assert data["parameter"] == param and data["allowed"] and data["error"]
-
-
-def test_bad_snapshot_parameter_is_400(relay):
-    status, _, body = relay.get("/snapshot/back_depth?format=gif")
-    assert status == 400 and json.loads(body)["parameter"] == "format"
 
 
 # -- MJPEG ----------------------------------------------------------------------------------------
@@ -218,13 +196,14 @@ def test_six_visual_sources_at_full_rate_at_once(relay):
     """The issue's bar: one client per visual source, all at once, >= 14 distinct frames/s each."""
     results: dict[str, list] = {}
     threads = [
-        threading.Thread(target=_read_for, args=(relay.url + f"/stream/{s}", 6.0, results, s))
+        threading.Thread(target=_read_for, args=(relay.url + f"/stream/{s}", 4.0, results, s))
         for s in VISUAL
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads)
     rates = {}
     for s in VISUAL:
         assert isinstance(results.get(s), list), results.get(s)
@@ -238,12 +217,12 @@ def test_slow_client_does_not_slow_others(relay):
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.sendall(b"GET /stream/back_fisheye_image HTTP/1.1\r\nHost: x\r\n\r\n")
     try:
-        time.sleep(1.0)
-        got = collect(relay.url + "/stream/back_fisheye_image", seconds=3.0)
+        wait_until(
+            lambda: any(c["frames_dropped"] > 0 for c in relay.json("/api/state")["clients"]),
+            what="the stalled client skipping frames rather than buffering them",
+        )
+        got = collect(relay.url + "/stream/back_fisheye_image", seconds=2.0)
         assert distinct_fps(got) >= 13.0
-        state = relay.json("/api/state")
-        stuck = [c for c in state["clients"] if c["frames_dropped"] > 0]
-        assert stuck, "the stalled client should be skipping frames, not buffering them"
     finally:
         slow.close()
 
@@ -270,16 +249,12 @@ def test_vlc_plays_the_stream(relay):
     ]
     if os.geteuid() == 0:
         cmd = ["runuser", "-u", "nobody", "--", *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: runuser's child (VLC itself) must go too, not only runuser
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline and len(list(out.glob("*.png"))) < 20:
-            time.sleep(0.2)
-        pictures = sorted(out.glob("*.png"))
-        assert len(pictures) >= 20, "VLC decoded fewer than 20 pictures in 20 s"
-        h, w = decode(pictures[-1].read_bytes()).shape[:2]
-        assert w == 320 and 240 <= h <= 256  # VLC pads picture height to its block alignment
+        with spawn(cmd):
+            wait_until(lambda: len(list(out.glob("*.png"))) >= 20, 20, "VLC decoding 20 pictures")
+            # the newest picture may still be being written: take one that is complete
+            h, w = decode(sorted(out.glob("*.png"))[-5].read_bytes()).shape[:2]
+            assert w == 320 and 240 <= h <= 256  # VLC pads picture height to block alignment
     finally:
-        proc.kill()
-        proc.wait(10)
         shutil.rmtree(out, ignore_errors=True)

@@ -20,8 +20,10 @@ from bosdyn.client.image import (
 from bosdyn.client.payload_registration import InvalidPayloadCredentialsError
 
 from spotrelay import codec
+from spotrelay.frames import ImageData
 
 I = image_pb2.Image  # noqa: E741
+pytestmark = pytest.mark.e2e
 
 
 def sdk_robot(sim):
@@ -85,14 +87,12 @@ def test_frames_decode_and_advance_at_the_capture_rate(robot, sim):
     first = client.get_image(req)[0]
     img = cv2.imdecode(np.frombuffer(first.shot.image.data, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (480, 640, 3)
-    again = client.get_image(req)[0]  # within one period: the same capture
     stamps = set()
     end = time.time() + 1.0
     while time.time() < end:
         r = client.get_image(req)[0]
         stamps.add(r.shot.acquisition_time.seconds + r.shot.acquisition_time.nanos * 1e-9)
     assert 13 <= len(stamps) <= 17
-    assert again.shot.acquisition_time == first.shot.acquisition_time or len(stamps) > 1
     # acquisition time is on the robot's (skewed) clock
     latest = max(stamps)
     assert abs(latest - (time.time() + sim.clock_skew)) < 0.2
@@ -110,10 +110,10 @@ def test_depth_rle_matches_raw(robot):
     assert len(raw.shot.image.data) == 424 * 240 * 2
     assert len(rle.shot.image.data) < len(raw.shot.image.data) / 2
     as_raw = codec.decode(
-        codec.ImageData(raw.shot.image.data, I.FORMAT_RAW, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
+        ImageData(raw.shot.image.data, I.FORMAT_RAW, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
     )
     as_rle = codec.decode(
-        codec.ImageData(rle.shot.image.data, I.FORMAT_RLE, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
+        ImageData(rle.shot.image.data, I.FORMAT_RLE, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
     )
     assert np.array_equal(as_raw, as_rle)
     assert (as_raw == 0).any() and 300 < np.median(as_raw[as_raw > 0]) < 5000

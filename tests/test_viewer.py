@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -14,10 +14,14 @@ import urllib.request
 import aiohttp
 import pytest
 
+from tests.procs import spawn
 from tests.relay import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run does)")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run does)"),
+]
 
 TILES_JS = """JSON.stringify([...document.querySelectorAll('.tile')].map(t => ({
   name: t.dataset.source, w: parseInt(t.querySelector('img').dataset.size || '0'),
@@ -100,7 +104,7 @@ async def _drive(ws_url: str) -> tuple[list[dict], dict]:
 def test_viewer_shows_every_camera_live_and_a_large_view(relay):
     port = free_port()
     profile = tempfile.mkdtemp(prefix="spotrelay-chromium-")
-    proc = subprocess.Popen(
+    with spawn(
         [
             CHROMIUM,
             "--headless",
@@ -116,16 +120,14 @@ def test_viewer_shows_every_camera_live_and_a_large_view(relay):
             "--window-size=1400,1000",
             relay.url + "/",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        ws_url = _page_ws_url(port, time.time() + 30)
-        tiles, big = asyncio.run(_drive(ws_url))
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(profile, ignore_errors=True)
+        env={**os.environ, "TMPDIR": profile},  # its own temporary files go with the profile
+    ):
+        try:
+            ws_url = _page_ws_url(port, time.time() + 30)
+            tiles, big = asyncio.run(_drive(ws_url))
+        finally:
+            pass
+    shutil.rmtree(profile, ignore_errors=True)
     names = {t["name"] for t in tiles}
     assert len(names) == 11, tiles
     assert all(t["w"] in (240, 320) for t in tiles), tiles  # 320-wide tiles (240 for rotated)

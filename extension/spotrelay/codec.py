@@ -1,9 +1,10 @@
-"""Codec: what the robot sent -> the bytes a client asked for. Pure functions, safe in threads.
+"""Codec: what the robot sent -> the bytes a plan asks for. Pure functions, safe in threads.
 
-Decode once, render many: a frame watched at several sizes is decoded once per JPEG reduction
-factor, not once per client or variant. JPEG is decoded at 1/2, 1/4 or 1/8 scale inside the JPEG
-decoder when the target allows (OpenCV ``IMREAD_REDUCED_*``): most of the cost of a thumbnail is the
-full-size decode it avoids. A frame asked for as the robot sent it is not decoded at all.
+What to do is decided beforehand by ``plan.plan``; this module only does it. Decode once, render
+many: a frame watched at several sizes is decoded once per JPEG reduction factor, not once per
+client or variant. JPEG is decoded at 1/2, 1/4 or 1/8 scale inside the JPEG decoder when the
+target allows (OpenCV ``IMREAD_REDUCED_*``): most of the cost of a thumbnail is the full-size
+decode it avoids. A passthrough plan is not decoded at all.
 
 Byte orders follow image.proto: DEPTH_U16 is little-endian, GREYSCALE_U16 big-endian. RLE is
 "1 byte run-length before each pixel value": records of a count byte N, then one pixel of the pixel
@@ -15,20 +16,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from bosdyn.api import image_pb2
 
+from spotrelay.frames import DEPTH16, GREY8, GREY16, JPEG, RAW, RGB8, RGBA8, RLE, ImageData
+from spotrelay.plan import DEFAULT_QUALITY, Plan, rotated_size
+
 _Image = image_pb2.Image
-JPEG, RAW, RLE = _Image.FORMAT_JPEG, _Image.FORMAT_RAW, _Image.FORMAT_RLE
-GREY8, RGB8, RGBA8 = (
-    _Image.PIXEL_FORMAT_GREYSCALE_U8,
-    _Image.PIXEL_FORMAT_RGB_U8,
-    _Image.PIXEL_FORMAT_RGBA_U8,
-)
-DEPTH16, GREY16 = _Image.PIXEL_FORMAT_DEPTH_U16, _Image.PIXEL_FORMAT_GREYSCALE_U16
 
 # pixel format -> (numpy dtype as sent, channels)
 _LAYOUT: dict[int, tuple[str, int]] = {
@@ -39,7 +35,6 @@ _LAYOUT: dict[int, tuple[str, int]] = {
     GREY16: (">u2", 1),
 }
 
-ROTATIONS = ("0", "90", "180", "270", "auto")
 COLORMAPS = ("turbo", "jet", "inferno", "magma", "plasma", "viridis", "bone", "gray")
 _CV_COLORMAPS = {
     "turbo": cv2.COLORMAP_TURBO,
@@ -50,14 +45,6 @@ _CV_COLORMAPS = {
     "viridis": cv2.COLORMAP_VIRIDIS,
     "bone": cv2.COLORMAP_BONE,
 }
-# The SDK's image viewer (python/examples/get_image) turns these fisheyes upright with
-# scipy.ndimage.rotate(angle), angles counter-clockwise; ours are clockwise, hence the sign.
-AUTO_ROTATION_CW = {
-    "frontleft_fisheye_image": 78.0,
-    "frontright_fisheye_image": 102.0,
-    "right_fisheye_image": 180.0,
-}
-DEFAULT_QUALITY = 80
 _FORMAT_KIND = {JPEG: "jpeg", RAW: "raw", RLE: "rle"}
 
 Observer = Callable[[str, str, float], None]
@@ -68,94 +55,6 @@ DEPTH_MAX_M = 5.0  # fixed colour range, so colours mean the same distance in ev
 
 class CodecError(ValueError):
     """Robot data that cannot be decoded (corrupt, wrong length, unsupported); counted, skipped."""
-
-
-@dataclass(frozen=True, slots=True)
-class ImageData:
-    """What the robot sent for one capture."""
-
-    data: bytes
-    format: int
-    pixel_format: int
-    rows: int
-    cols: int
-    depth_scale: float = 1000.0
-
-    @property
-    def is_depth(self) -> bool:
-        return self.pixel_format == DEPTH16
-
-
-@dataclass(frozen=True, slots=True)
-class RenderSpec:
-    """One stream or snapshot variant; hashable, so the hub can share renderings by it."""
-
-    width: int | None = None
-    height: int | None = None
-    quality: int | None = None
-    rotate: str = "0"
-    colormap: str = "turbo"
-    format: str = "jpeg"
-
-
-# -- planning -------------------------------------------------------------------------------------
-
-
-def rotation_degrees(rotate: str, source_name: str) -> float:
-    if rotate == "auto":
-        return AUTO_ROTATION_CW.get(source_name, 0.0)
-    return float(rotate)
-
-
-def _quarter_turn(degrees: float) -> bool:
-    return degrees % 180 == 90
-
-
-def target_size(cols: int, rows: int, width: int | None, height: int | None) -> tuple[int, int]:
-    """Fit (cols, rows) inside the box, keeping aspect; never larger than native; at least 1x1."""
-    scale = 1.0
-    if width:
-        scale = min(scale, width / cols)
-    if height:
-        scale = min(scale, height / rows)
-    return max(1, round(cols * scale)), max(1, round(rows * scale))
-
-
-def jpeg_reduction(cols: int, rows: int, out_w: int, out_h: int) -> int:
-    """The largest decoder reduction (1, 2, 4, 8) that still leaves at least the target size."""
-    for factor in (8, 4, 2):
-        if cols // factor >= out_w and rows // factor >= out_h:
-            return factor
-    return 1
-
-
-def _plan(image: ImageData, spec: RenderSpec, source_name: str) -> tuple[float, int, int]:
-    """(clockwise degrees, output width, output height before rotation)."""
-    degrees = rotation_degrees(spec.rotate, source_name) % 360
-    cols, rows = image.cols, image.rows
-    if _quarter_turn(degrees):  # the box is given in the rotated orientation
-        out_h, out_w = target_size(rows, cols, spec.width, spec.height)
-    elif degrees:  # an arbitrary angle grows the canvas; fit its bounding box
-        rad = math.radians(degrees)
-        bw = abs(cols * math.cos(rad)) + abs(rows * math.sin(rad))
-        bh = abs(cols * math.sin(rad)) + abs(rows * math.cos(rad))
-        fw, fh = target_size(round(bw), round(bh), spec.width, spec.height)
-        scale = min(fw / bw, fh / bh, 1.0)
-        out_w, out_h = max(1, round(cols * scale)), max(1, round(rows * scale))
-    else:
-        out_w, out_h = target_size(cols, rows, spec.width, spec.height)
-    return degrees, out_w, out_h
-
-
-def is_passthrough(image: ImageData, spec: RenderSpec, source_name: str = "") -> bool:
-    """Asked for as the robot sent it: serve its JPEG bytes, no decode, no re-encode."""
-    return (
-        image.format == JPEG
-        and spec.format == "jpeg"
-        and spec.quality is None
-        and rotation_degrees(spec.rotate, source_name) % 360 == 0
-        and target_size(image.cols, image.rows, spec.width, spec.height) == (image.cols, image.rows)
-    )
 
 
 def looks_like_jpeg(data: bytes) -> bool:
@@ -261,8 +160,7 @@ def rotate(img: np.ndarray, degrees_cw: float) -> np.ndarray:
         return cv2.rotate(img, quarter[int(degrees_cw)])
     h, w = img.shape[:2]
     m = cv2.getRotationMatrix2D((w / 2, h / 2), -degrees_cw, 1.0)
-    cos, sin = abs(m[0, 0]), abs(m[0, 1])
-    bw, bh = round(h * sin + w * cos), round(h * cos + w * sin)
+    bw, bh = rotated_size(w, h, degrees_cw)
     m[0, 2] += bw / 2 - w / 2
     m[1, 2] += bh / 2 - h / 2
     return cv2.warpAffine(img, m, (bw, bh), flags=cv2.INTER_LINEAR, borderValue=0)
@@ -311,80 +209,62 @@ def encode_png(img: np.ndarray) -> bytes:
 # -- the whole path -------------------------------------------------------------------------------
 
 
-def _reduction_for(image: ImageData, spec: RenderSpec, source_name: str) -> int:
-    if image.format != JPEG or spec.format == "png":
-        return 1
-    _, out_w, out_h = _plan(image, spec, source_name)
-    return jpeg_reduction(image.cols, image.rows, out_w, out_h)
-
-
-def _render_decoded(
-    img: np.ndarray,
-    image: ImageData,
-    spec: RenderSpec,
-    source_name: str,
-    observe: Observer | None = None,
-) -> bytes:
+def _timed(observe: Observer | None, stage: str, kind: str, fn, *args):
     start = time.perf_counter()
-    out = _render_decoded_untimed(img, image, spec, source_name)
+    out = fn(*args)
     if observe is not None:
-        observe("encode", spec.format, time.perf_counter() - start)
+        observe(stage, kind, time.perf_counter() - start)
     return out
 
 
-def _timed_decode(image: ImageData, reduction: int, observe: Observer | None) -> np.ndarray:
-    start = time.perf_counter()
-    img = decode(image, reduction)
-    if observe is not None:
-        observe("decode", _FORMAT_KIND.get(image.format, "raw"), time.perf_counter() - start)
-    return img
+def _finish(img: np.ndarray, image: ImageData, plan: Plan) -> bytes:
+    """Decoded pixels -> the planned picture: resize, then colour or stretch, rotate, encode."""
+    small = resize(img, plan.width, plan.height, nearest=image.is_depth)
+    if plan.format == "png":  # lossless: 16-bit values stay 16-bit, no colour map
+        return encode_png(rotate(small, plan.degrees))
+    out = to_display(small, image, plan.colormap or "turbo")
+    return encode_jpeg(rotate(out, plan.degrees), plan.quality or DEFAULT_QUALITY)
 
 
-def _render_decoded_untimed(
-    img: np.ndarray, image: ImageData, spec: RenderSpec, source_name: str
-) -> bytes:
-    degrees, out_w, out_h = _plan(image, spec, source_name)
-    small = resize(img, out_w, out_h, nearest=image.is_depth)
-    if spec.format == "png":  # lossless: 16-bit values stay 16-bit, no colour map
-        return encode_png(rotate(small, degrees))
-    out = to_display(small, image, spec.colormap)
-    return encode_jpeg(rotate(out, degrees), spec.quality or DEFAULT_QUALITY)
+def _check(image: ImageData, plan: Plan) -> None:
+    if not plan.fits(image.shape):
+        raise CodecError(f"plan for {plan.shape} given a {image.shape} picture")
 
 
-def render(
-    image: ImageData, spec: RenderSpec, source_name: str, observe: Observer | None = None
-) -> bytes:
-    if is_passthrough(image, spec, source_name):
+def render(image: ImageData, plan: Plan, observe: Observer | None = None) -> bytes:
+    """One planned picture of one frame."""
+    _check(image, plan)
+    if plan.passthrough:
         return image.data
-    img = _timed_decode(image, _reduction_for(image, spec, source_name), observe)
-    return _render_decoded(img, image, spec, source_name, observe)
+    kind = _FORMAT_KIND.get(image.format, "raw")
+    img = _timed(observe, "decode", kind, decode, image, plan.reduction)
+    return _timed(observe, "encode", plan.format, _finish, img, image, plan)
 
 
 def render_many(
-    image: ImageData,
-    specs: Iterable[RenderSpec],
-    source_name: str,
-    observe: Observer | None = None,
-) -> dict[RenderSpec, bytes | CodecError]:
-    """Several variants of one frame, decoding once per distinct reduction."""
-    out: dict[RenderSpec, bytes | CodecError] = {}
+    image: ImageData, plans: Iterable[Plan], observe: Observer | None = None
+) -> dict[Plan, bytes | CodecError]:
+    """Several plans of one frame, decoding once per distinct reduction; one failure each."""
+    out: dict[Plan, bytes | CodecError] = {}
     decoded: dict[int, np.ndarray | CodecError] = {}
-    for spec in specs:
-        if is_passthrough(image, spec, source_name):
-            out[spec] = image.data
-            continue
-        factor = _reduction_for(image, spec, source_name)
-        if factor not in decoded:
-            try:
-                decoded[factor] = _timed_decode(image, factor, observe)
-            except CodecError as exc:
-                decoded[factor] = exc
-        img = decoded[factor]
-        if isinstance(img, CodecError):
-            out[spec] = img
-            continue
+    kind = _FORMAT_KIND.get(image.format, "raw")
+    for plan in plans:
         try:
-            out[spec] = _render_decoded(img, image, spec, source_name, observe)
+            _check(image, plan)
+            if plan.passthrough:
+                out[plan] = image.data
+                continue
+            if plan.reduction not in decoded:
+                try:
+                    decoded[plan.reduction] = _timed(
+                        observe, "decode", kind, decode, image, plan.reduction
+                    )
+                except CodecError as exc:
+                    decoded[plan.reduction] = exc
+            img = decoded[plan.reduction]
+            if isinstance(img, CodecError):
+                raise img
+            out[plan] = _timed(observe, "encode", plan.format, _finish, img, image, plan)
         except CodecError as exc:
-            out[spec] = exc
+            out[plan] = exc
     return out

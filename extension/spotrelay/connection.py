@@ -1,14 +1,18 @@
-"""Robot connection: SDK, login, directory, time sync, image clients; reconnect with backoff.
+"""Robot connection: SDK, login, time sync, image services; reconnect and rediscover with backoff.
 
 Everything the SDK does that blocks (login, directory, time sync, listing sources) runs in a daemon
-thread so the HTTP server and open streams stay responsive while the robot is away, and so a
-payload that is not yet authorised cannot hold up shutdown. Each (re)connection builds a fresh SDK
-``Robot``: after a robot reboot its tokens, channels and time-sync thread are all stale, and a clean
-object is simpler to reason about than repairing one.
+thread, so the HTTP server and open streams stay responsive while the robot is away, and a robot
+that never answers cannot hold up shutdown. Each (re)connection builds a fresh SDK ``Robot``:
+after a robot reboot its tokens, channels and time-sync thread are all stale, and a clean object is
+simpler to reason about than repairing one.
 
-The poller gets two things from here: ``get_images`` (an asyncio future over the SDK's pipelined
-``get_image_async``) and ``robot_to_local`` (robot clock -> local epoch, with the time-sync skew).
-It reports RPC failures back so that a lost robot is noticed by whoever talks to it most often.
+Image services are discovered and kept one by one. A service that is registered but faulted,
+slow, or not reachable yet (a payload camera, Spot CAM) is marked failing with the reason and
+retried with backoff while the others are served; in ``auto`` mode the directory is listed again
+periodically, so a payload that registers late appears without a restart.
+
+``classify`` is the one table of what an SDK error means for the relay: the metric it counts as,
+and whether the login is gone (log in again now) or the robot may just be busy or away.
 """
 
 from __future__ import annotations
@@ -18,21 +22,37 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import bosdyn.client
 from bosdyn.api import image_pb2
+from bosdyn.client.auth import InvalidLoginError, TemporarilyLockedOutError
+from bosdyn.client.directory import DirectoryClient
 from bosdyn.client.exceptions import (
     Error as SdkError,
 )
 from bosdyn.client.exceptions import (
+    InvalidRequestError,
+    PermissionDeniedError,
+    ResponseError,
+    RetryableRpcError,
+    ServiceUnavailableError,
+    TimedOutError,
+    TooManyRequestsError,
+    UnableToConnectToRobotError,
     UnauthenticatedError,
 )
 from bosdyn.client.image import ImageClient
+from bosdyn.client.payload_registration import (
+    InvalidPayloadCredentialsError,
+    PayloadNotAuthorizedError,
+    PayloadRegistrationClient,
+)
 
-from spotrelay.config import Config
+from spotrelay.frames import SourceInfo
 
 log = logging.getLogger("spotrelay.connection")
 
@@ -43,72 +63,46 @@ RPC_TIMEOUT = 10.0
 IMAGE_TIMEOUT = 2.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
-# Consecutive failed GetImage calls (with no success between) that mean the robot is gone.
+# Consecutive failed GetImage calls (with no success between) that mean a service is gone.
 FAILURES_BEFORE_RECONNECT = 5
+DISCOVERY_INTERVAL = 10.0  # auto mode: list the directory again this often
+# Spot rate-limits logins (5 a second, HTTP 429) and locks logins out for a minute after six
+# failures in a row (spot-sdk docs/concepts/base_services.md, release notes 3.0.0). The relay never
+# has more than this many refused logins within a window, whatever the backoff says.
+AUTH_BURST, AUTH_WINDOW = 5, 60.0
+PAYLOAD_WAIT = 5.0  # between asks while an operator has not yet authorised the payload
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class SourceInfo:
-    """What ListImageSources says about one camera, in the terms our HTTP API uses."""
+class Failure:
+    """What an SDK error means here. ``kind`` is the metric label."""
 
-    name: str
-    service: str
-    rows: int
-    cols: int
-    image_type: str  # "visual" | "depth" | "unknown"
-    pixel_formats: tuple[str, ...]
-    image_formats: tuple[str, ...]
-    depth_scale: float
-
-    @classmethod
-    def from_proto(cls, src: image_pb2.ImageSource, service: str) -> SourceInfo:
-        kind = {
-            image_pb2.ImageSource.IMAGE_TYPE_VISUAL: "visual",
-            image_pb2.ImageSource.IMAGE_TYPE_DEPTH: "depth",
-        }.get(src.image_type, "unknown")
-        return cls(
-            name=src.name,
-            service=service,
-            rows=src.rows,
-            cols=src.cols,
-            image_type=kind,
-            pixel_formats=tuple(
-                image_pb2.Image.PixelFormat.Name(p).removeprefix("PIXEL_FORMAT_")
-                for p in src.pixel_formats
-            ),
-            image_formats=tuple(
-                image_pb2.Image.Format.Name(f).removeprefix("FORMAT_") for f in src.image_formats
-            ),
-            depth_scale=src.depth_scale or 1000.0,
-        )
+    kind: str
+    relogin: bool = False  # the login is gone: connect again now
+    robot_wide: bool = False  # says nothing about one service: the robot or our login is at fault
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where the robot is and how to log in; the sim and a real robot differ only here."""
+# One table, most specific first: what each SDK error means for the relay.
+_ERRORS: tuple[tuple[type[BaseException], Failure], ...] = (
+    (UnauthenticatedError, Failure("unauthenticated", relogin=True, robot_wide=True)),
+    (PermissionDeniedError, Failure("permission_denied")),
+    (TooManyRequestsError, Failure("rate_limited")),
+    (TimedOutError, Failure("timeout")),
+    (ServiceUnavailableError, Failure("unavailable")),
+    (UnableToConnectToRobotError, Failure("unavailable", robot_wide=True)),
+    (RetryableRpcError, Failure("unavailable")),
+    (ConnectionError, Failure("unavailable", robot_wide=True)),
+    (ResponseError, Failure("other")),
+)
 
-    host: str
-    port: int = 443
-    cert: str | None = None
-    username: str | None = None
-    password: str | None = None
-    guid: str | None = None
-    secret: str | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> Target:
-        assert cfg.robot
-        return cls(
-            cfg.robot,
-            cfg.robot_port,
-            cfg.robot_cert,
-            cfg.username,
-            cfg.password,
-            cfg.guid,
-            cfg.secret,
-        )
+def classify(exc: BaseException) -> Failure:
+    for kind, failure in _ERRORS:
+        if isinstance(exc, kind):
+            return failure
+    return Failure("other")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -118,6 +112,56 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, SdkError) and getattr(exc, "error_message", None):
         text = str(exc.error_message).strip().splitlines()[0]
     return f"{name}: {text}" if text else name
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where the robot is and how to log in; the sim and a real robot differ only here."""
+
+    host: str
+    port: int = 443
+    cert: str | None = None
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    guid: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class ServiceState:
+    """One image service as /api/sources reports it."""
+
+    name: str
+    ok: bool = False
+    error: str | None = None
+    sources: tuple[str, ...] = ()
+    failures: int = 0
+    delay: float = BACKOFF_FIRST
+    retry_at: float = 0.0
+
+    def failed(self, error: str, now: float) -> None:
+        self.ok, self.error, self.failures = False, error, 0
+        self.retry_at = now + self.delay * random.uniform(0.8, 1.2)
+        self.delay = min(self.delay * 2, BACKOFF_MAX)
+
+
+# Refusals by the robot's login services (as opposed to not reaching them): each counts towards the
+# robot's lockout, so they are rate-limited by AuthLimiter and retried slowly.
+_LOGIN_REFUSED = (
+    InvalidLoginError,
+    TemporarilyLockedOutError,
+    InvalidPayloadCredentialsError,
+    InvalidRequestError,
+    TooManyRequestsError,
+)
+
+
+class PayloadNotAuthorised(Exception):
+    """The robot knows the payload, but nobody has authorised it in the admin console yet."""
 
 
 def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
@@ -144,45 +188,76 @@ def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     return fut
 
 
-class _Session:
-    """One logged-in SDK Robot plus the image clients made from it."""
+class AuthLimiter:
+    """At most ``burst`` refused logins per ``window`` seconds."""
 
-    def __init__(self, target: Target, services: tuple[str, ...], wanted: tuple[str, ...]):
+    def __init__(self, burst: int = AUTH_BURST, window: float = AUTH_WINDOW, clock=time.monotonic):
+        self.burst, self.window, self.clock = burst, window, clock
+        self._times: list[float] = []
+
+    def wait_time(self) -> float:
+        now = self.clock()
+        self._times = [t for t in self._times if now - t < self.window]
+        if len(self._times) < self.burst:
+            return 0.0
+        return self._times[0] + self.window - now
+
+    def note(self) -> None:
+        self._times.append(self.clock())
+
+
+class _Session:
+    """One logged-in SDK Robot; blocking calls, made from daemon threads."""
+
+    def __init__(self, target: Target):
         sdk = bosdyn.client.create_standard_sdk("spotrelay")
         if target.cert:
             sdk.load_robot_cert(target.cert)
         robot = sdk.create_robot(target.host)
         robot.update_secure_channel_port(target.port)
         self.robot = robot
+        self.clients: dict[str, ImageClient] = {}
         try:
             if target.guid and target.secret:
-                robot.authenticate_from_payload_credentials(
-                    target.guid, target.secret, timeout=RPC_TIMEOUT
-                )
+                # Not robot.authenticate_from_payload_credentials: it blocks until an operator
+                # authorises the payload; we want to say so and retry on our own schedule.
+                payload = robot.ensure_client(PayloadRegistrationClient.default_service_name)
+                try:
+                    token = payload.get_payload_auth_token(
+                        target.guid, target.secret, timeout=RPC_TIMEOUT
+                    )
+                except PayloadNotAuthorizedError:
+                    raise PayloadNotAuthorised(
+                        "payload not authorised yet: authorise it in the robot's admin console "
+                        "(Payloads page)"
+                    ) from None
+                robot.update_user_token(token)
             else:
                 robot.authenticate(target.username, target.password, timeout=RPC_TIMEOUT)
             robot.time_sync.wait_for_sync(timeout_sec=RPC_TIMEOUT)
-            if services == ("auto",):
-                entries = robot.list_services()
-                services = tuple(sorted(e.name for e in entries if e.type == IMAGE_SERVICE_TYPE))
-            self.clients: dict[str, ImageClient] = {s: robot.ensure_client(s) for s in services}
-            self.sources: dict[str, SourceInfo] = {}
-            for service, client in self.clients.items():
-                for src in client.list_image_sources(timeout=RPC_TIMEOUT):
-                    if wanted and src.name not in wanted:
-                        continue
-                    if src.name in self.sources:
-                        log.warning(
-                            "source %s offered by %s and %s; using the first",
-                            src.name,
-                            self.sources[src.name].service,
-                            service,
-                        )
-                        continue
-                    self.sources[src.name] = SourceInfo.from_proto(src, service)
         except BaseException:
             self.close()
             raise
+
+    def image_services(self) -> list[str]:
+        """Every image service in the directory (and teach the SDK where each one lives)."""
+        directory = self.robot.ensure_client(DirectoryClient.default_service_name)
+        entries = directory.list(timeout=RPC_TIMEOUT)
+        self.robot.sync_with_services_list(entries)
+        return sorted(e.name for e in entries if e.type == IMAGE_SERVICE_TYPE)
+
+    def discover(self, service: str) -> list[SourceInfo]:
+        client = self.clients.get(service)
+        if client is None:
+            if service not in self.robot.service_type_by_name:
+                # ensure_client only knows the SDK's default names until the directory is read
+                # (it raises UnregisteredServiceNameError for e.g. spot-cam-image otherwise).
+                self.image_services()
+            client = self.clients[service] = self.robot.ensure_client(service)
+        return [
+            SourceInfo.from_proto(src, service)
+            for src in client.list_image_sources(timeout=RPC_TIMEOUT)
+        ]
 
     def skew_seconds(self) -> float | None:
         """Robot clock minus local clock, or None before time sync is established.
@@ -204,28 +279,61 @@ class _Session:
             log.debug("error closing SDK robot", exc_info=True)
 
 
-class RobotConnection:
-    """Keeps a session with the robot alive and tells the rest of the relay what it offers."""
+SourcesChanged = Callable[[dict[str, SourceInfo], tuple[str, ...]], None]
 
-    def __init__(self, target: Target, services: Iterable[str], wanted: Iterable[str] = ()):
+
+class RobotConnection:
+    """Keeps a session with the robot alive and tells the relay what it offers.
+
+    ``on_change(sources, healthy_services)`` is called whenever the sources or the set of
+    services that answer change (and with nothing healthy when the robot is lost).
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        services: Iterable[str],
+        wanted: Iterable[str] = (),
+        *,
+        on_change: SourcesChanged = lambda sources, services: None,
+        limiter: AuthLimiter | None = None,
+    ):
         self.target = target
         self.services = tuple(services)
+        self.auto = self.services == ("auto",)
         self.wanted = tuple(wanted)
+        self.on_change = on_change
+        self.limiter = limiter or AuthLimiter()
         self.sources: dict[str, SourceInfo] = {}
+        self.state: dict[str, ServiceState] = {}
         self.skew = 0.0
         self.connected = asyncio.Event()
         self.last_error: str | None = None
-        self.on_change: list[Callable[[RobotConnection], None]] = []
         self._session: _Session | None = None
         self._lost = asyncio.Event()
-        self._failures = 0
+        self._last_ok = 0.0
 
-    @property
-    def image_services(self) -> tuple[str, ...]:
-        return tuple(self._session.clients) if self._session else ()
+    # -- what the rest of the relay reads ------------------------------------------------------
 
     def robot_to_local(self, robot_seconds: float) -> float:
         return robot_seconds - self.skew
+
+    def healthy(self) -> tuple[str, ...]:
+        return tuple(name for name, st in self.state.items() if st.ok)
+
+    def status(self) -> dict[str, Any]:
+        """For /api/sources and /api/state: the login state and every service's."""
+        return {
+            "connected": self.connected.is_set(),
+            "address": self.target.where,
+            "image_services": list(self.healthy()),
+            "services": {
+                name: {"ok": st.ok, "error": st.error, "sources": len(st.sources)}
+                for name, st in sorted(self.state.items())
+            },
+            "clock_skew": round(self.skew, 6),
+            "last_error": self.last_error,
+        }
 
     def get_images(self, service: str, requests: list[image_pb2.ImageRequest]) -> asyncio.Future:
         """Send one GetImage now and return an asyncio future of the SDK's result.
@@ -236,10 +344,11 @@ class RobotConnection:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         session = self._session
-        if session is None or service not in session.clients:
+        client = session.clients.get(service) if session else None
+        if client is None:
             fut.set_exception(ConnectionError("not connected to the robot"))
             return fut
-        sdk_future = session.clients[service].get_image_async(requests, timeout=IMAGE_TIMEOUT)
+        sdk_future = client.get_image_async(requests, timeout=IMAGE_TIMEOUT)
 
         def settle(done: Any) -> None:
             if fut.cancelled():
@@ -252,74 +361,171 @@ class RobotConnection:
         sdk_future.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
         return fut
 
-    def report_ok(self) -> None:
-        self._failures = 0
-
-    def report_failure(self, exc: BaseException) -> None:
-        """Called by the poller on RPC errors; decides when the robot counts as lost."""
-        if not self.connected.is_set():
+    def report(self, service: str, exc: BaseException | None) -> None:
+        """The poller's word on each GetImage: decides when a service, or the robot, is lost."""
+        st = self.state.get(service)
+        if st is None or not self.connected.is_set():
             return
-        self._failures += 1
-        if isinstance(exc, UnauthenticatedError) or self._failures >= FAILURES_BEFORE_RECONNECT:
-            self.last_error = describe_error(exc)
-            self._lost.set()
+        now = time.monotonic()
+        if exc is None:
+            st.failures, self._last_ok = 0, now
+            return
+        failure = classify(exc)
+        st.failures += 1
+        if failure.relogin:
+            self._lose(describe_error(exc))
+        elif st.failures >= FAILURES_BEFORE_RECONNECT:
+            if failure.robot_wide or now - self._last_ok > IMAGE_TIMEOUT * 2:
+                self._lose(describe_error(exc))  # nothing answers: the robot is away
+            else:
+                self._service_failed(st, describe_error(exc))
+
+    def _lose(self, error: str) -> None:
+        self.last_error = error
+        self._lost.set()
+
+    def _service_failed(self, st: ServiceState, error: str) -> None:
+        log.warning("image service %s failing: %s; retrying in %.1f s", st.name, error, st.delay)
+        st.failed(error, time.monotonic())
+        self._notify()
+
+    # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Connect, watch, reconnect: forever, with capped exponential backoff between tries."""
         delay = BACKOFF_FIRST
-        where = f"{self.target.host}:{self.target.port}"
         while True:
             try:
-                session = await _in_daemon_thread(
-                    lambda: _Session(self.target, self.services, self.wanted)
-                )
-            except (SdkError, OSError, ValueError) as exc:
+                session = await _in_daemon_thread(lambda: _Session(self.target))
+            except (SdkError, OSError, ValueError, PayloadNotAuthorised) as exc:
                 self.last_error = describe_error(exc)
+                if isinstance(exc, PayloadNotAuthorised):
+                    self.last_error = str(exc)
+                    delay = max(delay, PAYLOAD_WAIT)
+                elif isinstance(exc, _LOGIN_REFUSED):
+                    self.limiter.note()
+                    delay = max(delay, BACKOFF_MAX)
+                wait = max(delay * random.uniform(0.8, 1.2), self.limiter.wait_time())
                 log.error(
                     "cannot connect to robot %s: %s; retrying in %.1f s",
-                    where,
+                    self.target.where,
                     self.last_error,
-                    delay,
+                    wait,
                 )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                await asyncio.sleep(wait)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
-            self._session = session
-            self.sources = session.sources
-            self.skew = session.skew_seconds() or 0.0
-            self._failures = 0
-            self._lost.clear()
-            self.last_error = None
-            self.connected.set()
             delay = BACKOFF_FIRST
+            await self._serve(session)
+
+    async def _serve(self, session: _Session) -> None:
+        self._session = session
+        self.skew = session.skew_seconds() or 0.0
+        self._lost.clear()
+        self.last_error = None
+        self._last_ok = time.monotonic()
+        self.state = {}
+        self.connected.set()
+        try:
+            await self._discover(session, initial=True)
             log.info(
                 "connected to robot %s as %s: services %s, %d sources, clock skew %+.3f s",
-                where,
+                self.target.where,
                 "payload" if self.target.guid else "user",
-                ",".join(session.clients) or "-",
-                len(session.sources),
+                ",".join(self.healthy()) or "-",
+                len(self.sources),
                 self.skew,
             )
-            self._notify()
-            await self._watch(session)
+            next_listing = time.monotonic() + DISCOVERY_INTERVAL
+            while not self._lost.is_set():
+                skew = session.skew_seconds()
+                if skew is not None:
+                    self.skew = skew
+                now = time.monotonic()
+                if now >= next_listing or any(
+                    not st.ok and now >= st.retry_at for st in self.state.values()
+                ):
+                    relist = self.auto and now >= next_listing
+                    if relist:
+                        next_listing = now + DISCOVERY_INTERVAL
+                    await self._discover(session, initial=False, relist=relist)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), timeout=1.0)
+        finally:
             self.connected.clear()
-            log.warning("lost robot %s: %s; reconnecting", where, self.last_error)
             self._session = None
+            self.state = {}
             self._notify()
+            if self._lost.is_set():
+                log.warning("lost robot %s: %s; reconnecting", self.target.where, self.last_error)
             await asyncio.to_thread(session.close)
 
-    async def _watch(self, session: _Session) -> None:
-        """Refresh the skew once a second; return when the poller says the robot is gone."""
-        while not self._lost.is_set():
-            skew = session.skew_seconds()
-            if skew is not None:
-                self.skew = skew
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), timeout=1.0)
+    async def _discover(self, session: _Session, *, initial: bool, relist: bool = True) -> None:
+        """List the services (auto mode) and the sources of every service due for a try."""
+        if self.auto and (initial or relist):
+            try:
+                names = await _in_daemon_thread(session.image_services)
+            except SdkError as exc:
+                if classify(exc).relogin:
+                    self._lose(describe_error(exc))
+                    return
+                log.warning("cannot list the robot's services: %s", describe_error(exc))
+                names = list(self.state)
+            for gone in set(self.state) - set(names):
+                log.warning("image service %s left the robot's directory", gone)
+                del self.state[gone]
+                self.sources = {n: s for n, s in self.sources.items() if s.service != gone}
+        else:
+            names = list(self.services)
+        now = time.monotonic()
+        due = []
+        for name in names:
+            st = self.state.setdefault(name, ServiceState(name))
+            if not st.ok and now >= st.retry_at:
+                due.append(st)
+        results = await asyncio.gather(
+            *(_in_daemon_thread(lambda s=st.name: session.discover(s)) for st in due),
+            return_exceptions=True,
+        )
+        for st, result in zip(due, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, SdkError) and classify(result).relogin:
+                    self._lose(describe_error(result))
+                    return
+                if not isinstance(result, SdkError | OSError | ValueError):
+                    raise result
+                error = describe_error(result)
+                if st.error != error:
+                    log.warning(
+                        "image service %s: %s; retrying in %.1f s", st.name, error, st.delay
+                    )
+                st.failed(error, now)
+                continue
+            st.ok, st.error, st.failures, st.delay = True, None, 0, BACKOFF_FIRST
+            st.sources = tuple(s.name for s in result)
+            if not initial:
+                log.info("image service %s: %d sources", st.name, len(result))
+            self._merge(st.name, result)
+        self._notify()
+
+    def _merge(self, service: str, found: list[SourceInfo]) -> None:
+        for info in found:
+            if self.wanted and info.name not in self.wanted:
+                continue
+            held = self.sources.get(info.name)
+            if held is not None and held.service != service and held.service in self.state:
+                log.warning(
+                    "source %s offered by %s and %s; using %s",
+                    info.name,
+                    held.service,
+                    service,
+                    held.service,
+                )
+                continue
+            self.sources[info.name] = info
 
     def _notify(self) -> None:
-        for callback in self.on_change:
-            callback(self)
+        self.on_change(dict(self.sources), self.healthy())
 
     async def close(self) -> None:
         if self._session is not None:

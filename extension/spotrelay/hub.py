@@ -1,15 +1,19 @@
-"""Hub: the newest frame of every stream variant, encoded once and shared by all its clients.
+"""Hub: the newest frame of every stream variant, rendered once and shared by all its clients.
 
-A variant is a source plus a RenderSpec (size, quality, rotation, colour map). However many clients
-watch a variant, each new frame is rendered for it once, in a worker thread, and every client then
-takes the newest rendering when it is ready for one. Nothing queues per client: a client that is
-still writing the previous frame simply skips to the newest, so a slow viewer costs the others
-nothing and memory stays bounded by one frame per variant. If rendering falls behind the robot
-for a source, only the newest waiting frame is kept.
+A variant is a source plus a ``Plan`` (see ``plan.py``): requests that render to the same bytes
+share one. However many clients watch a variant, each new frame is rendered for it once, in a
+worker thread, and every client then takes the newest rendering when it is ready for one. Nothing
+queues per client: a client that is still writing the previous frame simply skips to the newest, so
+a slow viewer costs the others nothing and memory stays bounded by one frame per variant. If
+rendering falls behind the robot for a source, only the newest waiting frame is kept.
 
 When a source stalls (robot lost, camera stopped), streams stay open: once a second each variant
 gets its last image again, marked STALE with its age, so a person sees that the picture is old and
-a program sees the repeated ``X-Timestamp``.
+a program sees the repeated ``X-Timestamp``. When a camera changes resolution, its variants are
+retired and their clients move to variants planned for the new shape.
+
+The hub also keeps the client records behind ``/api/state``, and tells whoever polls the robot
+(``on_watch``) which sources somebody is watching.
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from spotrelay import codec, metrics
-from spotrelay.codec import RenderSpec
-from spotrelay.poller import Frame
+from spotrelay import codec
+from spotrelay.frames import JPEG, Frame, RenderSpec, SourceInfo
+from spotrelay.metrics import Metrics, RateWindow
+from spotrelay.plan import DEFAULT_QUALITY, Plan, plan
 
 log = logging.getLogger("spotrelay.hub")
 
@@ -47,20 +52,20 @@ class Encoded:
 
 
 class Variant:
-    """The newest rendering of one (source, spec), and a way to wait for the next."""
+    """The newest rendering of one (source, plan), and a way to wait for the next."""
 
-    def __init__(self, source: str, spec: RenderSpec):
-        self.source = source
-        self.spec = spec
+    def __init__(self, plan: Plan, now: float):
+        self.plan = plan
         self.latest: Encoded | None = None
         self.last_fresh: Encoded | None = None  # what stale repeats are drawn from
         self.version = 0
-        self.published_at = 0.0  # monotonic, any publication (stale repeats too)
-        self.fresh_at = time.monotonic()  # monotonic, last publication of a new frame
+        self.published_at = 0.0  # hub clock, any publication (stale repeats too)
+        self.fresh_at = now  # hub clock, last publication of a new frame
         self.subscribers = 0
+        self.retired = False  # the camera's shape changed: clients must re-plan
         self._changed = asyncio.Event()
 
-    def publish(self, enc: Encoded) -> None:
+    def publish(self, enc: Encoded, now: float) -> None:
         """Make ``enc`` the newest rendering. A fresh frame that is not newer than the last one
         published is ignored, so however renders overlap, a client never sees a capture twice
         or out of order."""
@@ -69,35 +74,38 @@ class Variant:
             return
         self.latest = enc
         self.version += 1
-        self.published_at = time.monotonic()
+        self.published_at = now
         if not enc.stale:
-            self.fresh_at = self.published_at
+            self.fresh_at = now
             self.last_fresh = enc
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self.wake()
 
     async def changed(self) -> None:
         await self._changed.wait()
 
     def wake(self) -> None:
-        self._changed.set()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
 
 @dataclass
 class Client:
-    """What /api/state shows about one viewer; metrics must not carry per-client labels."""
+    """What /api/state shows about one viewer; metrics must not carry per-client labels.
 
-    id: int
-    kind: str  # "mjpeg" | "ws"
+    Only the hub writes these fields: outputs report what they wrote through ``Hub.sent``.
+    """
+
+    kind: str  # "mjpeg" | "ws" | whatever output registers
     source: str
     spec: RenderSpec
     peer: str
     max_fps: float | None
+    id: int = 0
     started: float = field(default_factory=time.time)
     frames_sent: int = 0
     bytes_sent: int = 0
     frames_dropped: int = 0
-    rate: metrics.RateWindow = field(default_factory=metrics.RateWindow)
+    rate: RateWindow = field(default_factory=RateWindow)
     variant: Variant | None = None
     writing: int = 0  # version being written, 0 when waiting for the next
 
@@ -111,13 +119,28 @@ class Client:
 
 
 class Hub:
-    def __init__(self, executor: Executor, *, stale_after: float = 2.0):
+    def __init__(
+        self,
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        stale_after: float = 2.0,
+        idle_interval: float = 1.0,
+        on_watch: Callable[[str, bool], None] = lambda source, watched: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.executor = executor
+        self.metrics = metrics
         self.stale_after = stale_after
-        self.on_watch: Callable[[str, bool], None] = lambda source, watched: None
+        self.idle_interval = idle_interval  # how often sources nobody watches are refreshed
+        self.on_watch = on_watch
+        self.clock = clock
+        self.sources: dict[str, SourceInfo] = {}
         self.latest: dict[str, Frame] = {}
         self.clients: dict[int, Client] = {}
-        self._variants: dict[tuple[str, RenderSpec], Variant] = {}
+        self._received_at: dict[str, float] = {}  # hub clock, newest frame per source
+        self._rates: dict[str, RateWindow] = {}
+        self._variants: dict[tuple[str, Plan], Variant] = {}
         self._watchers: dict[str, int] = {}
         self._new_frame: dict[str, asyncio.Event] = {}
         self._rendering: set[str] = set()
@@ -125,43 +148,99 @@ class Hub:
         self._ids = itertools.count(1)
         self._closed = False
 
+    # -- sources ------------------------------------------------------------------------------
+
+    def set_sources(self, sources: Iterable[SourceInfo]) -> None:
+        """What the robot offers now; frames already held are kept across a reconnect."""
+        self.sources = {s.name: s for s in sources}
+
+    def plan(self, source: str, spec: RenderSpec) -> Plan:
+        """Plan ``spec`` for the shape this source's frames have now (or are expected to have)."""
+        frame = self.latest.get(source)
+        shape = frame.image.shape if frame is not None else self.sources[source].shape
+        return plan(source, shape, spec)
+
+    def fps(self, source: str) -> float:
+        rate = self._rates.get(source)
+        return rate.rate(self.clock()) if rate else 0.0
+
+    def age(self, source: str) -> float | None:
+        """Seconds since the newest frame of this source arrived; None before the first."""
+        at = self._received_at.get(source)
+        return None if at is None else self.clock() - at
+
+    def is_stale(self, source: str) -> bool:
+        """The one definition of stale: no new frame for ``stale_after`` seconds, or for three
+        refresh intervals when nobody watches (then it is only polled every idle interval)."""
+        age = self.age(source)
+        if age is None:
+            return True
+        horizon = self.stale_after
+        if not self.watched(source):
+            horizon = max(horizon, 3 * self.idle_interval)
+        return age > horizon
+
+    def _stale_since(self, at: float) -> bool:
+        return self.clock() - at >= self.stale_after
+
     # -- frames in ----------------------------------------------------------------------------
 
     def publish(self, frame: Frame) -> None:
         """A new frame from the poller: render it for every watched variant of its source."""
-        if frame.image.format == codec.JPEG and not codec.looks_like_jpeg(frame.image.data):
-            metrics.FRAMES_DROPPED.labels(source=frame.source, reason="decode_error").inc()
+        if frame.image.format == JPEG and not codec.looks_like_jpeg(frame.image.data):
+            self.metrics.frames_dropped.labels(source=frame.source, reason="decode_error").inc()
             return  # truncated in transit or by the camera: not worth a decode to find out
+        previous = self.latest.get(frame.source)
         self.latest[frame.source] = frame
+        now = self.clock()
+        self._received_at[frame.source] = now
+        rate = self._rates.setdefault(frame.source, RateWindow())
+        rate.mark(now)
+        self.metrics.source_fps.labels(source=frame.source).set(rate.rate(now))
+        if previous is not None and previous.image.shape != frame.image.shape:
+            self._retire(frame.source)
         if (event := self._new_frame.pop(frame.source, None)) is not None:
             event.set()
         if variants := self._watched_variants(frame.source):
             self._publish_to(frame, variants)
+
+    def _retire(self, source: str) -> None:
+        """The camera changed shape: every variant of it was planned for the old one."""
+        for key, variant in list(self._variants.items()):
+            if key[0] == source:
+                variant.retired = True
+                del self._variants[key]
+                variant.wake()
+        self._waiting.pop(source, None)
 
     def _watched_variants(self, source: str) -> list[Variant]:
         return [v for (s, _), v in self._variants.items() if s == source and v.subscribers]
 
     def _publish_to(self, frame: Frame, variants: list[Variant]) -> None:
         to_render = []
+        now = self.clock()
         for v in variants:
-            if codec.is_passthrough(frame.image, v.spec, frame.source):
-                v.publish(Encoded(frame.image.data, frame.acquired, frame.seq))
+            done = v.last_fresh is not None and v.last_fresh.acquired >= frame.acquired
+            if done or not v.plan.fits(frame.image.shape):
+                continue
+            if v.plan.passthrough:
+                v.publish(Encoded(frame.image.data, frame.acquired, frame.seq), now)
             else:
                 to_render.append(v)
         if not to_render:
             return
         if frame.source in self._rendering:
             if frame.source in self._waiting:  # the one it replaces will never be shown
-                metrics.FRAMES_DROPPED.labels(source=frame.source, reason="encoder_busy").inc()
+                self.metrics.frames_dropped.labels(source=frame.source, reason="encoder_busy").inc()
             self._waiting[frame.source] = frame
             return
         self._render(frame, to_render)
 
     def _render(self, frame: Frame, variants: list[Variant]) -> None:
         self._rendering.add(frame.source)
-        specs = [v.spec for v in variants]
+        plans = [v.plan for v in variants]
         fut = asyncio.get_running_loop().run_in_executor(
-            self.executor, codec.render_many, frame.image, specs, frame.source, _observe
+            self.executor, codec.render_many, frame.image, plans, self.metrics.observe_codec
         )
         fut.add_done_callback(lambda f: self._rendered(frame, variants, f))
 
@@ -172,14 +251,15 @@ class Hub:
         exc = fut.exception()
         results = {} if exc else fut.result()
         failed = exc is not None
+        now = self.clock()
         for v in variants:
-            out = results.get(v.spec, exc)
+            out = results.get(v.plan, exc)
             if isinstance(out, bytes):
-                v.publish(Encoded(out, frame.acquired, frame.seq))
+                v.publish(Encoded(out, frame.acquired, frame.seq), now)
             else:
                 failed = True
         if failed:
-            metrics.FRAMES_DROPPED.labels(source=frame.source, reason="decode_error").inc()
+            self.metrics.frames_dropped.labels(source=frame.source, reason="decode_error").inc()
             log.debug("cannot render %s #%d: %s", frame.source, frame.seq, exc or results)
         waiting = self._waiting.pop(frame.source, None)
         if waiting is not None:  # variants that already have it ignore it (Variant.publish)
@@ -197,109 +277,163 @@ class Hub:
     def watched(self, source: str) -> int:
         return self._watchers.get(source, 0)
 
+    def _subscribe(self, source: str, spec: RenderSpec) -> Variant:
+        key = (source, self.plan(source, spec))
+        variant = self._variants.get(key)
+        if variant is None:
+            variant = self._variants[key] = Variant(key[1], self.clock())
+        variant.subscribers += 1
+        if variant.latest is None and (frame := self.latest.get(source)) is not None:
+            self._publish_to(frame, [variant])  # a first picture now, not at the next capture
+        return variant
+
+    def _unsubscribe(self, source: str, variant: Variant) -> None:
+        variant.subscribers -= 1
+        key = (source, variant.plan)
+        if variant.subscribers == 0 and self._variants.get(key) is variant:
+            del self._variants[key]
+
     async def frames(self, source: str, spec: RenderSpec, client: Client) -> AsyncIterator[Encoded]:
         """Yield the newest rendering whenever there is a newer one, at most ``client.max_fps``.
 
         Renderings published while the caller was still writing the previous one are skipped and
         counted as dropped for a slow client; those skipped to honour max_fps are the client's
-        choice, not a drop.
+        choice, not a drop. Close it (``contextlib.aclosing``) to unsubscribe at once.
         """
-        key = (source, spec)
-        variant = self._variants.get(key) or self._variants.setdefault(key, Variant(source, spec))
-        variant.subscribers += 1
         client.id = next(self._ids)
-        client.variant = variant
         self.clients[client.id] = client
         self._watch(source, +1)
-        metrics.CLIENTS.labels(source=source).inc()
-        if variant.latest is None and (frame := self.latest.get(source)) is not None:
-            self._publish_to(frame, [variant])  # a first picture now, not at the next capture
+        self.metrics.clients.labels(source=source).inc()
         min_gap = 1.0 / client.max_fps if client.max_fps else 0.0
-        seen = 0
         next_at = 0.0
         try:
-            while True:
-                while variant.version == seen or variant.latest is None:
-                    if self._closed:
-                        return
-                    await variant.changed()
-                if self._closed:
-                    return
-                if min_gap:
-                    delay = next_at - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    next_at = max(next_at + min_gap, time.monotonic())
-                enc, taken = variant.latest, variant.version
-                client.writing = taken
-                yield enc
-                client.writing = 0
-                if not min_gap and variant.version > taken + 1:
-                    skipped = variant.version - taken - 1
-                    client.frames_dropped += skipped
-                    metrics.FRAMES_DROPPED.labels(source=source, reason="slow_client").inc(skipped)
-                seen = taken
+            while not self._closed:
+                variant = client.variant = self._subscribe(source, spec)
+                seen = 0
+                try:
+                    while not self._closed:
+                        while not variant.retired and (
+                            variant.version == seen or variant.latest is None
+                        ):
+                            if self._closed:
+                                return
+                            await variant.changed()
+                        if self._closed or variant.retired:
+                            break
+                        if min_gap:
+                            delay = next_at - time.monotonic()
+                            if delay > 0:
+                                await asyncio.sleep(delay)
+                            next_at = max(next_at + min_gap, time.monotonic())
+                        enc, taken = variant.latest, variant.version
+                        assert enc is not None
+                        client.writing = taken
+                        yield enc
+                        client.writing = 0
+                        if not min_gap and variant.version > taken + 1:
+                            skipped = variant.version - taken - 1
+                            client.frames_dropped += skipped
+                            self.metrics.frames_dropped.labels(
+                                source=source, reason="slow_client"
+                            ).inc(skipped)
+                        seen = taken
+                finally:
+                    self._unsubscribe(source, variant)
         finally:
-            variant.subscribers -= 1
+            client.variant = None
             self.clients.pop(client.id, None)
             self._watch(source, -1)
-            metrics.CLIENTS.labels(source=source).dec()
-            if variant.subscribers == 0:
-                self._variants.pop(key, None)
+            self.metrics.clients.labels(source=source).dec()
+
+    def sent(self, client: Client, enc: Encoded, nbytes: int) -> None:
+        """An output is about to write ``enc`` (``nbytes`` on the wire) to ``client``."""
+        client.frames_sent += 1
+        client.bytes_sent += nbytes
+        client.rate.mark(time.time())
+        self.metrics.frames_served.labels(source=client.source).inc()
+        self.metrics.bytes_sent.labels(source=client.source).inc(nbytes)
+        if enc.acquired and not enc.stale:
+            self.metrics.frame_latency.labels(source=client.source, stage="sent").observe(
+                max(0.0, time.time() - enc.acquired)
+            )
+
+    async def next_frame(self, source: str, *, after: float = 0.0, timeout: float = 2.0) -> Frame:
+        """The newest frame received after hub-clock time ``after``: the held one if it is that
+        new, else the next to arrive (the source is polled at full rate meanwhile).
+
+        Raises LookupError if none arrives within ``timeout``."""
+        at = self._received_at.get(source)
+        if at is not None and at > after:
+            return self.latest[source]
+        self._watch(source, +1)
+        try:
+            deadline = self.clock() + timeout
+            while True:
+                event = self._new_frame.setdefault(source, asyncio.Event())
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise LookupError(source)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), left)
+                at = self._received_at.get(source)
+                if at is not None and at > after:
+                    return self.latest[source]
+        finally:
+            self._watch(source, -1)
 
     async def snapshot(
         self, source: str, spec: RenderSpec, timeout: float = 2.0
     ) -> tuple[bytes, Frame]:
-        """Render one fresh frame: reuse a very recent one, else poll now and wait for the next."""
-        frame = self.latest.get(source)
-        if frame is None or time.time() - frame.received > FRESH_ENOUGH:
-            self._watch(source, +1)
-            try:
-                event = self._new_frame.setdefault(source, asyncio.Event())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout)
-            finally:
-                self._watch(source, -1)
-            frame = self.latest.get(source)
-        if frame is None:
-            raise LookupError(source)
-        if codec.is_passthrough(frame.image, spec, source):
+        """Render one fresh frame: reuse a very recent one, else poll now and wait for the next.
+
+        Raises LookupError if no frame arrives in time, CodecError if it cannot be rendered."""
+        try:
+            frame = await self.next_frame(
+                source, after=self.clock() - FRESH_ENOUGH, timeout=timeout
+            )
+        except LookupError:
+            frame = self.latest.get(source)  # an old frame (marked stale) beats none
+            if frame is None:
+                raise
+        the_plan = plan(source, frame.image.shape, spec)
+        if the_plan.passthrough:
             return frame.image.data, frame
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(
-            self.executor, codec.render, frame.image, spec, source, _observe
+            self.executor, codec.render, frame.image, the_plan, self.metrics.observe_codec
         )
         return data, frame
 
     # -- staleness ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Once a second, repeat each stalled variant's last picture marked STALE.
-
-        Staleness is judged per variant, on what its clients actually got: a source whose frames
-        arrive but cannot be decoded is as stale to a viewer as one that stopped.
-        """
-        loop = asyncio.get_running_loop()
+        """Twice a second, repeat each stalled variant's last picture marked STALE."""
         while not self._closed:
             await asyncio.sleep(STALE_REPEAT / 2)
-            mono = time.monotonic()
-            for variant in list(self._variants.values()):
-                if not variant.subscribers or mono - variant.fresh_at < self.stale_after:
-                    continue
-                if mono - variant.published_at < STALE_REPEAT:
-                    continue
-                enc = variant.last_fresh
-                if enc is not None and enc.acquired:
-                    text = f"STALE {time.time() - enc.acquired:.0f} s"
-                else:
-                    text = "WAITING FOR ROBOT"
-                data = await loop.run_in_executor(
-                    self.executor, _stale_image, enc.data if enc else None, variant.spec, text
+            await self.repeat_stale()
+
+    async def repeat_stale(self) -> None:
+        """Staleness is judged per variant, on what its clients actually got: a source whose
+        frames arrive but cannot be decoded is as stale to a viewer as one that stopped."""
+        loop = asyncio.get_running_loop()
+        for variant in list(self._variants.values()):
+            if not variant.subscribers or not self._stale_since(variant.fresh_at):
+                continue
+            if self.clock() - variant.published_at < STALE_REPEAT:
+                continue
+            enc = variant.last_fresh
+            if enc is not None and enc.acquired:
+                text = f"STALE {time.time() - enc.acquired:.0f} s"
+            else:
+                text = "WAITING FOR ROBOT"
+            data = await loop.run_in_executor(
+                self.executor, _stale_image, enc.data if enc else None, variant.plan, text
+            )
+            if variant.subscribers:
+                variant.publish(
+                    Encoded(data, enc.acquired if enc else 0.0, enc.seq if enc else 0, True),
+                    self.clock(),
                 )
-                if variant.subscribers:
-                    variant.publish(
-                        Encoded(data, enc.acquired if enc else 0.0, enc.seq if enc else 0, True)
-                    )
 
     def close(self) -> None:
         """End every stream: wake all waiting clients, who then see the hub closed."""
@@ -308,20 +442,13 @@ class Hub:
             variant.wake()
 
 
-def _observe(stage: str, kind: str, seconds: float) -> None:
-    """Codec timings into the histograms (prometheus-client is thread-safe)."""
-    (metrics.DECODE_SECONDS if stage == "decode" else metrics.ENCODE_SECONDS).labels(
-        kind=kind
-    ).observe(seconds)
-
-
-def _stale_image(jpeg: bytes | None, spec: RenderSpec, text: str) -> bytes:
+def _stale_image(jpeg: bytes | None, plan: Plan, text: str) -> bytes:
     """The last picture darkened with a banner, or a grey placeholder if there never was one."""
     img = None
     if jpeg is not None:
         img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        w, h = spec.width or 640, spec.height or (spec.width or 640) * 3 // 4
+        w, h = plan.out_size
         img = np.full((h, w, 3), 48, np.uint8)
     else:
         img = (img * 0.5).astype(np.uint8)
@@ -332,4 +459,4 @@ def _stale_image(jpeg: bytes | None, spec: RenderSpec, text: str) -> bytes:
     x, y = max(0, (w - tw) // 2), (h + th) // 2
     cv2.rectangle(img, (x - 8, y - th - 8), (x + tw + 8, y + 8), (0, 0, 160), -1)
     cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick)
-    return codec.encode_jpeg(img, spec.quality or codec.DEFAULT_QUALITY)
+    return codec.encode_jpeg(img, plan.quality or DEFAULT_QUALITY)

@@ -5,9 +5,9 @@ clients or addresses, so a busy relay cannot blow up a fleet's Prometheus; the p
 ``GET /api/state``. Every per-source series is created as soon as the source is known, so
 dashboards and alerts see zeros rather than gaps before the first frame.
 
-A private registry keeps the exposition to what is declared here, plus the process collector
-(CPU, memory, open files): the relay's own cost is the first thing operators of a small payload
-computer ask about.
+Every metric lives on a registry the caller owns (``Metrics(registry)``): the relay's own, which
+adds the process collector (CPU, memory, open files: the relay's cost is the first thing operators
+of a small payload computer ask about), or a fresh one per test, so tests never share counters.
 """
 
 from __future__ import annotations
@@ -15,18 +15,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
-)
-
-REGISTRY = CollectorRegistry(auto_describe=True)
-ProcessCollector(registry=REGISTRY)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # Around Spot's frame period (66.7 ms): a frame is on time, one or two periods late, or stalled.
 LATENCY_BUCKETS = (
@@ -55,140 +44,167 @@ decode_error: a frame from the robot could not be decoded or rendered.
 stale: a reply older than the newest frame already held (pipelined replies can overtake).
 image_error: the robot answered with an error status for that image.
 encoder_busy: a frame replaced an earlier one still waiting to be rendered."""
-RPC_ERROR_KINDS = ("unavailable", "timeout", "unauthenticated", "image_error", "other")
+RPC_ERROR_KINDS = (
+    "unavailable",
+    "timeout",
+    "unauthenticated",
+    "permission_denied",
+    "rate_limited",
+    "image_error",
+    "other",
+)
 STAGES = ("received", "sent")
 DECODE_KINDS = ("jpeg", "raw", "rle")
 ENCODE_KINDS = ("jpeg", "png")
 
-FRAMES_RECEIVED = Counter(
-    "spotrelay_frames_received_total",
-    "Distinct frames fetched from the robot.",
-    ["source"],
-    registry=REGISTRY,
-)
-FRAMES_DUPLICATE = Counter(
-    "spotrelay_frames_duplicate_total",
-    "Replies that repeated a frame already seen (asked before the next capture existed).",
-    ["source"],
-    registry=REGISTRY,
-)
-FRAMES_SERVED = Counter(
-    "spotrelay_frames_served_total",
-    "Frames written to clients (each client counts).",
-    ["source"],
-    registry=REGISTRY,
-)
-BYTES_SENT = Counter(
-    "spotrelay_bytes_sent_total", "Image bytes written to clients.", ["source"], registry=REGISTRY
-)
-FRAMES_DROPPED = Counter(
-    "spotrelay_frames_dropped_total",
-    "Frames not shown, by reason.",
-    ["source", "reason"],
-    registry=REGISTRY,
-)
-SOURCE_FPS = Gauge(
-    "spotrelay_source_fps",
-    "Frames received per second over the last few seconds (use rate() on the counter for truth).",
-    ["source"],
-    registry=REGISTRY,
-)
-FRAME_LATENCY = Histogram(
-    "spotrelay_frame_latency_seconds",
-    "From capture (robot clock, converted with time sync) to received from the robot / to the "
-    "first byte written to a client.",
-    ["source", "stage"],
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-POLL_DURATION = Histogram(
-    "spotrelay_poll_duration_seconds",
-    "GetImage round trip.",
-    ["service"],
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-RPC_ERRORS = Counter(
-    "spotrelay_rpc_errors_total",
-    "Failed GetImage calls or images, by kind.",
-    ["service", "kind"],
-    registry=REGISTRY,
-)
-DECODE_SECONDS = Histogram(
-    "spotrelay_decode_seconds",
-    "Time to decode one frame.",
-    ["kind"],
-    buckets=CODEC_BUCKETS,
-    registry=REGISTRY,
-)
-ENCODE_SECONDS = Histogram(
-    "spotrelay_encode_seconds",
-    "Time to render and encode one variant of one frame.",
-    ["kind"],
-    buckets=CODEC_BUCKETS,
-    registry=REGISTRY,
-)
-CLIENTS = Gauge("spotrelay_clients", "Connected stream clients.", ["source"], registry=REGISTRY)
-LAST_FRAME_TS = Gauge(
-    "spotrelay_last_frame_timestamp_seconds",
-    "Capture time (local epoch) of the newest frame received.",
-    ["source"],
-    registry=REGISTRY,
-)
-ROBOT_CONNECTED = Gauge(
-    "spotrelay_robot_connected", "1 while logged in to the robot.", registry=REGISTRY
-)
-TIME_SYNC_SKEW = Gauge(
-    "spotrelay_time_sync_skew_seconds",
-    "Robot clock minus local clock (time sync).",
-    registry=REGISTRY,
-)
-BUILD_INFO = Gauge(
-    "spotrelay_build_info", "Always 1; the version is in the label.", ["version"], registry=REGISTRY
-)
-SOURCE_INFO = Gauge(
-    "spotrelay_source_info",
-    "Always 1; joins a source to its image service and type.",
-    ["source", "service", "image_type"],
-    registry=REGISTRY,
-)
 
-for _kind in DECODE_KINDS:
-    DECODE_SECONDS.labels(kind=_kind)
-for _kind in ENCODE_KINDS:
-    ENCODE_SECONDS.labels(kind=_kind)
+class Metrics:
+    """The relay's metrics on one registry; every stage is handed this object by ``main``."""
 
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False):
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        if process:
+            ProcessCollector(registry=r)
+        self.frames_received = Counter(
+            "spotrelay_frames_received_total",
+            "Distinct frames fetched from the robot.",
+            ["source"],
+            registry=r,
+        )
+        self.frames_duplicate = Counter(
+            "spotrelay_frames_duplicate_total",
+            "Replies that repeated a frame already seen (asked before the next capture existed).",
+            ["source"],
+            registry=r,
+        )
+        self.frames_served = Counter(
+            "spotrelay_frames_served_total",
+            "Frames written to clients (each client counts).",
+            ["source"],
+            registry=r,
+        )
+        self.bytes_sent = Counter(
+            "spotrelay_bytes_sent_total", "Image bytes written to clients.", ["source"], registry=r
+        )
+        self.frames_dropped = Counter(
+            "spotrelay_frames_dropped_total",
+            "Frames not shown, by reason.",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.source_fps = Gauge(
+            "spotrelay_source_fps",
+            "Frames received per second over the last few seconds (use rate() on the counter).",
+            ["source"],
+            registry=r,
+        )
+        self.frame_latency = Histogram(
+            "spotrelay_frame_latency_seconds",
+            "From capture (robot clock, converted with time sync) to received from the robot / "
+            "to the first byte written to a client.",
+            ["source", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.poll_duration = Histogram(
+            "spotrelay_poll_duration_seconds",
+            "GetImage round trip.",
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rpc_errors = Counter(
+            "spotrelay_rpc_errors_total",
+            "Failed GetImage calls or images, by kind.",
+            ["service", "kind"],
+            registry=r,
+        )
+        self.image_errors = Counter(
+            "spotrelay_image_errors_total",
+            "Images the robot answered with an error status, by source and status.",
+            ["source", "status"],
+            registry=r,
+        )
+        self.service_ok = Gauge(
+            "spotrelay_image_service_ok",
+            "1 while an image service answers, 0 while it is failing and retried.",
+            ["service"],
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "spotrelay_decode_seconds",
+            "Time to decode one frame.",
+            ["kind"],
+            buckets=CODEC_BUCKETS,
+            registry=r,
+        )
+        self.encode_seconds = Histogram(
+            "spotrelay_encode_seconds",
+            "Time to render and encode one variant of one frame.",
+            ["kind"],
+            buckets=CODEC_BUCKETS,
+            registry=r,
+        )
+        self.clients = Gauge(
+            "spotrelay_clients", "Connected stream clients.", ["source"], registry=r
+        )
+        self.last_frame_ts = Gauge(
+            "spotrelay_last_frame_timestamp_seconds",
+            "Capture time (local epoch) of the newest frame received.",
+            ["source"],
+            registry=r,
+        )
+        self.robot_connected = Gauge(
+            "spotrelay_robot_connected", "1 while logged in to the robot.", registry=r
+        )
+        self.time_sync_skew = Gauge(
+            "spotrelay_time_sync_skew_seconds",
+            "Robot clock minus local clock (time sync).",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "spotrelay_build_info",
+            "Always 1; the version is in the label.",
+            ["version"],
+            registry=r,
+        )
+        self.source_info = Gauge(
+            "spotrelay_source_info",
+            "Always 1; joins a source to its image service and type.",
+            ["source", "service", "image_type"],
+            registry=r,
+        )
+        for kind in DECODE_KINDS:
+            self.decode_seconds.labels(kind=kind)
+        for kind in ENCODE_KINDS:
+            self.encode_seconds.labels(kind=kind)
 
-def register_sources(sources: Iterable[tuple[str, str, str]]) -> None:
-    """Create every per-source series at zero; idempotent. Items: (source, service, image_type)."""
-    for source, service, image_type in sources:
-        FRAMES_RECEIVED.labels(source=source)
-        FRAMES_DUPLICATE.labels(source=source)
-        FRAMES_SERVED.labels(source=source)
-        BYTES_SENT.labels(source=source)
-        for reason in DROP_REASONS:
-            FRAMES_DROPPED.labels(source=source, reason=reason)
-        SOURCE_FPS.labels(source=source)
-        for stage in STAGES:
-            FRAME_LATENCY.labels(source=source, stage=stage)
-        CLIENTS.labels(source=source)
-        LAST_FRAME_TS.labels(source=source)
-        SOURCE_INFO.labels(source=source, service=service, image_type=image_type).set(1)
+    def register_sources(self, sources: Iterable[tuple[str, str, str]]) -> None:
+        """Create every per-source series at zero; idempotent. Items: (source, service, type)."""
+        for source, service, image_type in sources:
+            self.frames_received.labels(source=source)
+            self.frames_duplicate.labels(source=source)
+            self.frames_served.labels(source=source)
+            self.bytes_sent.labels(source=source)
+            for reason in DROP_REASONS:
+                self.frames_dropped.labels(source=source, reason=reason)
+            self.source_fps.labels(source=source)
+            for stage in STAGES:
+                self.frame_latency.labels(source=source, stage=stage)
+            self.clients.labels(source=source)
+            self.last_frame_ts.labels(source=source)
+            self.source_info.labels(source=source, service=service, image_type=image_type).set(1)
 
+    def register_services(self, services: Iterable[str]) -> None:
+        for service in services:
+            self.poll_duration.labels(service=service)
+            for kind in RPC_ERROR_KINDS:
+                self.rpc_errors.labels(service=service, kind=kind)
 
-def register_services(services: Iterable[str]) -> None:
-    for service in services:
-        POLL_DURATION.labels(service=service)
-        for kind in RPC_ERROR_KINDS:
-            RPC_ERRORS.labels(service=service, kind=kind)
-
-
-def set_build_info(version: str) -> None:
-    BUILD_INFO.labels(version=version).set(1)
-
-
-def exposition() -> tuple[bytes, str]:
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    def observe_codec(self, stage: str, kind: str, seconds: float) -> None:
+        """Codec timings (called from worker threads; prometheus-client is thread-safe)."""
+        hist = self.decode_seconds if stage == "decode" else self.encode_seconds
+        hist.labels(kind=kind).observe(seconds)
 
 
 class RateWindow:

@@ -1,21 +1,15 @@
-"""Poller: fetch every new capture soon after it exists, with pipelined, timed GetImage calls.
+"""Poller: fetch every new capture soon after it exists, with pipelined, batched GetImage calls.
 
-Spot's cameras capture at about 15 Hz and GetImage answers with the latest capture. Asking one
-request at a time (the SDK examples' pattern) loses frames to the round trip; asking as fast as
-possible floods the robot with repeats. So each watched source keeps a phase-locked schedule:
+Each image service gets one loop. When a source's schedule (``schedule.py``) says a request is
+due, the loop sends it without waiting for earlier replies; sources of the same service due within
+a few milliseconds of each other share one GetImage. Replies are handled as they arrive.
 
-* the capture period is learned from successive acquisition times, the phase from the newest one;
-* a request is sent ``lead`` seconds after each predicted capture, without waiting for the reply
-  to the previous one (requests overlap when the round trip is longer than a period);
-* if the reply is the previous capture (asked too early), ``lead`` grows and the request is retried
-  a few milliseconds later; every on-time hit shrinks ``lead`` a little, so it settles just after
-  the moment captures become available, at the cost of an occasional repeat.
-
-Sources due at nearly the same moment share one batched GetImage. The SDK raises for a whole batch
-when one image in it fails, but the exception carries the full response, so good images in a bad
-batch are still used. Repeats are dropped by ``acquisition_time``; late replies that are older than
-a frame already held (pipelined replies can overtake each other) are dropped as stale.
-Sources nobody watches are polled at a low idle rate so ``/api/sources`` stays fresh.
+The SDK raises for a whole batch when one image in it has a bad status (``UnsetStatusError`` for
+STATUS_UNKNOWN, ``CustomParamError``, a generic ``ResponseError`` for a status newer than the SDK),
+but the exception carries the full response, and the response's common header says whether the
+call itself worked. So every good image of a batch is used whatever its neighbours' statuses; each
+bad one is counted by source and status and backs off on its own, and only a failed call counts
+against the connection.
 """
 
 from __future__ import annotations
@@ -23,105 +17,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from bosdyn.api import image_pb2
-from bosdyn.client.exceptions import (
-    Error as SdkError,
-)
-from bosdyn.client.exceptions import (
-    RetryableRpcError,
-    TimedOutError,
-    UnableToConnectToRobotError,
-    UnauthenticatedError,
-)
-from bosdyn.client.image import ImageResponseError, build_image_request
+from bosdyn.api import header_pb2, image_pb2
+from bosdyn.client.exceptions import ResponseError
+from bosdyn.client.image import build_image_request
 
-from spotrelay import metrics
-from spotrelay.codec import ImageData
-from spotrelay.connection import RobotConnection, SourceInfo
+from spotrelay.connection import classify
+from spotrelay.frames import Frame, ImageData, SourceInfo
+from spotrelay.metrics import Metrics
+from spotrelay.schedule import Ask, Outcome, Schedule
 
 log = logging.getLogger("spotrelay.poller")
 
-NOMINAL_PERIOD = 1 / 15
 BATCH_WINDOW = 0.004  # sources due within this much of each other share a GetImage
-MAX_INFLIGHT = 3  # per source: enough to cover a round trip of ~3 periods, never a flood
-LEAD_START = 0.02
-LEAD_UP = 0.004  # after asking too early
-LEAD_DOWN = 0.00025  # after each on-time hit: ~1 repeat per 16 frames at equilibrium
-RETRY_FIRST = 0.003
+_Status = image_pb2.ImageResponse
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One capture as the robot sent it, with its capture time in local terms."""
-
-    source: str
-    service: str
-    image: ImageData
-    acquired: float  # capture time, local epoch seconds (robot clock converted with time sync)
-    robot_time: float  # capture time, robot clock, epoch seconds
-    received: float  # local epoch seconds when the reply arrived
-    seq: int  # per source, +1 for every new frame
+def status_name(status: int) -> str:
+    """Bounded label for an ImageResponse status; values newer than this SDK are 'unrecognized'."""
+    try:
+        return _Status.Status.Name(status).removeprefix("STATUS_").lower()
+    except ValueError:
+        return "unrecognized"
 
 
 class _Source:
-    """Schedule and dedup state of one source. Times are local epoch seconds."""
-
     def __init__(self, info: SourceInfo, quality: int):
         self.info = info
-        fmt = (
-            image_pb2.Image.FORMAT_JPEG
-            if info.image_type == "visual" and "JPEG" in info.image_formats
-            else None
+        self.schedule = Schedule()
+        self.request = build_image_request(
+            info.name, quality_percent=quality, image_format=info.wire_format
         )
-        self.request = build_image_request(info.name, quality_percent=quality, image_format=fmt)
-        self.watched = False
-        self.period = NOMINAL_PERIOD
-        self.lead = LEAD_START
-        self.anchor: float | None = None  # local capture time of the newest frame
-        self.last_robot_time: float | None = None
-        self.next_due = 0.0
-        self.inflight = 0
-        self.misses = 0
-        self.errors = 0
         self.seq = 0
-        self.rate = metrics.RateWindow()
-
-    def plan(self, now: float, idle_fps: float) -> float | None:
-        """Decide what the request being sent now aims at, and when the next one is due."""
-        if not self.watched:
-            self.next_due = now + (1 / idle_fps if idle_fps > 0 else 3600.0)
-            return None
-        if self.anchor is None:
-            self.next_due = now + self.period
-            return None
-        k = math.floor((now - self.anchor - self.lead) / self.period)
-        aimed = self.anchor + max(k, 0) * self.period
-        self.next_due = aimed + self.period + self.lead
-        return aimed
-
-    def retry_soon(self, now: float) -> None:
-        self.misses += 1
-        if self.misses <= 4:
-            self.next_due = min(self.next_due, now + RETRY_FIRST * 2 ** (self.misses - 1))
-
-    def back_off(self, now: float) -> None:
-        self.errors += 1
-        self.next_due = now + min(2.0, self.period * 2 ** min(self.errors, 5))
 
 
-def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, UnauthenticatedError):
-        return "unauthenticated"
-    if isinstance(exc, TimedOutError):
-        return "timeout"
-    if isinstance(exc, (UnableToConnectToRobotError, RetryableRpcError, ConnectionError)):
-        return "unavailable"
-    return "other"
+Fetch = Callable[[str, list[image_pb2.ImageRequest]], asyncio.Future]
+Report = Callable[[str, BaseException | None], None]
 
 
 class Poller:
@@ -129,188 +62,193 @@ class Poller:
 
     def __init__(
         self,
-        conn: RobotConnection,
+        fetch: Fetch,
+        report: Report,
+        robot_to_local: Callable[[float], float],
+        metrics: Metrics,
         on_frame: Callable[[Frame], None],
         *,
         quality: int = 75,
         idle_fps: float = 1.0,
+        clock: Callable[[], float] = time.time,
     ):
-        self.conn = conn
+        self.fetch = fetch
+        self.report = report
+        self.robot_to_local = robot_to_local
+        self.metrics = metrics
         self.on_frame = on_frame
         self.quality = quality
-        self.idle_fps = idle_fps
+        self.idle_interval = 1 / idle_fps if idle_fps > 0 else 3600.0
+        self.clock = clock
         self.sources: dict[str, _Source] = {}
+        self._services: tuple[str, ...] = ()
         self._watched: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._pending: set[asyncio.Task] = set()
-        conn.on_change.append(self._on_connection_change)
+        self._changed = asyncio.Event()
 
-    # -- demand -----------------------------------------------------------------------------
+    # -- what to poll -------------------------------------------------------------------------
+
+    def set_sources(self, sources: dict[str, SourceInfo], services: tuple[str, ...]) -> None:
+        """The sources the robot offers and the services that answer now."""
+        old = self.sources
+        self.sources = {}
+        for name, info in sources.items():
+            state = old.get(name)
+            if state is None or state.info != info:
+                fresh = _Source(info, self.quality)
+                if state is not None:
+                    fresh.schedule.keep_learning(state.schedule)
+                    fresh.seq = state.seq
+                state = fresh
+            if name in self._watched and not state.schedule.watched:
+                state.schedule.watch(True, self.clock())
+            self.sources[name] = state
+        self._services = services
+        self._changed.set()
+        for service in services:
+            self._wake_service(service)
 
     def set_watched(self, source: str, watched: bool) -> None:
         """Someone started or stopped watching: poll at capture rate, or fall back to idle."""
         (self._watched.add if watched else self._watched.discard)(source)
         state = self.sources.get(source)
-        if state is None or state.watched == watched:
+        if state is None or state.schedule.watched == watched:
             return
-        state.watched = watched
+        state.schedule.watch(watched, self.clock())
         if watched:
-            state.next_due = time.time()
             self._wake_service(state.info.service)
-
-    def fps(self, source: str) -> float:
-        state = self.sources.get(source)
-        return state.rate.rate(time.time()) if state else 0.0
-
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def _on_connection_change(self, conn: RobotConnection) -> None:
-        if not conn.connected.is_set():
-            return
-        old = self.sources
-        self.sources = {}
-        for name, info in conn.sources.items():
-            state = _Source(info, self.quality)
-            state.watched = name in self._watched
-            if name in old:  # keep what we learned about the camera across a reconnect
-                state.period, state.lead, state.seq = (
-                    old[name].period,
-                    old[name].lead,
-                    old[name].seq,
-                )
-                state.rate = old[name].rate
-            self.sources[name] = state
-        metrics.register_sources((s.name, s.service, s.image_type) for s in conn.sources.values())
-        metrics.register_services(conn.image_services)
-        for service in conn.image_services:
-            if service not in self._tasks or self._tasks[service].done():
-                self._wake[service] = asyncio.Event()
-                self._tasks[service] = asyncio.create_task(
-                    self._service_loop(service), name=f"poll-{service}"
-                )
-            self._wake_service(service)
 
     def _wake_service(self, service: str) -> None:
         if service in self._wake:
             self._wake[service].set()
 
-    async def close(self) -> None:
-        for task in [*self._tasks.values(), *self._pending]:
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), *self._pending, return_exceptions=True)
+    # -- lifecycle ----------------------------------------------------------------------------
 
-    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """One loop per answering service, started and stopped as services come and go."""
+        try:
+            while True:
+                self._changed.clear()
+                for service in self._services:
+                    task = self._tasks.get(service)
+                    if task is None or task.done():
+                        self._wake[service] = asyncio.Event()
+                        self._tasks[service] = asyncio.create_task(
+                            self._service_loop(service), name=f"poll-{service}"
+                        )
+                for service in set(self._tasks) - set(self._services):
+                    self._tasks.pop(service).cancel()
+                await self._changed.wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        tasks = [*self._tasks.values(), *self._pending]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # -- the loop -----------------------------------------------------------------------------
 
     async def _service_loop(self, service: str) -> None:
         wake = self._wake[service]
         while True:
-            if not self.conn.connected.is_set():
-                await self.conn.connected.wait()
-            now = time.time()
-            states = [s for s in self.sources.values() if s.info.service == service]
+            now = self.clock()
             batch: list[_Source] = []
             soonest = now + 1.0
-            for s in states:
-                if s.next_due <= now + BATCH_WINDOW:
-                    if s.inflight < MAX_INFLIGHT:
+            for s in self.sources.values():
+                if s.info.service != service:
+                    continue
+                sched = s.schedule
+                if sched.next_due <= now + BATCH_WINDOW:
+                    if sched.can_send():
                         batch.append(s)
-                    else:  # the robot is slower than our schedule: wait for a reply first
-                        s.next_due = now + s.period / 2
-                soonest = min(soonest, s.next_due)
+                    else:
+                        sched.busy(now)
+                soonest = min(soonest, sched.next_due)
             if batch:
                 self._send(service, batch, now)
                 continue
             wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=max(0.0, soonest - time.time()))
+                await asyncio.wait_for(wake.wait(), timeout=max(0.0, soonest - self.clock()))
 
     def _send(self, service: str, batch: list[_Source], now: float) -> None:
-        aims = []
-        for s in batch:
-            s.inflight += 1
-            aims.append(s.plan(now, self.idle_fps))
-        try:
-            fut = self.conn.get_images(service, [s.request for s in batch])
-        except SdkError as exc:  # raised synchronously, e.g. a closed channel
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_exception(exc)
-        task = asyncio.create_task(self._receive(service, batch, aims, now, fut))
+        asks = [s.schedule.ask(now, self.idle_interval) for s in batch]
+        fut = self.fetch(service, [s.request for s in batch])
+        task = asyncio.create_task(self._receive(service, batch, asks, now, fut))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _receive(
-        self,
-        service: str,
-        batch: list[_Source],
-        aims: list[float | None],
-        sent: float,
-        fut: asyncio.Future,
+        self, service: str, batch: list[_Source], asks: list[Ask], sent: float, fut: asyncio.Future
     ) -> None:
         try:
-            responses = await fut
-        except ImageResponseError as exc:  # one bad image fails the batch; the rest is in it
-            responses = list(exc.response.image_responses) if exc.response else []
-            self.conn.report_ok()
+            try:
+                responses = list(await fut)
+            except ResponseError as exc:  # see the module docstring: the rest is in it
+                resp = exc.response
+                if not isinstance(resp, image_pb2.GetImageResponse) or (
+                    resp.header.error.code != header_pb2.CommonError.CODE_OK
+                ):
+                    raise
+                responses = list(resp.image_responses)
         except Exception as exc:
-            kind = _error_kind(exc)
-            metrics.RPC_ERRORS.labels(service=service, kind=kind).inc()
-            self.conn.report_failure(exc)
-            now = time.time()
-            for s in batch:
-                s.inflight -= 1
-                s.back_off(now)
+            kind = classify(exc).kind
+            self.metrics.rpc_errors.labels(service=service, kind=kind).inc()
+            self.report(service, exc)
+            now = self.clock()
+            for s, ask in zip(batch, asks, strict=True):
+                s.schedule.failed(ask, now)
             log.debug("GetImage on %s failed: %r", service, exc)
             self._wake_service(service)
             return
-        else:
-            self.conn.report_ok()
-        received = time.time()
-        metrics.POLL_DURATION.labels(service=service).observe(received - sent)
+        self.report(service, None)
+        received = self.clock()
+        self.metrics.poll_duration.labels(service=service).observe(received - sent)
         by_name = {r.source.name: r for r in responses}
-        for s, aimed in zip(batch, aims, strict=True):
-            s.inflight -= 1
+        for s, ask in zip(batch, asks, strict=True):
             resp = by_name.get(s.info.name)
-            if resp is None or resp.status != image_pb2.ImageResponse.STATUS_OK:
-                metrics.RPC_ERRORS.labels(service=service, kind="image_error").inc()
-                metrics.FRAMES_DROPPED.labels(source=s.info.name, reason="image_error").inc()
-                s.back_off(received)
-                continue
-            s.errors = 0
-            self._accept(s, resp, aimed, received)
+            if resp is None or resp.status != _Status.STATUS_OK:
+                self._image_failed(s, ask, resp, received)
+            else:
+                self._accept(s, ask, resp, received)
         self._wake_service(service)
 
-    def _accept(
-        self, s: _Source, resp: image_pb2.ImageResponse, aimed: float | None, received: float
+    def _image_failed(
+        self, s: _Source, ask: Ask, resp: image_pb2.ImageResponse | None, now: float
     ) -> None:
+        name = s.info.name
+        status = status_name(resp.status) if resp is not None else "missing"
+        self.metrics.image_errors.labels(source=name, status=status).inc()
+        self.metrics.rpc_errors.labels(service=s.info.service, kind="image_error").inc()
+        self.metrics.frames_dropped.labels(source=name, reason="image_error").inc()
+        s.schedule.failed(ask, now)
+        refused = _Status.STATUS_UNSUPPORTED_IMAGE_FORMAT_REQUESTED
+        if resp is not None and resp.status == refused and s.request.image_format:
+            # The service no longer offers the format it listed: take its default instead.
+            log.warning("%s refuses the format asked for; asking for its default", name)
+            s.request = build_image_request(name, quality_percent=self.quality)
+
+    def _accept(self, s: _Source, ask: Ask, resp: image_pb2.ImageResponse, received: float) -> None:
         acq = resp.shot.acquisition_time
         robot_time = acq.seconds + acq.nanos * 1e-9
-        local = self.conn.robot_to_local(robot_time)
+        local = self.robot_to_local(robot_time)
         name = s.info.name
-        if s.last_robot_time is not None and robot_time <= s.last_robot_time:
-            if robot_time == s.last_robot_time:
-                metrics.FRAMES_DUPLICATE.labels(source=name).inc()
-                if aimed is not None and local < aimed - s.period / 2:  # asked too early
-                    s.lead = min(s.lead + LEAD_UP, 2 * s.period)
-                    s.retry_soon(received)
-            else:
-                metrics.FRAMES_DROPPED.labels(source=name, reason="stale").inc()
+        outcome = s.schedule.reply(ask, robot_time, local, received)
+        if outcome is Outcome.REPEAT:
+            self.metrics.frames_duplicate.labels(source=name).inc()
             return
-        if s.last_robot_time is not None:
-            delta = robot_time - s.last_robot_time
-            if 0.5 * s.period < delta < 1.5 * s.period:
-                s.period += 0.1 * (delta - s.period)
-        if aimed is not None and local >= aimed - s.period / 2:
-            s.lead = max(s.lead - LEAD_DOWN, -s.period)
-        s.last_robot_time = robot_time
-        s.anchor = local
-        s.misses = 0
+        if outcome is Outcome.OLD:
+            self.metrics.frames_dropped.labels(source=name, reason="stale").inc()
+            return
         s.seq += 1
-        s.rate.mark(received)
         image = resp.shot.image
         frame = Frame(
             source=name,
-            service=s.info.service,
             image=ImageData(
                 data=image.data,
                 format=image.format,
@@ -324,10 +262,9 @@ class Poller:
             received=received,
             seq=s.seq,
         )
-        metrics.FRAMES_RECEIVED.labels(source=name).inc()
-        metrics.FRAME_LATENCY.labels(source=name, stage="received").observe(
+        self.metrics.frames_received.labels(source=name).inc()
+        self.metrics.frame_latency.labels(source=name, stage="received").observe(
             max(0.0, received - local)
         )
-        metrics.LAST_FRAME_TS.labels(source=name).set(local)
-        metrics.SOURCE_FPS.labels(source=name).set(s.rate.rate(received))
+        self.metrics.last_frame_ts.labels(source=name).set(local)
         self.on_frame(frame)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import tempfile
 import threading
@@ -273,7 +274,6 @@ class SimRobot:
         password: str = "password",
         payload_guid: str = "8b6f5a3c-sim0-4f1e-9c2a-000000000001",
         payload_secret: str = "sim-payload-secret",
-        spot_cam: bool = False,
         cert_dir: str | None = None,
     ):
         self.host, self.port = host, port
@@ -282,7 +282,7 @@ class SimRobot:
         self.capture_latency = capture_latency
         self.username, self.password = username, password
         self.payload_guid, self.payload_secret = payload_guid, payload_secret
-        self.spot_cam = spot_cam  # reserved: a second image service needs per-authority routing
+        self._own_cert_dir = cert_dir is None
         self.cert_dir = cert_dir or tempfile.mkdtemp(prefix="spotrelay-sim-")
         self.cameras = {cam.name: cam for cam in CAMERAS}
         self._phase = {cam.name: (i * 0.37 % 1.0) / rate_hz for i, cam in enumerate(CAMERAS)}
@@ -292,8 +292,6 @@ class SimRobot:
         self._available = True
         self._tokens: set[str] = set()
         self._lock = threading.Lock()
-        self.get_image_calls = 0
-        self.images_served: collections.Counter[str] = collections.Counter()
         self._served: dict[str, collections.deque[bytes]] = collections.defaultdict(
             lambda: collections.deque(maxlen=64)
         )
@@ -326,6 +324,8 @@ class SimRobot:
         if self._server is not None:
             self._server.stop(grace=0).wait(2)
             self._server = None
+        if self._own_cert_dir:
+            shutil.rmtree(self.cert_dir, ignore_errors=True)
 
     def __enter__(self) -> SimRobot:
         return self.start()
@@ -444,7 +444,6 @@ class SimRobot:
         shot.image.data = data
         out.status = image_pb2.ImageResponse.STATUS_OK
         with self._lock:
-            self.images_served[cam.name] += 1
             self._served[cam.name].append(data)
 
     @staticmethod
@@ -616,7 +615,6 @@ class _ImageService(image_grpc.ImageServiceServicer):
     def GetImage(self, request, context):
         received = self.sim.robot_time()
         self.sim.gate(context)
-        self.sim.get_image_calls += 1
         resp = image_pb2.GetImageResponse()
         for req in request.image_requests:
             self.sim.image_response(req, resp.image_responses.add())

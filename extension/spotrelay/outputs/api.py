@@ -1,0 +1,100 @@
+"""JSON API and health: ``/api/sources``, ``/api/state``, ``/healthz``, ``/readyz``, ``/metrics``.
+
+What the relay knows about the robot comes from ``robot_status`` (a callable, so these handlers
+never hold on to the connection itself), what it knows about frames and viewers from the hub.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from spotrelay import __version__
+from spotrelay.hub import Hub
+from spotrelay.outputs.common import json_response
+
+RobotStatus = Callable[[], dict[str, Any]]
+
+
+def add_routes(
+    app: web.Application,
+    hub: Hub,
+    robot_status: RobotStatus,
+    registry: CollectorRegistry,
+    *,
+    show_peers: bool = True,
+) -> None:
+    async def api_sources(request: web.Request) -> web.Response:
+        now = time.time()
+        out = []
+        for name in sorted(hub.sources):
+            info = hub.sources[name]
+            frame = hub.latest.get(name)
+            out.append(
+                {
+                    "name": name,
+                    "service": info.service,
+                    "rows": frame.image.rows if frame else info.rows,
+                    "cols": frame.image.cols if frame else info.cols,
+                    "image_type": info.image_type,
+                    "pixel_formats": list(info.pixel_formats),
+                    "formats": list(info.image_formats),
+                    "fps": round(hub.fps(name), 2),
+                    "age": round(now - frame.acquired, 3) if frame else None,
+                    "stale": hub.is_stale(name),
+                    "clients": hub.watched(name),
+                    "stream": f"/stream/{name}",
+                    "snapshot": f"/snapshot/{name}",
+                }
+            )
+        return json_response({"robot": robot_status(), "sources": out})
+
+    async def api_state(request: web.Request) -> web.Response:
+        now = time.time()
+        clients = []
+        for c in hub.clients.values():
+            entry = {
+                "id": c.id,
+                "kind": c.kind,
+                "source": c.source,
+                "variant": {
+                    "width": c.spec.width,
+                    "height": c.spec.height,
+                    "quality": c.spec.quality,
+                    "rotate": c.spec.rotate,
+                    "colormap": c.spec.colormap,
+                },
+                "max_fps": c.max_fps,
+                "fps": round(c.rate.rate(now), 2),
+                "frames_sent": c.frames_sent,
+                "bytes_sent": c.bytes_sent,
+                "frames_dropped": c.dropped,
+                "connected_for": round(now - c.started, 1),
+            }
+            if show_peers:
+                entry["peer"] = c.peer
+            clients.append(entry)
+        return json_response({"version": __version__, "robot": robot_status(), "clients": clients})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        status = robot_status()
+        if not status["connected"]:
+            return json_response({"ready": False, "reason": "robot not connected"}, 503)
+        fresh = [s for s in hub.sources if not hub.is_stale(s)]
+        if not fresh:
+            return json_response({"ready": False, "reason": "no fresh frames from the robot"}, 503)
+        return json_response({"ready": True, "fresh_sources": len(fresh)})
+
+    app.router.add_get("/api/sources", api_sources)
+    app.router.add_get("/api/state", api_state)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))

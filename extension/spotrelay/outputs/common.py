@@ -1,0 +1,109 @@
+"""What every output shares: query parsing, JSON errors, the source check, socket tuning.
+
+Query parameters are validated before any stream starts: a bad one is a 400 whose JSON names the
+parameter and the allowed values. Numbers are plain ASCII digits only (``+320``, `` 320``,
+``3_20`` and other scripts' digits are refused), so what is accepted is what the README says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from spotrelay import codec
+from spotrelay.frames import RenderSpec
+from spotrelay.hub import Hub
+from spotrelay.plan import ROTATIONS
+
+MAX_SIDE = 4096
+SEND_BUFFER = 256 * 1024  # a few frames at most sit in the kernel for a slow client
+_INT = re.compile(r"[0-9]{1,9}")
+_DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+
+
+class BadParam(Exception):
+    """A query parameter that is not allowed; answered 400 by the app's error middleware."""
+
+    def __init__(self, name: str, message: str, allowed: str):
+        super().__init__(message)
+        self.name, self.message, self.allowed = name, message, allowed
+
+
+def json_response(data: Any, status: int = 200, **kw: Any) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, indent=1), **kw)
+
+
+def json_error(exc: type[web.HTTPException], data: dict[str, Any], **kw: Any) -> NoReturn:
+    raise exc(text=json.dumps(data), content_type="application/json", **kw)
+
+
+def _int(q: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    if name not in q:
+        return None
+    if not _INT.fullmatch(q[name]):
+        raise BadParam(name, f"{name} must be a whole number", f"{lo}..{hi}")
+    value = int(q[name])
+    if not lo <= value <= hi:
+        raise BadParam(name, f"{name}={value} is out of range", f"{lo}..{hi}")
+    return value
+
+
+def _choice(q: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = q.get(name, default).lower()
+    if value not in allowed:
+        raise BadParam(name, f"{name}={q[name]!r} is not allowed", ", ".join(allowed))
+    return value
+
+
+def parse_request(q: Mapping[str, str], *, snapshot: bool) -> tuple[RenderSpec, float | None]:
+    """Query string -> (RenderSpec, max fps). Raises BadParam naming the first bad parameter."""
+    width = _int(q, "width", 16, MAX_SIDE)
+    height = _int(q, "height", 16, MAX_SIDE)
+    quality = _int(q, "quality", 1, 100)
+    rotate = _choice(q, "rotate", ROTATIONS, "0")
+    colormap = _choice(q, "colormap", codec.COLORMAPS, "turbo")
+    fmt = _choice(q, "format", ("jpeg", "png") if snapshot else ("jpeg",), "jpeg")
+    fps = None
+    if "fps" in q and not snapshot:
+        if not _DECIMAL.fullmatch(q["fps"]):
+            raise BadParam("fps", "fps must be a number", "0.1..30")
+        fps = float(q["fps"])
+        if not 0.1 <= fps <= 30:
+            raise BadParam("fps", f"fps={fps:g} is out of range", "0.1..30")
+    return RenderSpec(width, height, quality, rotate, colormap, fmt), fps
+
+
+def source_or_error(request: web.Request, hub: Hub) -> str:
+    """The source named in the path, or a JSON 503 (not connected yet) / 404 (unknown)."""
+    name = request.match_info["source"]
+    if not hub.sources:  # never connected yet: we cannot tell a typo from a real camera
+        json_error(
+            web.HTTPServiceUnavailable,
+            {"error": "robot not connected yet", "source": name},
+            headers={"Retry-After": "2"},
+        )
+    if name not in hub.sources:
+        json_error(
+            web.HTTPNotFound,
+            {"error": f"unknown source {name!r}", "source": name, "available": sorted(hub.sources)},
+        )
+    return name
+
+
+def peer(request: web.Request) -> str:
+    addr = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+def small_send_buffer(request: web.Request) -> None:
+    """Keep at most a few frames in the kernel for a slow client, so 'newest wins' holds."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)

@@ -1,0 +1,52 @@
+"""MJPEG streams: ``GET /stream/{source}``, the format every client plays.
+
+``multipart/x-mixed-replace`` with one JPEG per part is what browsers' ``<img>``, ffmpeg/ffplay,
+VLC and OpenCV all read. Each part carries its own Content-Length (players rely on it) and the
+capture time in ``X-Timestamp``, so a program can measure latency and spot stale repeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiohttp import web
+
+from spotrelay.hub import Client, Hub
+from spotrelay.outputs.common import parse_request, peer, small_send_buffer, source_or_error
+
+BOUNDARY = "spotrelayframe"
+HEADERS = {
+    "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+    "Cache-Control": "no-store, no-cache, must-revalidate, max-age=0",
+    "Pragma": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def part_head(nbytes: int, acquired: float, stale: bool) -> bytes:
+    return (
+        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {nbytes}\r\n"
+        f"X-Timestamp: {acquired:.6f}\r\n" + ("X-Stale: 1\r\n" if stale else "") + "\r\n"
+    ).encode()
+
+
+def add_routes(app: web.Application, hub: Hub) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        source = source_or_error(request, hub)
+        spec, fps = parse_request(request.query, snapshot=False)
+        if request.method == "HEAD":  # what a GET would answer, without holding a viewer slot
+            return web.Response(headers=HEADERS)
+        resp = web.StreamResponse(headers=HEADERS)
+        await resp.prepare(request)
+        small_send_buffer(request)
+        client = Client("mjpeg", source, spec, peer(request), fps)
+        with contextlib.suppress(ConnectionError):
+            async with contextlib.aclosing(hub.frames(source, spec, client)) as frames:
+                async for enc in frames:
+                    hub.sent(client, enc, len(enc.data))
+                    await resp.write(part_head(len(enc.data), enc.acquired, enc.stale))
+                    await resp.write(enc.data)
+                    await resp.write(b"\r\n")
+        return resp
+
+    app.router.add_get("/stream/{source}", stream)

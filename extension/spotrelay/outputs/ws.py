@@ -1,0 +1,56 @@
+"""WebSocket feed: ``GET /ws/{source}``, one per tile of the viewer page.
+
+Browsers allow only six HTTP/1.1 connections per host and Spot has eleven cameras, so the viewer
+cannot use one MJPEG ``<img>`` per tile; WebSockets do not count against that limit. Per frame a
+JSON text message with its metadata, then the JPEG as a binary message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from aiohttp import WSMsgType, web
+
+from spotrelay.hub import Client, Hub
+from spotrelay.outputs.common import parse_request, peer, small_send_buffer, source_or_error
+
+
+async def _drain(ws: web.WebSocketResponse) -> None:
+    """Read (and ignore) what the browser sends, so close frames and pongs are processed."""
+    async for msg in ws:
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+            break
+
+
+def add_routes(app: web.Application, hub: Hub) -> None:
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        source = source_or_error(request, hub)
+        spec, fps = parse_request(request.query, snapshot=False)
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1024)
+        await ws.prepare(request)
+        small_send_buffer(request)
+        client = Client("ws", source, spec, peer(request), fps)
+        reader = asyncio.create_task(_drain(ws))
+        try:
+            with contextlib.suppress(ConnectionError):
+                async with contextlib.aclosing(hub.frames(source, spec, client)) as frames:
+                    async for enc in frames:
+                        if ws.closed or reader.done():
+                            break
+                        meta = {
+                            "t": enc.acquired,
+                            "seq": enc.seq,
+                            "stale": enc.stale,
+                            "bytes": len(enc.data),
+                        }
+                        hub.sent(client, enc, len(enc.data))
+                        await ws.send_str(json.dumps(meta))
+                        await ws.send_bytes(enc.data)
+        finally:
+            reader.cancel()
+            await ws.close()
+        return ws
+
+    app.router.add_get("/ws/{source}", websocket)

@@ -1,0 +1,94 @@
+"""Configuration in-process: flags, SPOTRELAY_* variables, and the one-line errors a user meets
+first when something is mistyped in a compose file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spotrelay import config
+from spotrelay.config import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("SPOTRELAY_", "BOSDYN_")):
+            monkeypatch.delenv(key)
+
+
+LOGIN = {"BOSDYN_CLIENT_USERNAME": "u", "BOSDYN_CLIENT_PASSWORD": "p"}
+
+
+def load(argv: list[str], env: dict[str, str] | None = None, monkeypatch=None):
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    return config.load(argv)
+
+
+def test_defaults_and_flags(monkeypatch):
+    cfg = load(["--robot", "10.0.0.3"], LOGIN, monkeypatch)
+    assert (cfg.robot, cfg.robot_port, cfg.port, cfg.bind) == ("10.0.0.3", 443, 21080, "0.0.0.0")
+    assert cfg.image_services == ("image",) and cfg.sources == ()
+    assert cfg.auth_mode == "password" and cfg.username == "u"
+    cfg = load(["--robot", "r", "--sources", " a, b,,", "--image-services", "auto"], None, None)
+    assert cfg.sources == ("a", "b") and cfg.image_services == ("auto",)
+
+
+def test_environment_is_read_with_the_flags_own_types_and_flags_win(monkeypatch):
+    env = {**LOGIN, "SPOTRELAY_ROBOT": "env-robot", "SPOTRELAY_PORT": "21500"}
+    env["SPOTRELAY_IDLE_FPS"] = "0.5"
+    cfg = load([], env, monkeypatch)
+    assert (cfg.robot, cfg.port, cfg.idle_fps) == ("env-robot", 21500, 0.5)
+    assert load(["--port", "21600"], None, None).port == 21600
+    monkeypatch.setenv("SPOTRELAY_SIM", "yes")
+    assert load([], None, None).sim is True
+
+
+def test_secrets_are_not_in_the_repr(monkeypatch, tmp_path):
+    creds = tmp_path / "payload_guid_and_secret"
+    creds.write_text("guid-123\n  s3cr3t-payload \n")
+    cfg = load(["--robot", "r", "--payload-credentials-file", str(creds), "--token", "tkn"])
+    assert (cfg.guid, cfg.secret, cfg.auth_mode) == ("guid-123", "s3cr3t-payload", "payload")
+    assert "s3cr3t" not in repr(cfg) and "tkn" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "says"),
+    [
+        (["--port", "99999", "--sim"], {}, "--port must be in 1..65535"),
+        (["--port", "abc", "--sim"], {}, "--port must be an integer"),
+        (["--robot", "x"], {}, "BOSDYN_CLIENT_USERNAME"),
+        ([], {}, "no robot"),
+        ([], {"SPOTRELAY_PORT": "abc", "SPOTRELAY_SIM": "1"}, "SPOTRELAY_PORT"),
+        ([], {"SPOTRELAY_SIM": "maybe"}, "SPOTRELAY_SIM"),
+        (["--robot", "x", "--payload-credentials-file", "/nonexistent"], {}, "payload credentials"),
+        (["--robot", "x", "--guid", "g"], {}, "--guid and --secret"),
+        (["--sim", "--log-level", "chatty"], {}, "--log-level"),
+        (["--sim", "--idle-fps", "100"], {}, "--idle-fps must be in"),
+    ],
+)
+def test_bad_options_are_one_readable_error(argv, env, says, monkeypatch, capsys):
+    with pytest.raises((ConfigError, SystemExit)) as info:
+        load(argv, env, monkeypatch)
+    # argparse's own errors exit 2 with one line on stderr; ours are ConfigErrors
+    said = str(info.value) if isinstance(info.value, ConfigError) else capsys.readouterr().err
+    assert says in said and len(said.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_cli_error_is_one_line_on_stderr_and_exit_2():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPOTRELAY_", "BOSDYN_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "spotrelay", "--robot", "x", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--port must be in 1..65535" in lines[0], out.stderr

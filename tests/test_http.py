@@ -1,0 +1,263 @@
+"""HTTP handlers in-process: aiohttp's test client against the real app, outputs and hub, with
+synthetic frames and a registry of the test's own. What a client sees for good and bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import cv2
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from bosdyn.api import image_pb2
+
+from spotrelay.frames import Frame, ImageData, SourceInfo
+from spotrelay.http import build_app
+from spotrelay.hub import Hub
+from spotrelay.metrics import Metrics
+from spotrelay.outputs import api, mjpeg, snapshot, viewer, ws
+
+I = image_pb2.Image  # noqa: E741
+SOURCES = [
+    SourceInfo(
+        "frontleft_fisheye_image", "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG",)
+    ),
+    SourceInfo("back_fisheye_image", "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG",)),
+    SourceInfo("back_depth", "image", 240, 424, "depth", ("DEPTH_U16",), ("RAW",)),
+]
+TOKEN = "t0k3n-for-tests"
+
+
+def make_frame(source: str, seq: int = 1) -> Frame:
+    if source.endswith("depth"):
+        depth = np.full((240, 424), 1500, np.uint16)
+        image = ImageData(depth.tobytes(), I.FORMAT_RAW, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
+    else:
+        data = cv2.imencode(".jpg", np.full((480, 640), 100, np.uint8))[1].tobytes()
+        image = ImageData(data, I.FORMAT_JPEG, I.PIXEL_FORMAT_GREYSCALE_U8, 480, 640)
+    return Frame(source, image, 1000.0 + seq, 1002.5 + seq, 1000.03 + seq, seq)
+
+
+@contextlib.asynccontextmanager
+async def relay_app(*, token: str | None = None, sources=SOURCES, frames: bool = True):
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(2)
+    hub = Hub(executor, metrics)
+    hub.set_sources(sources)
+    status = {"connected": True, "address": "robot:443", "last_error": None}
+    app = build_app(
+        [
+            viewer.add_routes,
+            partial(mjpeg.add_routes, hub=hub),
+            partial(ws.add_routes, hub=hub),
+            partial(snapshot.add_routes, hub=hub),
+            partial(
+                api.add_routes,
+                hub=hub,
+                robot_status=lambda: status,
+                registry=metrics.registry,
+                show_peers=bool(token),
+            ),
+        ],
+        token=token,
+    )
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    if frames:
+        for s in sources:
+            hub.publish(make_frame(s.name))
+    try:
+        yield client, hub, metrics
+    finally:
+        hub.close()
+        await client.close()
+        executor.shutdown(wait=True)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def first_part(resp) -> tuple[dict[str, str], bytes]:
+    """The first MJPEG part: its headers and body, read as a player would."""
+    boundary = resp.headers["Content-Type"].split("boundary=")[1].encode()
+    assert (await resp.content.readline()).strip() == b"--" + boundary
+    headers = {}
+    while line := (await resp.content.readline()).strip():
+        k, _, v = line.decode().partition(":")
+        headers[k.lower()] = v.strip()
+    return headers, await resp.content.readexactly(int(headers["content-length"]))
+
+
+def shape_of(jpeg: bytes) -> tuple[int, int]:
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    return img.shape[1], img.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("width=abc", "width"),
+        ("width=5", "width"),
+        ("width=%2B320", "width"),  # +320
+        ("width=%20320", "width"),  # leading space
+        ("width=3_20", "width"),
+        ("width=%D9%A3%D9%A2%D9%A0", "width"),  # Arabic-Indic digits
+        ("height=100000", "height"),
+        ("quality=0", "quality"),
+        ("quality=101", "quality"),
+        ("rotate=45", "rotate"),
+        ("fps=0", "fps"),
+        ("fps=fast", "fps"),
+        ("fps=1e1", "fps"),
+        ("colormap=rainbowz", "colormap"),
+        ("format=png", "format"),  # PNG is for snapshots only
+    ],
+)
+def test_bad_parameter_is_a_json_400_naming_it(query, param):
+    async def scenario():
+        async with relay_app() as (client, hub, _):
+            for path in ("/stream", "/ws"):
+                resp = await client.get(f"{path}/back_fisheye_image?{query}")
+                assert resp.status == 400
+                data = await resp.json()
+                assert data["parameter"] == param and data["allowed"] and data["error"]
+            assert not hub.clients
+
+    run(scenario())
+
+
+def test_unknown_source_is_404_listing_the_others_and_503_before_the_robot_answered():
+    async def scenario():
+        async with relay_app() as (client, _, _):
+            for path in ("/stream/nope", "/snapshot/nope", "/ws/nope"):
+                resp = await client.get(path)
+                assert resp.status == 404 and resp.content_type == "application/json"
+                data = await resp.json()
+                assert data["source"] == "nope" and "back_depth" in data["available"]
+        async with relay_app(sources=[]) as (client, _, _):
+            resp = await client.get("/stream/back_depth")
+            assert resp.status == 503 and resp.headers["Retry-After"]
+            assert (await resp.json())["error"] == "robot not connected yet"
+
+    run(scenario())
+
+
+def test_router_errors_are_json_too():
+    async def scenario():
+        async with relay_app() as (client, _, _):
+            resp = await client.get("/no/such/page")
+            assert resp.status == 404 and (await resp.json())["path"] == "/no/such/page"
+            resp = await client.post("/api/sources")
+            assert resp.status == 405 and resp.content_type == "application/json"
+            assert "GET" in (await resp.json())["allowed"] and "GET" in resp.headers["Allow"]
+
+    run(scenario())
+
+
+def test_stream_serves_the_robots_bytes_then_planned_sizes():
+    async def scenario():
+        async with relay_app() as (client, hub, metrics):
+            resp = await client.get("/stream/back_fisheye_image")
+            headers, body = await first_part(resp)
+            assert body == hub.latest["back_fisheye_image"].image.data  # passthrough
+            assert float(headers["x-timestamp"]) == 1001.0
+            resp.close()
+            # the viewer's "upright" toggle: 300 wide after the quarter-ish turn (was 187x225)
+            resp = await client.get("/stream/frontleft_fisheye_image?width=300&rotate=auto")
+            _, body = await first_part(resp)
+            assert shape_of(body) == (300, 362)
+            resp.close()
+            served = metrics.frames_served.labels(source="frontleft_fisheye_image")._value.get()
+            assert served == 1
+
+    run(scenario())
+
+
+def test_head_answers_headers_without_becoming_a_viewer():
+    async def scenario():
+        async with relay_app() as (client, hub, _):
+            resp = await asyncio.wait_for(client.head("/stream/back_fisheye_image"), 5)
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+            assert await resp.read() == b""
+            assert not hub.clients and hub.watched("back_fisheye_image") == 0
+
+    run(scenario())
+
+
+def test_snapshot_jpeg_png_and_depth():
+    async def scenario():
+        async with relay_app() as (client, _, _):
+            resp = await client.get("/snapshot/back_fisheye_image?width=160")
+            assert resp.status == 200 and resp.content_type == "image/jpeg"
+            assert shape_of(await resp.read()) == (160, 120)
+            resp = await client.get("/snapshot/back_depth?format=png")
+            depth = cv2.imdecode(np.frombuffer(await resp.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+            assert resp.content_type == "image/png" and depth.dtype == np.uint16
+            assert (depth == 1500).all()
+
+    run(scenario())
+
+
+def test_websocket_sends_metadata_then_the_picture():
+    async def scenario():
+        async with relay_app() as (client, hub, _):
+            async with client.ws_connect("/ws/back_fisheye_image?width=320") as sock:
+                meta = json.loads((await sock.receive(timeout=5)).data)
+                pic = (await sock.receive(timeout=5)).data
+                assert meta["seq"] == 1 and meta["bytes"] == len(pic) and not meta["stale"]
+                assert shape_of(pic) == (320, 240)
+                assert len(hub.clients) == 1
+            await asyncio.sleep(0)  # the server notices the close
+
+    run(scenario())
+
+
+def test_api_sources_state_health_and_metrics():
+    async def scenario():
+        async with relay_app() as (client, _, metrics):
+            data = await (await client.get("/api/sources")).json()
+            assert data["robot"]["connected"] is True
+            names = [s["name"] for s in data["sources"]]
+            assert names == sorted(s.name for s in SOURCES)
+            depth = next(s for s in data["sources"] if s["name"] == "back_depth")
+            assert (depth["cols"], depth["rows"], depth["image_type"]) == (424, 240, "depth")
+            assert (await client.get("/healthz")).status == 200
+            ready = await client.get("/readyz")
+            assert ready.status == 200 and (await ready.json())["fresh_sources"] == 3
+            state = await (await client.get("/api/state")).json()
+            assert state["clients"] == []
+            metrics.frames_received.labels(source="back_depth").inc(7)
+            text = await (await client.get("/metrics")).text()
+            assert 'spotrelay_frames_received_total{source="back_depth"} 7.0' in text
+            assert "process_cpu_seconds_total" not in text  # the test's own registry only
+
+    run(scenario())
+
+
+def test_token_header_or_parameter_and_any_bytes_are_a_401_not_a_500():
+    async def scenario():
+        async with relay_app(token=TOKEN) as (client, _, _):
+            assert (await client.get("/api/sources")).status == 401
+            assert (await client.get("/api/sources?token=wrong")).status == 401
+            assert (await client.get(f"/api/sources?token={TOKEN}")).status == 200
+            bearer = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await client.get("/api/sources", headers=bearer)).status == 200
+            # a stale header does not lock out a correct parameter
+            wrong = {"Authorization": "Bearer stale"}
+            assert (await client.get(f"/api/sources?token={TOKEN}", headers=wrong)).status == 200
+            for raw in ("Bearer \u00e9\u00e8", "Bearer \udcff\udcfe", "bearer", "Basic x"):
+                resp = await client.get("/api/state", headers={"Authorization": raw})
+                assert resp.status == 401, raw
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            assert (await client.get("/healthz")).status == 200
+            assert (await client.get("/readyz")).status == 200
+            for path in ("/metrics", "/stream/back_depth", "/snapshot/back_depth", "/"):
+                assert (await client.get(path)).status == 401, path
+
+    run(scenario())
