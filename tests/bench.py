@@ -47,6 +47,7 @@ class SimProcess:
     def __init__(self, rpc_latency: float = 0.0):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spotrelay.sim", "--rpc-latency", str(rpc_latency)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )

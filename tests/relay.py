@@ -16,13 +16,16 @@ import urllib.request
 from typing import Any
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one series in a Prometheus exposition (labels must match exactly)."""
+def sample(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """The value of one series in a Prometheus exposition (labels must match exactly);
+    ``default`` for a series that does not exist yet (a counter created at its first event)."""
     want = sorted(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
         key = line.split(" ")[0]
         if key.split("{")[0] == name and sorted(re.findall(r'\w+="[^"]*"', key)) == want:
             return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
     raise AssertionError(f"no sample {name}{labels}")
 
 
@@ -87,8 +90,8 @@ class Relay:
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
 
-    def metric(self, name: str, **labels: str) -> float:
-        return sample(self.get("/metrics")[2].decode(), name, **labels)
+    def metric(self, name: str, default: float | None = None, **labels: str) -> float:
+        return sample(self.get("/metrics")[2].decode(), name, default, **labels)
 
     def json(self, path: str) -> Any:
         status, _, body = self.get(path)

@@ -25,17 +25,22 @@ class Camera:
     phase: float = 0.013
     skew: float = 2.5  # robot clock minus local clock
     seed: int = 1
+    switch_after: float | None = None  # seconds into the run when the rate changes ...
+    new_rate: float = 15.0  # ... to this
+    stall_after: float | None = None  # seconds into the run when captures stop
     captures: list[float] = field(default_factory=list)  # robot clock
 
     def build(self, start: float, seconds: float) -> None:
         """Captures on the robot clock from local time ``start - 1`` for ``seconds + 2``."""
         rng = random.Random(self.seed)
-        period = 1 / self.rate
-        first = start - 1 + self.skew + self.phase
-        self.captures = [
-            first + k * period + rng.uniform(-self.jitter, self.jitter)
-            for k in range(int((seconds + 2) * self.rate))
-        ]
+        t = start - 1 + self.skew + self.phase
+        end = start + seconds + 1 + self.skew
+        switch = start + self.skew + (self.switch_after if self.switch_after else 1e9)
+        stall = start + self.skew + (self.stall_after if self.stall_after else 1e9)
+        self.captures = []
+        while t < min(end, stall):
+            self.captures.append(t + rng.uniform(-self.jitter, self.jitter))
+            t += 1 / (self.rate if t < switch else self.new_rate)
 
     def newest_at(self, robot_t: float) -> int | None:
         """Index of the newest capture available at robot time ``robot_t``."""
@@ -62,10 +67,11 @@ class Stats:
     delivered: int  # distinct captures received
     requests: int
     latencies: list[float]  # capture (local) to received, per delivered capture
+    schedule: Schedule
 
     @property
     def delivered_share(self) -> float:
-        return self.delivered / self.captures
+        return self.delivered / max(1, self.captures)
 
     @property
     def requests_per_frame(self) -> float:
@@ -85,7 +91,7 @@ def run(camera: Camera, link: Link, seconds: float = 60.0, warmup: float = 3.0) 
     rng = random.Random(link.seed)
     sched = Schedule()
     sched.watch(True, start)
-    replies: list[tuple[float, int, Ask, int | None]] = []
+    replies: list[tuple[float, int, Ask, int | None, float]] = []
     end = start + seconds
     seen: set[int] = set()
     requests = 0
@@ -94,12 +100,12 @@ def run(camera: Camera, link: Link, seconds: float = 60.0, warmup: float = 3.0) 
     while True:
         due = sched.next_due
         if replies and replies[0][0] <= due:
-            now, _, ask, index = heapq.heappop(replies)
+            now, _, ask, index, arrival = heapq.heappop(replies)
             if index is None:
                 sched.failed(ask, now)
                 continue
             capture = camera.captures[index]
-            outcome = sched.reply(ask, capture, capture - camera.skew, now)
+            outcome = sched.reply(ask, capture - camera.skew, arrival, now)
             if outcome is Outcome.NEW and now >= start + warmup:
                 seen.add(index)
                 latencies.append(now - (capture - camera.skew))
@@ -113,14 +119,15 @@ def run(camera: Camera, link: Link, seconds: float = 60.0, warmup: float = 3.0) 
         ask = sched.ask(now, 1.0)
         if now >= start + warmup:
             requests += 1
-        rtt = max(0.0, link.latency + rng.uniform(-link.jitter, link.jitter))
-        index = camera.newest_at(now + rtt / 2 + camera.skew)
+        out = max(0.0, link.latency / 2 + rng.uniform(-link.jitter, link.jitter) / 2)
+        back = max(0.0, link.latency / 2 + rng.uniform(-link.jitter, link.jitter) / 2)
+        index = camera.newest_at(now + out + camera.skew)
         sent += 1
-        heapq.heappush(replies, (now + rtt, sent, ask, index))
+        heapq.heappush(replies, (now + out + back, sent, ask, index, now + out))
     # captures that became available during the measured window
     lo = camera.newest_at(start + warmup + camera.skew) or 0
     hi = camera.newest_at(end + camera.skew) or 0
-    return Stats(hi - lo, len(seen), requests, latencies)
+    return Stats(hi - lo, len(seen), requests, latencies, sched)
 
 
 def describe(stats: Stats) -> str:

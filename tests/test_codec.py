@@ -238,6 +238,7 @@ def depth_image() -> ImageData:
     depth = np.zeros((240, 424), np.uint16)
     depth[:, 100:200] = 800  # near
     depth[:, 200:300] = 4500  # far
+    depth[:, 330:] = 65535  # no return
     return ImageData(
         depth.astype("<u2").tobytes(), I.FORMAT_RAW, I.PIXEL_FORMAT_DEPTH_U16, 240, 424
     )
@@ -248,6 +249,7 @@ def test_depth_colour_map_fixed_range_and_black_holes():
     out = decoded(render(image, RenderSpec(quality=100), "left_depth"))
     assert out.shape == (240, 424, 3)
     assert out[:, 10:90].max() < 20  # no data stays black
+    assert out[:, 340:].max() < 20  # so does no return (it was drawn as "far")
     near, far = out[:, 120:180].mean(axis=(0, 1)), out[:, 220:280].mean(axis=(0, 1))
     assert np.abs(near - far).sum() > 100
     again = decoded(render(image, RenderSpec(quality=100), "left_depth"))

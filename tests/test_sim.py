@@ -1,4 +1,9 @@
-"""The simulated robot, driven only through the official SDK over TLS, as the relay drives Spot."""
+"""The simulated robot, driven only through the official SDK over TLS, as the relay drives Spot.
+
+It is the instrument the relay is measured with, so each behaviour it models is checked here the
+way a client sees it: timing (jitter, availability, latency), every image status and how the SDK
+raises it, several image services on one port, login limits, payload authorisation.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,30 @@ import cv2
 import numpy as np
 import pytest
 from bosdyn.api import image_pb2
-from bosdyn.client.auth import InvalidLoginError
-from bosdyn.client.exceptions import UnauthenticatedError
-from bosdyn.client.image import (
-    ImageClient,
-    ImageDataError,
-    UnknownImageSourceError,
-    build_image_request,
+from bosdyn.client.auth import InvalidLoginError, TemporarilyLockedOutError
+from bosdyn.client.directory_registration import DirectoryRegistrationClient
+from bosdyn.client.exceptions import (
+    CustomParamError,
+    PermissionDeniedError,
+    ResponseError,
+    ServiceUnavailableError,
+    TooManyRequestsError,
+    UnauthenticatedError,
+    UnsetStatusError,
 )
-from bosdyn.client.payload_registration import InvalidPayloadCredentialsError
+from bosdyn.client.image import ImageClient, ImageDataError, UnknownImageSourceError
+from bosdyn.client.image import build_image_request as req
+from bosdyn.client.payload_registration import (
+    InvalidPayloadCredentialsError,
+    PayloadNotAuthorizedError,
+    PayloadRegistrationClient,
+)
 
 from spotrelay import codec
 from spotrelay.frames import ImageData
+from spotrelay.sim import SimRobot
+from spotrelay.sim.cameras import spot_cameras
+from tests.wait import wait_until
 
 I = image_pb2.Image  # noqa: E741
 pytestmark = pytest.mark.e2e
@@ -34,12 +51,18 @@ def sdk_robot(sim):
     return robot
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def robot(sim):
+    """One login for the module: Spot allows five a second."""
     r = sdk_robot(sim)
     r.authenticate(sim.username, sim.password)
     yield r
     r._shutdown()
+
+
+def stamp(resp) -> float:
+    t = resp.shot.acquisition_time
+    return t.seconds + t.nanos * 1e-9
 
 
 def test_password_login_and_wrong_password(sim):
@@ -48,7 +71,8 @@ def test_password_login_and_wrong_password(sim):
         robot.authenticate(sim.username, "wrong")
     robot.authenticate(sim.username, sim.password)
     names = {e.name for e in robot.list_services()}
-    assert {"image", "time-sync", "directory", "auth"} <= names
+    assert {"image", "time-sync", "directory", "auth", "directory-registration"} <= names
+    robot._shutdown()
 
 
 def test_payload_credentials_login(sim):
@@ -57,6 +81,7 @@ def test_payload_credentials_login(sim):
         robot.authenticate_from_payload_credentials(sim.payload_guid, "nope", timeout=5)
     robot.authenticate_from_payload_credentials(sim.payload_guid, sim.payload_secret, timeout=5)
     assert robot.ensure_client(ImageClient.default_service_name).list_image_sources()
+    robot._shutdown()
 
 
 def test_services_need_a_token(sim):
@@ -73,59 +98,99 @@ def test_time_sync_recovers_the_robots_clock_skew(robot, sim):
 
 def test_sources_look_like_spots(robot):
     sources = {s.name: s for s in robot.ensure_client("image").list_image_sources()}
-    assert len(sources) == 11
+    assert set(sources) == {c.name for c in spot_cameras()}
+    assert {"hand_depth", "frontleft_depth_in_visual_frame", "hand_color_image"} <= set(sources)
     fl = sources["frontleft_fisheye_image"]
     assert (fl.cols, fl.rows, fl.image_type) == (640, 480, image_pb2.ImageSource.IMAGE_TYPE_VISUAL)
     d = sources["back_depth"]
     assert (d.cols, d.rows, d.depth_scale) == (424, 240, 1000.0)
     assert list(d.pixel_formats) == [I.PIXEL_FORMAT_DEPTH_U16]
+    assert (sources["hand_depth"].cols, sources["hand_depth"].rows) == (224, 171)
 
 
-def test_frames_decode_and_advance_at_the_capture_rate(robot, sim):
+def test_captures_are_on_a_jittered_grid_and_available_after_a_delay(robot, sim):
+    """GetImage returns the newest capture available when the request arrives: within a period
+    the same capture; over a second ~15 distinct ones, each a little off the 15 Hz grid."""
     client = robot.ensure_client("image")
-    req = [build_image_request("hand_color_image", quality_percent=75, image_format=I.FORMAT_JPEG)]
-    first = client.get_image(req)[0]
-    img = cv2.imdecode(np.frombuffer(first.shot.image.data, np.uint8), cv2.IMREAD_COLOR)
-    assert img.shape == (480, 640, 3)
+    request = [req("hand_color_image", quality_percent=75, image_format=I.FORMAT_JPEG)]
     stamps = set()
-    end = time.time() + 1.0
+    asked_at = []
+    end = time.time() + 1.5
     while time.time() < end:
-        r = client.get_image(req)[0]
-        stamps.add(r.shot.acquisition_time.seconds + r.shot.acquisition_time.nanos * 1e-9)
-    assert 13 <= len(stamps) <= 17
-    # acquisition time is on the robot's (skewed) clock
-    latest = max(stamps)
-    assert abs(latest - (time.time() + sim.clock_skew)) < 0.2
+        before = time.time() + sim.clock_skew
+        stamps.add(stamp(client.get_image(request)[0]))
+        asked_at.append(before)
+    stamps = sorted(stamps)
+    assert 20 <= len(stamps) <= 24
+    gaps = np.diff(stamps)
+    assert abs(np.median(gaps) - 1 / 15) < 0.002
+    assert gaps.min() < 1 / 15 - 0.0005 and gaps.max() > 1 / 15 + 0.0005  # jitter
+    assert gaps.max() < 1 / 15 + 0.0045
+    # no capture is returned before it is available (25 ms after acquisition)
+    assert max(stamps) < max(asked_at) - 0.025 + 0.005
+    img = cv2.imdecode(
+        np.frombuffer(client.get_image(request)[0].shot.image.data, np.uint8), cv2.IMREAD_COLOR
+    )
+    assert img.shape == (480, 640, 3)
 
 
-def test_depth_rle_matches_raw(robot):
+def test_rpc_latency_is_split_and_stamped(robot, clean_sim):
+    sim = clean_sim
+    client = robot.ensure_client("image")
+    sim.rpc_latency = 0.2
+    start = time.time()
+    fut = client.get_image_async([req("left_fisheye_image")])
+    whole = fut.original_future.result()
+    took = time.time() - start
+    received = whole.header.request_received_timestamp
+    arrived = received.seconds + received.nanos * 1e-9 - sim.clock_skew
+    assert 0.2 <= took < 0.3
+    assert 0.09 < arrived - start < 0.15  # the robot saw it half a round trip later
+
+
+def test_depth_rle_matches_raw_and_has_no_data_as_0_and_65535(robot):
     client = robot.ensure_client("image")
     raw, rle = client.get_image(
-        [
-            build_image_request("left_depth", image_format=I.FORMAT_RAW),
-            build_image_request("left_depth", image_format=I.FORMAT_RLE),
-        ]
+        [req("left_depth", image_format=I.FORMAT_RAW), req("left_depth", image_format=I.FORMAT_RLE)]
     )
     assert raw.shot.acquisition_time == rle.shot.acquisition_time
     assert len(raw.shot.image.data) == 424 * 240 * 2
     assert len(rle.shot.image.data) < len(raw.shot.image.data) / 2
-    as_raw = codec.decode(
-        ImageData(raw.shot.image.data, I.FORMAT_RAW, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
-    )
-    as_rle = codec.decode(
-        ImageData(rle.shot.image.data, I.FORMAT_RLE, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
-    )
+    d16 = I.PIXEL_FORMAT_DEPTH_U16
+    as_raw = codec.decode(ImageData(raw.shot.image.data, I.FORMAT_RAW, d16, 240, 424))
+    as_rle = codec.decode(ImageData(rle.shot.image.data, I.FORMAT_RLE, d16, 240, 424))
     assert np.array_equal(as_raw, as_rle)
-    assert (as_raw == 0).any() and 300 < np.median(as_raw[as_raw > 0]) < 5000
+    assert (as_raw == 0).any() and (as_raw == 65535).any()
+    valid = as_raw[(as_raw > 0) & (as_raw < 65535)]
+    assert 300 < np.median(valid) < 5000
 
 
-def test_a_bad_source_fails_the_batch_but_the_response_has_the_rest(robot):
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (image_pb2.ImageResponse.STATUS_UNKNOWN, UnsetStatusError),
+        (image_pb2.ImageResponse.STATUS_CUSTOM_PARAMS_ERROR, CustomParamError),
+        (image_pb2.ImageResponse.STATUS_IMAGE_DATA_ERROR, ImageDataError),
+        (42, ResponseError),  # a status newer than this SDK
+    ],
+)
+def test_every_status_fails_the_batch_but_the_response_has_the_rest(
+    robot, clean_sim, status, error
+):
+    clean_sim.set_status("back_fisheye_image", status)
     client = robot.ensure_client("image")
+    with pytest.raises(error) as info:
+        client.get_image([req("left_fisheye_image"), req("back_fisheye_image")])
+    responses = info.value.response.image_responses
+    assert [r.status for r in responses] == [image_pb2.ImageResponse.STATUS_OK, status]
+    assert responses[0].shot.image.data
+
+
+def test_an_unknown_source_too(robot):
     with pytest.raises(UnknownImageSourceError) as info:
-        client.get_image([build_image_request("back_fisheye_image"), build_image_request("nope")])
+        robot.ensure_client("image").get_image([req("back_fisheye_image"), req("nope")])
     good = [r for r in info.value.response.image_responses if r.status == r.STATUS_OK]
     assert [r.source.name for r in good] == ["back_fisheye_image"]
-    assert good[0].shot.image.data
 
 
 def test_faults(robot, clean_sim):
@@ -133,28 +198,148 @@ def test_faults(robot, clean_sim):
     client = robot.ensure_client("image")
     sim.set_fault("left_fisheye_image", "error")
     with pytest.raises(ImageDataError):
-        client.get_image([build_image_request("left_fisheye_image")])
+        client.get_image([req("left_fisheye_image")])
     sim.set_fault("left_fisheye_image", "corrupt")
-    data = client.get_image([build_image_request("left_fisheye_image")])[0].shot.image.data
+    data = client.get_image([req("left_fisheye_image")])[0].shot.image.data
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is None
     sim.set_fault("left_fisheye_image", "stall")
-    a = client.get_image([build_image_request("left_fisheye_image")])[0]
-    time.sleep(0.2)
-    b = client.get_image([build_image_request("left_fisheye_image")])[0]
-    assert a.shot.acquisition_time == b.shot.acquisition_time
-    sim.set_fault("left_fisheye_image", None)
-    sim.rpc_latency = 0.2
-    start = time.time()
-    client.get_image([build_image_request("left_fisheye_image")])
-    assert time.time() - start >= 0.2
+    a = client.get_image([req("left_fisheye_image")])[0]
+    t = time.time()
+    wait_until(lambda: time.time() > t + 0.2, what="three periods")
+    assert client.get_image([req("left_fisheye_image")])[0].shot.acquisition_time == (
+        a.shot.acquisition_time
+    )
 
 
-def test_expired_tokens_are_refused(sim, clean_sim):
+def test_a_camera_changes_rate_and_resolution_at_run_time(robot, clean_sim):
+    sim = clean_sim
+    client = robot.ensure_client("image")
+    try:
+        sim.set_rate("hand_color_image", 60.0)
+        sim.set_resolution("hand_color_image", 1280, 720)
+        stamps = set()
+        end = time.time() + 1.0
+        while time.time() < end:
+            resp = client.get_image([req("hand_color_image", image_format=I.FORMAT_JPEG)])[0]
+            stamps.add(stamp(resp))
+        # every capture seen is on a 60 Hz grid (give or take the jitter); some are 1/60 apart
+        periods = np.diff(sorted(stamps)) * 60
+        assert np.abs(periods - np.round(periods)).max() < 0.3 and periods.min() < 1.3
+        assert (resp.shot.image.cols, resp.shot.image.rows) == (1280, 720)
+        img = cv2.imdecode(np.frombuffer(resp.shot.image.data, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape == (720, 1280, 3)
+        sources = {s.name: s for s in client.list_image_sources()}
+        assert (sources["hand_color_image"].cols, sources["hand_color_image"].rows) == (1280, 720)
+    finally:
+        sim.set_rate("hand_color_image", 15.0)
+        sim.set_resolution("hand_color_image", 640, 480)
+
+
+# -- a robot of our own: logins, payloads, several image services ---------------------------------
+
+
+@pytest.fixture
+def busy_robot(tmp_path):
+    sim = SimRobot(
+        cert_dir=str(tmp_path),
+        spot_cam=True,
+        payload_camera="ok",
+        payload_authorised=False,
+        lockout_seconds=2.0,
+    ).start()
+    yield sim
+    sim.stop()
+
+
+def test_expired_tokens_are_refused(busy_robot):
+    sim = busy_robot
     robot = sdk_robot(sim)
     robot.authenticate(sim.username, sim.password)
     client = robot.ensure_client("image")
-    client.get_image([build_image_request("back_depth")])
+    client.get_image([req("back_depth")])
     sim.expire_tokens()
     with pytest.raises(UnauthenticatedError):
-        client.get_image([build_image_request("back_depth")])
+        client.get_image([req("back_depth")])
     robot._shutdown()
+
+
+def test_several_image_services_on_one_port_by_authority(busy_robot):
+    sim = busy_robot
+    robot = sdk_robot(sim)
+    robot.authenticate(sim.username, sim.password)
+    entries = {e.name: e for e in robot.list_services() if e.type == "bosdyn.api.ImageService"}
+    assert set(entries) == {"image", "spot-cam-image", "payload-camera"}
+    robot.sync_with_directory()
+    listed = {
+        name: {s.name for s in robot.ensure_client(name).list_image_sources()}
+        for name in ("image", "spot-cam-image")
+    }
+    assert "spot-cam-pano" in listed["spot-cam-image"] and "spot-cam-pano" not in listed["image"]
+    pano = robot.ensure_client("spot-cam-image").get_image([req("spot-cam-pano")])[0]
+    assert (pano.shot.image.cols, pano.shot.image.rows) == (1280, 640)
+    for state, error in (
+        ("faulted", ServiceUnavailableError),
+        ("unauthorised", PermissionDeniedError),
+    ):
+        sim.set_payload_state(state)
+        with pytest.raises(error):
+            robot.ensure_client("payload-camera").list_image_sources()
+    sim.set_payload_state("ok")
+    thermal = robot.ensure_client("payload-camera").get_image([req("payload-thermal")])[0]
+    assert thermal.shot.image.pixel_format == I.PIXEL_FORMAT_GREYSCALE_U16
+    robot._shutdown()
+
+
+def test_logins_are_rate_limited_and_locked_out_after_six_failures(busy_robot):
+    sim = busy_robot
+    robot = sdk_robot(sim)
+    refused = 0
+    for _ in range(8):  # a burst: the sixth request in a second is refused
+        try:
+            robot.authenticate(sim.username, "wrong")
+        except InvalidLoginError:
+            pass
+        except (TooManyRequestsError, TemporarilyLockedOutError):
+            refused += 1
+    assert refused >= 2
+    with pytest.raises(TemporarilyLockedOutError):  # six failures in a row: locked out
+        wait_until(lambda: _login(robot, sim, "wrong") == "locked", 3, "a lockout")
+        robot.authenticate(sim.username, sim.password)
+    wait_until(lambda: _login(robot, sim, sim.password) == "ok", 5, "the lockout to end")
+    robot._shutdown()
+
+
+def _login(robot, sim, password: str) -> str:
+    try:
+        robot.authenticate(sim.username, password)
+    except TemporarilyLockedOutError:
+        return "locked"
+    except (InvalidLoginError, TooManyRequestsError):
+        return "refused"
+    return "ok"
+
+
+def test_payload_not_yet_authorised_then_authorised(busy_robot):
+    sim = busy_robot
+    robot = sdk_robot(sim)
+    client = robot.ensure_client(PayloadRegistrationClient.default_service_name)
+    with pytest.raises(PayloadNotAuthorizedError):
+        client.get_payload_auth_token(sim.payload_guid, sim.payload_secret)
+    sim.payload_authorised = True
+    assert client.get_payload_auth_token(sim.payload_guid, sim.payload_secret)
+    robot._shutdown()
+
+
+def test_payload_services_register_in_the_directory(robot, sim):
+    client = robot.ensure_client(DirectoryRegistrationClient.default_service_name)
+    name = "spotrelay-test-callback"
+    client.register(name, "bosdyn.api.mission.RemoteMissionService", "test-cb", "10.0.0.5", 21443)
+    try:
+        entry = next(e for e in robot.list_services() if e.name == name)
+        # a bare label becomes <label>.spot.robot (directory.proto, ServiceEntry.authority)
+        assert entry.authority == "test-cb.spot.robot" and sim.registered[name][1].port == 21443
+        client.update(name, entry.type, "test-cb", "10.0.0.5", 21444)
+        assert sim.registered[name][1].port == 21444
+    finally:
+        client.unregister(name)
+    assert name not in {e.name for e in robot.list_services()}

@@ -51,6 +51,7 @@ Observer = Callable[[str, str, float], None]
 """Called as observe("decode" | "encode", kind, seconds): lets the caller time the stages
 (metrics) without the codec knowing about them."""
 DEPTH_MAX_M = 5.0  # fixed colour range, so colours mean the same distance in every frame
+NO_RETURN = 65535
 
 
 class CodecError(ValueError):
@@ -169,14 +170,15 @@ def rotate(img: np.ndarray, degrees_cw: float) -> np.ndarray:
 def depth_to_colour(
     depth: np.ndarray, depth_scale: float, colormap: str, max_m: float = DEPTH_MAX_M
 ) -> np.ndarray:
-    """uint16 depth -> BGR; 0 (no data) is black; near is the low end of the colour map."""
+    """uint16 depth -> BGR; near is the low end of the colour map. 0 and 65535 are both "no
+    data" (bosdyn.client.image: MAX_DEPTH_IMAGE_RANGE marks invalid depth too) and are black."""
     scale = 255.0 / (max_m * (depth_scale or 1000.0))
     grey = cv2.convertScaleAbs(depth, alpha=scale)  # saturates beyond max_m
     if colormap == "gray":
         out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     else:
         out = cv2.applyColorMap(grey, _CV_COLORMAPS[colormap])
-    out[depth == 0] = 0
+    out[(depth == 0) | (depth == NO_RETURN)] = 0
     return out
 
 

@@ -39,9 +39,19 @@ class Config:
     image_services: tuple[str, ...] = ("image",)  # ("auto",): every ImageService in the directory
     sim: bool = False
     token: str | None = field(default=None, repr=False)
+    allow_origin: str | None = None
     robot_quality: int = 75
     idle_fps: float = 1.0
     stale_after: float = 2.0
+    rediscover: float = 10.0
+    max_clients: int = 200
+    client_timeout: float = 10.0
+    max_variants: int = 8
+    mission: bool = False
+    mission_port: int = 21081
+    mission_host: str | None = None
+    captures_dir: str = "captures"
+    captures_max_mb: float = 2048.0
     log_level: str = "INFO"
 
     @property
@@ -62,12 +72,12 @@ def _env(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
-def _truthy(value: str) -> bool:
+def _truthy(name: str, value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True
     if value.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"SPOTRELAY_SIM must be 1/0/true/false, not {value!r}")
+    raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be 1/0/true/false, not {value!r}")
 
 
 def _number_in(name: str, kind: type[int] | type[float], lo: float, hi: float):
@@ -109,6 +119,12 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ("--image-services", _csv, ("image",), "image services to poll, or 'auto' for every one"),
     ("--token", str, None, "require this access token on every request but /healthz and /readyz"),
     (
+        "--allow-origin",
+        str,
+        None,
+        "let web pages from this origin read the cameras (CORS, WebSocket); '*' for any",
+    ),
+    (
         "--robot-quality",
         _number_in("--robot-quality", int, 1, 100),
         75,
@@ -126,7 +142,55 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         2.0,
         "seconds before a stream is stale",
     ),
+    (
+        "--rediscover",
+        _number_in("--rediscover", float, 1.0, 3600.0),
+        10.0,
+        "with --image-services auto: seconds between listings of the robot's directory",
+    ),
+    (
+        "--max-clients",
+        _number_in("--max-clients", int, 1, 100000),
+        200,
+        "HTTP connections served at once; more get 503 (health and metrics always answer)",
+    ),
+    (
+        "--client-timeout",
+        _number_in("--client-timeout", float, 1.0, 3600.0),
+        10.0,
+        "seconds a viewer may make no progress (nor read a frame) before it is dropped",
+    ),
+    (
+        "--max-variants",
+        _number_in("--max-variants", int, 1, 1000),
+        8,
+        "different renderings (size, quality, rotation...) served at once per camera",
+    ),
+    (
+        "--mission-port",
+        _number_in("--mission-port", int, 1, 65535),
+        21081,
+        "Autowalk callback port (plaintext gRPC; a CORE I/O admits 21000-22000)",
+    ),
+    (
+        "--mission-host",
+        str,
+        None,
+        "address the robot reaches the callback at (default: ours on the route to the robot)",
+    ),
+    ("--captures-dir", str, "captures", "where Autowalk captures and recordings are kept"),
+    (
+        "--captures-max-mb",
+        _number_in("--captures-max-mb", float, 1.0, 10_000_000.0),
+        2048.0,
+        "size limit of the captures folder; the oldest are deleted first",
+    ),
     ("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+]
+# (flag, help): on/off switches, also 1/0/true/false in the environment.
+_SWITCHES: list[tuple[str, str]] = [
+    ("--sim", "use the built-in simulated robot"),
+    ("--mission", "serve the Autowalk capture callback and register it with the robot"),
 ]
 
 
@@ -141,12 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         env_name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
         shown = "" if default in (None, ()) else f" (default {default})"
         parser.add_argument(flag, type=kind, default=None, help=f"{help_text}{shown} [{env_name}]")
-    parser.add_argument(
-        "--sim",
-        action="store_true",
-        default=None,
-        help="use the built-in simulated robot [SPOTRELAY_SIM]",
-    )
+    for flag, help_text in _SWITCHES:
+        env_name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
+        parser.add_argument(
+            flag, action="store_true", default=None, help=f"{help_text} [{env_name}]"
+        )
     parser.add_argument("--version", action="version", version=f"spotrelay {__version__}")
     return parser
 
@@ -163,7 +226,10 @@ def _resolve(ns: argparse.Namespace) -> dict[str, object]:
             except argparse.ArgumentTypeError as exc:
                 raise ConfigError(f"{ENV_PREFIX}{key.upper()}: {exc}") from None
         values[key] = default if value is None else value
-    values["sim"] = ns.sim if ns.sim is not None else _truthy(_env("sim") or "0")
+    for flag, _ in _SWITCHES:
+        key = flag[2:].replace("-", "_")
+        flagged = getattr(ns, key)
+        values[key] = flagged if flagged is not None else _truthy(key, _env(key) or "0")
     return values
 
 

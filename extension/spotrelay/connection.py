@@ -65,7 +65,6 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 # Consecutive failed GetImage calls (with no success between) that mean a service is gone.
 FAILURES_BEFORE_RECONNECT = 5
-DISCOVERY_INTERVAL = 10.0  # auto mode: list the directory again this often
 # Spot rate-limits logins (5 a second, HTTP 429) and locks logins out for a minute after six
 # failures in a row (spot-sdk docs/concepts/base_services.md, release notes 3.0.0). The relay never
 # has more than this many refused logins within a window, whatever the backoff says.
@@ -156,7 +155,6 @@ _LOGIN_REFUSED = (
     TemporarilyLockedOutError,
     InvalidPayloadCredentialsError,
     InvalidRequestError,
-    TooManyRequestsError,
 )
 
 
@@ -297,6 +295,7 @@ class RobotConnection:
         *,
         on_change: SourcesChanged = lambda sources, services: None,
         limiter: AuthLimiter | None = None,
+        rediscover: float = 10.0,
     ):
         self.target = target
         self.services = tuple(services)
@@ -304,6 +303,7 @@ class RobotConnection:
         self.wanted = tuple(wanted)
         self.on_change = on_change
         self.limiter = limiter or AuthLimiter()
+        self.rediscover = rediscover  # auto mode: list the directory again this often
         self.sources: dict[str, SourceInfo] = {}
         self.state: dict[str, ServiceState] = {}
         self.skew = 0.0
@@ -336,10 +336,13 @@ class RobotConnection:
         }
 
     def get_images(self, service: str, requests: list[image_pb2.ImageRequest]) -> asyncio.Future:
-        """Send one GetImage now and return an asyncio future of the SDK's result.
+        """Send one GetImage now; an asyncio future of the whole GetImageResponse.
 
         The SDK call returns at once; the reply arrives on a gRPC thread and is handed to the loop,
-        so any number of requests can be in flight (the poller decides how many).
+        so any number of requests can be in flight (the poller decides how many). The whole
+        response (``FutureWrapper.original_future``) rather than the SDK's list of images,
+        because its header says when the robot received the request, which the schedule uses.
+        Errors are the SDK's own (its status-to-exception mapping applies).
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
@@ -354,7 +357,8 @@ class RobotConnection:
             if fut.cancelled():
                 return
             try:
-                fut.set_result(done.result())
+                done.result()  # raises as the SDK maps the statuses
+                fut.set_result(done.original_future.result())
             except Exception as exc:
                 fut.set_exception(exc)
 
@@ -394,6 +398,7 @@ class RobotConnection:
     async def run(self) -> None:
         """Connect, watch, reconnect: forever, with capped exponential backoff between tries."""
         delay = BACKOFF_FIRST
+        said, said_at = "", 0.0  # the same failure is logged once a minute, not every retry
         while True:
             try:
                 session = await _in_daemon_thread(lambda: _Session(self.target))
@@ -402,20 +407,25 @@ class RobotConnection:
                 if isinstance(exc, PayloadNotAuthorised):
                     self.last_error = str(exc)
                     delay = max(delay, PAYLOAD_WAIT)
+                elif isinstance(exc, TooManyRequestsError):  # 5 logins a second: try soon
+                    self.limiter.note()
+                    delay = max(delay, 1.0)
                 elif isinstance(exc, _LOGIN_REFUSED):
                     self.limiter.note()
                     delay = max(delay, BACKOFF_MAX)
                 wait = max(delay * random.uniform(0.8, 1.2), self.limiter.wait_time())
-                log.error(
-                    "cannot connect to robot %s: %s; retrying in %.1f s",
-                    self.target.where,
-                    self.last_error,
-                    wait,
-                )
+                if self.last_error != said or time.monotonic() - said_at > 60:
+                    said, said_at = self.last_error, time.monotonic()
+                    log.error(
+                        "cannot connect to robot %s: %s; retrying (next in %.1f s)",
+                        self.target.where,
+                        self.last_error,
+                        wait,
+                    )
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
-            delay = BACKOFF_FIRST
+            delay, said = BACKOFF_FIRST, ""
             await self._serve(session)
 
     async def _serve(self, session: _Session) -> None:
@@ -436,7 +446,7 @@ class RobotConnection:
                 len(self.sources),
                 self.skew,
             )
-            next_listing = time.monotonic() + DISCOVERY_INTERVAL
+            next_listing = time.monotonic() + self.rediscover
             while not self._lost.is_set():
                 skew = session.skew_seconds()
                 if skew is not None:
@@ -447,10 +457,11 @@ class RobotConnection:
                 ):
                     relist = self.auto and now >= next_listing
                     if relist:
-                        next_listing = now + DISCOVERY_INTERVAL
+                        next_listing = now + self.rediscover
                     await self._discover(session, initial=False, relist=relist)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), timeout=1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._lost.wait()
         finally:
             self.connected.clear()
             self._session = None

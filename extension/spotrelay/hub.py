@@ -374,7 +374,8 @@ class Hub:
                 if left <= 0:
                     raise LookupError(source)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), left)
+                    async with asyncio.timeout(left):
+                        await event.wait()
                 at = self._received_at.get(source)
                 if at is not None and at > after:
                     return self.latest[source]

@@ -61,7 +61,11 @@ class Relay:
         )
         idle_interval = 1 / cfg.idle_fps if cfg.idle_fps > 0 else 3600.0
         self.conn = RobotConnection(
-            target, cfg.image_services, cfg.sources, on_change=self._sources_changed
+            target,
+            cfg.image_services,
+            cfg.sources,
+            on_change=self._sources_changed,
+            rediscover=cfg.rediscover,
         )
         self.hub = Hub(
             self.executor,

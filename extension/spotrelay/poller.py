@@ -31,7 +31,8 @@ from spotrelay.schedule import Ask, Outcome, Schedule
 
 log = logging.getLogger("spotrelay.poller")
 
-BATCH_WINDOW = 0.004  # sources due within this much of each other share a GetImage
+BATCH_WINDOW = 0.001  # sources due within this much of each other share a GetImage (sending
+# a request earlier than planned risks it reaching the robot before its capture exists)
 _Status = image_pb2.ImageResponse
 
 
@@ -51,6 +52,7 @@ class _Source:
             info.name, quality_percent=quality, image_format=info.wire_format
         )
         self.seq = 0
+        self.size: tuple[int, int] | None = None  # (cols, rows) of the newest frame
 
 
 Fetch = Callable[[str, list[image_pb2.ImageRequest]], asyncio.Future]
@@ -173,8 +175,11 @@ class Poller:
                 self._send(service, batch, now)
                 continue
             wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and the loop would outlive close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=max(0.0, soonest - self.clock()))
+                async with asyncio.timeout(max(0.0, soonest - self.clock())):
+                    await wake.wait()
 
     def _send(self, service: str, batch: list[_Source], now: float) -> None:
         asks = [s.schedule.ask(now, self.idle_interval) for s in batch]
@@ -188,14 +193,14 @@ class Poller:
     ) -> None:
         try:
             try:
-                responses = list(await fut)
+                whole = await fut
             except ResponseError as exc:  # see the module docstring: the rest is in it
-                resp = exc.response
-                if not isinstance(resp, image_pb2.GetImageResponse) or (
-                    resp.header.error.code != header_pb2.CommonError.CODE_OK
+                whole = exc.response
+                if not isinstance(whole, image_pb2.GetImageResponse) or (
+                    whole.header.error.code != header_pb2.CommonError.CODE_OK
                 ):
                     raise
-                responses = list(resp.image_responses)
+            responses = list(whole.image_responses)
         except Exception as exc:
             kind = classify(exc).kind
             self.metrics.rpc_errors.labels(service=service, kind=kind).inc()
@@ -209,14 +214,26 @@ class Poller:
         self.report(service, None)
         received = self.clock()
         self.metrics.poll_duration.labels(service=service).observe(received - sent)
+        arrival = self._arrival(whole.header.request_received_timestamp, sent, received)
         by_name = {r.source.name: r for r in responses}
         for s, ask in zip(batch, asks, strict=True):
             resp = by_name.get(s.info.name)
             if resp is None or resp.status != _Status.STATUS_OK:
                 self._image_failed(s, ask, resp, received)
             else:
-                self._accept(s, ask, resp, received)
+                self._accept(s, ask, resp, arrival, received)
         self._wake_service(service)
+
+    def _arrival(self, stamp, sent: float, received: float) -> float:
+        """When the robot received the request, in local time. The robot's own services stamp
+        it on the robot's clock; a payload's service may stamp its own clock (the SDK's
+        ``populate_response_header`` does), so a stamp outside the round trip is not believed
+        and the round trip's midpoint stands in."""
+        if stamp.seconds:
+            local = self.robot_to_local(stamp.seconds + stamp.nanos * 1e-9)
+            if sent - 0.002 <= local <= received + 0.002:
+                return local
+        return (sent + received) / 2
 
     def _image_failed(
         self, s: _Source, ask: Ask, resp: image_pb2.ImageResponse | None, now: float
@@ -233,12 +250,19 @@ class Poller:
             log.warning("%s refuses the format asked for; asking for its default", name)
             s.request = build_image_request(name, quality_percent=self.quality)
 
-    def _accept(self, s: _Source, ask: Ask, resp: image_pb2.ImageResponse, received: float) -> None:
+    def _accept(
+        self,
+        s: _Source,
+        ask: Ask,
+        resp: image_pb2.ImageResponse,
+        arrival: float,
+        received: float,
+    ) -> None:
         acq = resp.shot.acquisition_time
         robot_time = acq.seconds + acq.nanos * 1e-9
         local = self.robot_to_local(robot_time)
         name = s.info.name
-        outcome = s.schedule.reply(ask, robot_time, local, received)
+        outcome = s.schedule.reply(ask, local, arrival, received)
         if outcome is Outcome.REPEAT:
             self.metrics.frames_duplicate.labels(source=name).inc()
             return
@@ -247,6 +271,11 @@ class Poller:
             return
         s.seq += 1
         image = resp.shot.image
+        if s.size is not None and s.size != (image.cols, image.rows):
+            # a camera mode change (the gripper camera to 1280x720...): its rate may change too
+            log.info("%s is now %dx%d; learning its timing again", name, image.cols, image.rows)
+            s.schedule.reset()
+        s.size = (image.cols, image.rows)
         frame = Frame(
             source=name,
             image=ImageData(

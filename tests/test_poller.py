@@ -1,0 +1,104 @@
+"""The poller in-process, against replies built as the robot builds them and errors raised as the
+SDK raises them (its own ``_error_from_response``): what a batch with bad images yields."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from bosdyn.api import header_pb2, image_pb2
+from bosdyn.client import image as sdk_image
+
+from spotrelay.frames import Frame, SourceInfo
+from spotrelay.metrics import Metrics
+from spotrelay.poller import Poller, status_name
+
+STATUS = image_pb2.ImageResponse
+SOURCES = {
+    name: SourceInfo(name, "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG",))
+    for name in ("good", "bad", "worse")
+}
+
+
+def response(statuses: dict[str, int], header_code: int = header_pb2.CommonError.CODE_OK):
+    resp = image_pb2.GetImageResponse()
+    resp.header.error.code = header_code
+    resp.header.request_received_timestamp.seconds = 1000
+    for name, status in statuses.items():
+        r = resp.image_responses.add()
+        r.source.name, r.status = name, status
+        if status == STATUS.STATUS_OK:
+            r.shot.acquisition_time.seconds = 999
+            r.shot.image.data = b"\xff\xd8 a picture \xff\xd9"
+            r.shot.image.format = image_pb2.Image.FORMAT_JPEG
+            r.shot.image.rows, r.shot.image.cols = 480, 640
+    return resp
+
+
+async def poll_once(statuses: dict[str, int], header_code=header_pb2.CommonError.CODE_OK):
+    """One batch of the three sources; what came out of it."""
+    frames: list[Frame] = []
+    reports: list[BaseException | None] = []
+    batches: list[list[str]] = []
+
+    def fetch(service, requests):
+        batches.append([r.image_source_name for r in requests])
+        whole = response({r.image_source_name: statuses[r.image_source_name] for r in requests})
+        whole.header.error.code = header_code
+        fut = asyncio.get_running_loop().create_future()
+        error = sdk_image._error_from_response(whole)  # exactly what the SDK would raise
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(whole)
+        return fut
+
+    metrics = Metrics()
+    poller = Poller(
+        fetch,
+        lambda service, exc: reports.append(exc),
+        lambda robot_t: robot_t,
+        metrics,
+        frames.append,
+        clock=lambda: 1000.0,
+    )
+    poller.set_sources(SOURCES, ("image",))
+    task = asyncio.create_task(poller.run())
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if reports:
+            break
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return frames, reports, batches, metrics
+
+
+@pytest.mark.parametrize(
+    "status",
+    [STATUS.STATUS_UNKNOWN, STATUS.STATUS_CUSTOM_PARAMS_ERROR, STATUS.STATUS_SOURCE_DATA_ERROR, 42],
+)
+def test_a_bad_image_does_not_cost_the_good_ones_nor_the_connection(status):
+    statuses = {"good": STATUS.STATUS_OK, "bad": status, "worse": 43}
+    frames, reports, batches, metrics = asyncio.run(poll_once(statuses))
+    assert batches == [["good", "bad", "worse"]]  # one batch: the bad images were in it
+    assert [f.source for f in frames] == ["good"]
+    assert reports == [None]  # the call worked: no connection failure
+    for source, label in (("bad", status_name(status)), ("worse", "unrecognized")):
+        count = metrics.image_errors.labels(source=source, status=label)._value.get()
+        assert count == 1, (source, label)
+
+
+def test_a_failed_call_is_a_connection_failure():
+    statuses = dict.fromkeys(SOURCES, STATUS.STATUS_OK)
+    frames, reports, _, metrics = asyncio.run(
+        poll_once(statuses, header_pb2.CommonError.CODE_INTERNAL_SERVER_ERROR)
+    )
+    assert frames == []
+    assert len(reports) == 1 and reports[0] is not None
+    assert metrics.rpc_errors.labels(service="image", kind="other")._value.get() == 1
+
+
+def test_status_names_are_bounded():
+    assert status_name(STATUS.STATUS_UNKNOWN) == "unknown"
+    assert status_name(STATUS.STATUS_CUSTOM_PARAMS_ERROR) == "custom_params_error"
+    assert status_name(123456) == "unrecognized"

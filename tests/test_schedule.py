@@ -1,0 +1,90 @@
+"""The poll schedule against a model camera and link (tests/schedule_model.py): thousands of frames
+in milliseconds, with capture jitter, availability delay, RPC latency and jitter, rate changes.
+
+The numbers asserted are the issue's targets on the realistic profile (jitter +-2 ms, availability
+25 ms): every frame, about one request per frame, and latency within a few ms of the moment a
+capture becomes available.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from spotrelay.schedule import Ask, Outcome, Schedule
+from tests.schedule_model import Camera, Link, describe, run
+
+LOOPBACK = Link(latency=0.001, jitter=0.0005)
+WIFI = Link(latency=0.100, jitter=0.030)  # 100 ms +- 30 ms round trip
+
+
+@pytest.mark.parametrize("available_after", [0.010, 0.025, 0.060])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_locked_under_capture_jitter(available_after, seed):
+    cam = Camera(jitter=0.002, available_after=available_after, seed=seed, phase=0.011 * seed)
+    stats = run(cam, Link(latency=0.001, jitter=0.0005, seed=seed), seconds=60)
+    assert stats.delivered_share >= 0.995, describe(stats)
+    assert stats.requests_per_frame <= 1.1, describe(stats)
+    # the issue's bar is availability + 12 ms at p95; the model's own floor is + 0.5 ms (RTT/2)
+    assert stats.latency_pct(95) <= available_after + 0.008, describe(stats)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_frame_over_a_slow_jittery_link(seed):
+    stats = run(Camera(jitter=0.002, seed=seed), Link(0.100, 0.030, seed=seed), seconds=60)
+    assert stats.delivered_share >= 0.99, describe(stats)
+    assert stats.requests_per_frame <= 1.1, describe(stats)
+
+
+@pytest.mark.parametrize("rate", [1, 5, 15, 30, 60, 120])
+def test_any_rate_from_1_to_120_hz(rate):
+    cam = Camera(rate=rate, jitter=min(0.002, 0.05 / rate), available_after=0.02, seed=rate)
+    stats = run(cam, LOOPBACK, seconds=max(30, 120 / rate), warmup=max(3, 8 / rate))
+    assert stats.delivered_share >= 0.99, describe(stats)
+    assert stats.requests_per_frame <= 1.15, describe(stats)
+    assert stats.schedule.period == pytest.approx(1 / rate, rel=0.01)
+
+
+@pytest.mark.parametrize(("latency", "jitter"), [(0.0, 0.0), (0.05, 0.01), (0.3, 0.05)])
+def test_round_trips_up_to_300_ms_keep_one_request_per_frame(latency, jitter):
+    stats = run(Camera(jitter=0.002), Link(latency, jitter), seconds=60)
+    assert stats.delivered_share >= 0.95, describe(stats)
+    assert stats.requests_per_frame <= 1.1, describe(stats)
+
+
+def test_a_camera_that_becomes_faster_is_found_within_seconds():
+    cam = Camera(rate=15, switch_after=5, new_rate=60, jitter=0.001)
+    stats = run(cam, LOOPBACK, seconds=40, warmup=20)  # measured from 15 s after the switch
+    assert stats.schedule.period == pytest.approx(1 / 60, rel=0.01)
+    assert stats.delivered_share >= 0.99, describe(stats)
+
+
+def test_a_camera_that_becomes_slower_is_found_and_not_polled_twice_a_frame():
+    cam = Camera(rate=30, switch_after=5, new_rate=15, jitter=0.001)
+    stats = run(cam, LOOPBACK, seconds=30, warmup=10)
+    assert stats.schedule.period == pytest.approx(1 / 15, rel=0.01)
+    assert stats.requests_per_frame <= 1.15, describe(stats)
+
+
+def test_a_stalled_camera_costs_one_request_a_period_not_a_flood():
+    stats = run(Camera(stall_after=5), LOOPBACK, seconds=30, warmup=10)
+    assert stats.delivered == 0
+    assert stats.requests <= 20 * 15 * 1.5  # about one a period, with bounded retries
+
+
+def test_repeats_and_overtaken_replies_are_told_apart():
+    s = Schedule()
+    s.watch(True, 0.0)
+    assert s.reply(s.ask(0.0, 1), 10.0, 10.001, 10.002) is Outcome.NEW
+    assert s.reply(s.ask(0.01, 1), 10.0, 10.011, 10.012) is Outcome.REPEAT
+    assert s.reply(s.ask(0.02, 1), 9.9, 10.021, 10.022) is Outcome.OLD
+    assert s.inflight == 0
+
+
+def test_unwatched_sources_are_refreshed_at_the_idle_interval():
+    s = Schedule()
+    ask = s.ask(100.0, idle_interval=2.0)
+    assert ask == Ask(100.0, idle=True) and s.next_due == 102.0
+    # idle refreshes a second apart teach nothing about the camera's rate
+    for i in range(6):
+        s.reply(s.ask(100.0 + i, 1.0), 99.0 + i, 100.0 + i, 100.001 + i)
+    assert s.grid is None
