@@ -313,7 +313,7 @@ def test_configs_without_token_or_h264(relay, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--robot=a b=http://x"], "expected NAME=URL"),
+        (["--robot=a_b=http://x"], "expected NAME=URL"),
         (["--robot=a=ftp://x"], "http(s)://HOST:PORT"),
         (["--robot=a=http://127.0.0.1:{port}", "--cameras=nope"], "robot a has no nope; it has"),
         (["--robot=a=http://127.0.0.1:{dead}"], "robot a: http://127.0.0.1:{dead}/api/sources"),

@@ -28,6 +28,7 @@ Standard library only: the relay's image must not grow for a command that runs e
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -43,7 +44,8 @@ TOKEN_VAR = "SPOTRELAY_TOKEN"
 # go2rtc substitutes the token as is into source URLs (``?token=``); a character that needs
 # escaping in a URL would break them, and whitespace is refused by go2rtc's API.
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]+")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# Streams are named ROBOT_SOURCE; no "_" in robot names keeps that split unambiguous.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # MJPEG from the relay carries no timestamps: ffmpeg stamps each JPEG when it arrives (wall clock,
 # microseconds, no 1/25 s grid) and starts at once instead of probing for seconds.
 FFMPEG_INPUT = (
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_robot(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not NAME_RE.fullmatch(name):
-        raise SiteError(f"--robot {text!r}: expected NAME=URL, NAME of letters, digits, - and _")
+        raise SiteError(f"--robot {text!r}: expected NAME=URL, NAME of letters, digits and -")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SiteError(f"--robot {text!r}: the URL must be http(s)://HOST:PORT of the relay")
@@ -203,8 +205,8 @@ def prometheus_yml(interval: str, token: bool) -> str:
         else ""
     )
     return (
-        "# Written by `spotrelay site-config`. Paths are relative to this file. Robots come and go\n"
-        "# through targets.json, which Prometheus re-reads by itself.\n"
+        "# Written by `spotrelay site-config`. Paths are relative to this file. Robots come and\n"
+        "# go through targets.json, which Prometheus re-reads by itself.\n"
         f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"
         'rule_files:\n  - "*.rules.yml"\n'
         "scrape_configs:\n  - job_name: spotrelay\n" + auth + "    file_sd_configs:\n"
@@ -239,9 +241,17 @@ def link_token(out: Path, token_file: str | None) -> None:
 # -- updating a running go2rtc --------------------------------------------------------------------
 
 
-def _go2rtc(api: str, method: str, query: list[tuple[str, str]] | None = None) -> bytes:
+def _go2rtc(
+    api: str, token: str | None, method: str, query: list[tuple[str, str]] | None = None
+) -> bytes:
+    """One call to go2rtc's stream API, with its login when there is one (go2rtc waives it for
+    localhost, but not when it listens on a LAN address only)."""
     url = f"{api}/api/streams" + ("?" + urllib.parse.urlencode(query) if query else "")
-    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as resp:
+    req = urllib.request.Request(url, method=method)
+    if token:
+        login = base64.b64encode(f"spotrelay:{token}".encode()).decode()
+        req.add_header("Authorization", f"Basic {login}")
+    with urllib.request.urlopen(req, timeout=5) as resp:
         return resp.read()
 
 
@@ -253,7 +263,7 @@ def update_go2rtc(
     Streams that did not change are not touched, so their viewers keep playing.
     """
     try:
-        running = set(json.loads(_go2rtc(api, "GET")))
+        running = set(json.loads(_go2rtc(api, token, "GET")))
     except (OSError, ValueError):
         return None
     changes = []
@@ -261,10 +271,10 @@ def update_go2rtc(
         for name, sources in new.items():
             if name not in running or old.get(name) != sources:
                 resolved = [s.replace(f"${{{TOKEN_VAR}}}", token or "") for s in sources]
-                _go2rtc(api, "PUT", [("name", name)] + [("src", s) for s in resolved])
+                _go2rtc(api, token, "PUT", [("name", name)] + [("src", s) for s in resolved])
                 changes.append(f"+{name}")
         for name in sorted((set(old) & running) - set(new)):
-            _go2rtc(api, "DELETE", [("src", name)])
+            _go2rtc(api, token, "DELETE", [("src", name)])
             changes.append(f"-{name}")
     except urllib.error.HTTPError as exc:
         raise SiteError(f"go2rtc refused {changes}: {exc.read().decode().strip()}") from None
@@ -304,9 +314,8 @@ def generate(args: argparse.Namespace) -> str:
         if wanted:
             missing = [c for c in wanted if c not in sources]
             if missing:
-                raise SiteError(
-                    f"robot {robot} has no {', '.join(missing)}; it has {', '.join(sorted(sources))}"
-                )
+                have = ", ".join(sorted(sources))
+                raise SiteError(f"robot {robot} has no {', '.join(missing)}; it has {have}")
             sources = {c: sources[c] for c in wanted}
         cameras[robot] = sorted(sources)
         for source in cameras[robot]:
