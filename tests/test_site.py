@@ -10,6 +10,7 @@ reaches both engines, from a file only.
 
 from __future__ import annotations
 
+import http.server
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from spotrelay import site
 from tests.mjpeg import parts
 from tests.relay import Relay, free_port, sample
 
@@ -77,13 +79,25 @@ def go2rtc_binary() -> str:
 
 
 def site_config(*args: str) -> subprocess.CompletedProcess:
-    """The real command line, through the relay's entry point."""
+    """The real command line, through the relay's entry point (the station uses it)."""
     return subprocess.run(
         [sys.executable, "-m", "spotrelay", "site-config", *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def run_site(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The same command in this process: (exit code, stdout, stderr), without a second of
+    imports per call."""
+    capsys.readouterr()
+    try:
+        code = site.main(list(args))
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def get_json(url: str, timeout: float = 5) -> Any:
@@ -287,11 +301,13 @@ def station(sim, tmp_path_factory) -> Iterator[Station]:
 # -- what site-config writes (no engines) ---------------------------------------------------------
 
 
-def test_configs_without_token_or_h264(relay, tmp_path):
+def test_configs_without_token_or_h264(relay, tmp_path, capsys):
     out = tmp_path / "site"
-    res = site_config(f"--robot=spot-1={relay.url}", f"--out={out}", "--cameras=hand_color_image")
-    assert res.returncode == 0, res.stderr
-    assert "1 streams from 1 robots" in res.stdout and "not running" in res.stdout
+    code, stdout, err = run_site(
+        capsys, f"--robot=spot-1={relay.url}", f"--out={out}", "--cameras=hand_color_image"
+    )
+    assert code == 0, err
+    assert "1 streams from 1 robots" in stdout and "not running" in stdout
     yml = (out / "go2rtc.yaml").read_text()
     assert f'"spot-1_hand_color_image":\n    - "{relay.url}/stream/hand_color_image"\n' in yml
     assert "ffmpeg" not in yml and "password" not in yml and "default_query" not in yml
@@ -304,9 +320,7 @@ def test_configs_without_token_or_h264(relay, tmp_path):
     prom = (out / "prometheus.yml").read_text()
     assert "authorization" not in prom and "file_sd_configs" in prom
     if shutil.which("promtool"):
-        check = subprocess.run(
-            ["promtool", "check", "config", str(out / "prometheus.yml")], **_text
-        )
+        check = subprocess.run(["promtool", "check", "config", out / "prometheus.yml"], **_text)
         assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -320,27 +334,49 @@ def test_configs_without_token_or_h264(relay, tmp_path):
         (["--robot=a=http://127.0.0.1:{port}", "--token-file={bad}"], "letters, digits"),
     ],
 )
-def test_mistakes_are_one_line(relay, tmp_path, args, message):
+def test_mistakes_are_one_line(relay, tmp_path, capsys, args, message):
     bad = tmp_path / "bad.token"
     bad.write_text("has space&amp\n")
     fill = {"port": relay.port, "dead": free_port(), "bad": bad}
-    res = site_config(*(a.format(**fill) for a in args), f"--out={tmp_path / 'o'}")
-    assert res.returncode != 0
-    assert message.format(**fill) in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    code, _, err = run_site(capsys, *(a.format(**fill) for a in args), f"--out={tmp_path / 'o'}")
+    assert code != 0
+    assert message.format(**fill) in err and len(err.splitlines()) == 1, err
 
 
-def test_an_unreachable_robot_keeps_its_cameras_from_the_last_run(relay, tmp_path):
+class _FakeRelay(http.server.BaseHTTPRequestHandler):
+    """Just enough of a relay's /api/sources for the generator."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"sources": [{"name": "cam", "stream": "/stream/cam"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_an_unreachable_robot_keeps_its_cameras_from_the_last_run(tmp_path, capsys):
     out = f"--out={tmp_path / 'site'}"
-    assert site_config(f"--robot=a={relay.url}", out).returncode == 0
-    before = json.loads((tmp_path / "site" / "site.json").read_text())["streams"]
-    dead = f"http://127.0.0.1:{free_port()}"
-    moved = site_config(f"--robot=a={dead}", out)
-    assert moved.returncode != 0, "a robot at a new address cannot reuse the old cameras"
-    again = site_config(f"--robot=a={relay.url}", out)
-    assert (
-        again.returncode == 0
-        and json.loads((tmp_path / "site" / "site.json").read_text())["streams"] == before
-    )
+
+    def streams() -> dict[str, list[str]]:
+        return json.loads((tmp_path / "site" / "site.json").read_text())["streams"]
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), _FakeRelay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert run_site(capsys, f"--robot=a={url}", out)[0] == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert streams() == {"a_cam": [f"{url}/stream/cam"]}
+    code, stdout, err = run_site(capsys, f"--robot=a={url}", out)  # away now
+    assert code == 0 and "keeping its cameras from last run" in stdout, err
+    assert streams() == {"a_cam": [f"{url}/stream/cam"]}
+    code, _, err = run_site(capsys, f"--robot=a=http://127.0.0.1:{free_port()}", out)
+    assert code != 0 and "robot a:" in err, "a robot at a new address has no cameras to keep"
 
 
 # -- the station ----------------------------------------------------------------------------------
