@@ -46,17 +46,21 @@ TOKEN_VAR = "SPOTRELAY_TOKEN"
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]+")
 # Streams are named ROBOT_SOURCE; no "_" in robot names keeps that split unambiguous.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-# MJPEG from the relay carries no timestamps: ffmpeg stamps each JPEG when it arrives (wall clock,
-# microseconds, no 1/25 s grid) and starts at once instead of probing for seconds.
+# ffmpeg reads go2rtc's MJPEG as multipart (each JPEG delimited by its Content-Length, so no
+# parser holds a frame back until the next one starts: one frame period less latency than
+# `-f mjpeg`), starting at once instead of probing for seconds.
 FFMPEG_INPUT = (
-    "-use_wallclock_as_timestamps 1 -f mjpeg -framerate 1000 -probesize 32 -analyzeduration 0 "
-    "-fflags nobuffer -flags low_delay -i {input}"
+    "-f mpjpeg -probesize 32 -analyzeduration 0 -fflags +nobuffer+noparse+nofillin "
+    "-flags low_delay -i {input}"
 )
-# go2rtc's h264 preset, plus: one keyframe a second (a new viewer waits at most that long), no
-# B-frames, and frames passed through at the camera's own rate instead of duplicated to 25 fps.
+# go2rtc's h264 preset, plus: each frame stamped with the wall clock when decoded, at 1/90000 s
+# (MJPEG carries no timestamps, and ffmpeg's guess is a 25 fps grid); frames passed through at
+# the camera's own rate instead of duplicated to 25 fps; a keyframe a second (a new viewer waits
+# at most that long) and no B-frames.
 FFMPEG_H264 = (
-    "-c:v libx264 -g 15 -bf 0 -profile:v high -level:v 4.1 -preset:v superfast "
-    "-tune:v zerolatency -pix_fmt:v yuv420p -fps_mode passthrough -enc_time_base:v 1:90000"
+    "-vf settb=1/90000,setpts=(RTCTIME-RTCSTART)/(TB*1000000) -fps_mode passthrough "
+    "-enc_time_base:v 1:90000 -c:v libx264 -g 15 -bf 0 -profile:v high -level:v 4.1 "
+    "-preset:v superfast -tune:v zerolatency -pix_fmt:v yuv420p"
 )
 
 
