@@ -10,6 +10,7 @@ reaches both engines, from a file only.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import itertools
 import json
@@ -29,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from spotrelay import site
 from tests.mjpeg import parts
 from tests.relay import Relay, free_port, sample
+from tests.test_viewer import Page, _page_ws_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "deploy" / "site"
@@ -449,6 +452,42 @@ def test_rtsp_and_hls_play_a_camera_of_each_robot(station):
     assert first.body[:2] == b"\xff\xd8"
     for key in urls:
         assert found.get(key) == {"codec_name": "h264", "width": 640, "height": 480}, (key, found)
+
+
+VIDEOS_JS = """JSON.stringify([...document.querySelectorAll('video-stream')].map(v => ({
+  w: v.video ? v.video.videoWidth : 0, t: v.video ? v.video.currentTime : 0,
+  webrtc: !!v.pc})))"""
+
+
+async def _videos(ws_url: str, count: int) -> list[dict[str, float]]:
+    """Until every player on go2rtc's page has played more than a second (or 30 s passed)."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        page = Page(ws)
+        await page.call("Runtime.enable")
+        videos: list[dict[str, float]] = []
+        for _ in range(120):
+            await asyncio.sleep(0.25)
+            videos = json.loads(await page.eval(VIDEOS_JS) or "[]")
+            if len(videos) == count and all(v["w"] and v["t"] > 1 for v in videos):
+                break
+        return videos
+
+
+def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station, tmp_path):
+    """go2rtc's own player page in headless Chromium: it picks WebRTC or MSE (H.264) itself."""
+    chromium = tool("chromium")
+    names = [station.stream("a", "back_fisheye_image"), station.stream("b", "hand_color_image")]
+    url = f"{station.api}/stream.html?" + urllib.parse.urlencode([("src", n) for n in names])
+    port = free_port()
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--mute-audio"]
+    args += ["--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path}"]
+    browser = start_group([chromium, *args, f"--remote-debugging-port={port}", url])
+    try:
+        videos = asyncio.run(_videos(_page_ws_url(port, time.time() + 30), len(names)))
+    finally:
+        stop_group(browser)
+    print("go2rtc page players:", videos)
+    assert len(videos) == 2 and all(v["w"] == 640 and v["t"] > 1 for v in videos), videos
 
 
 def test_h264_runs_at_the_cameras_rate(station):
