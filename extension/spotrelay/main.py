@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 from aiohttp import web
 
-from spotrelay import __version__, metrics, site
+from spotrelay import __version__, metrics
 from spotrelay.config import Config, load_or_exit
 from spotrelay.connection import RobotConnection, Target
 from spotrelay.http import build_app
@@ -95,6 +95,8 @@ async def serve(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["site-config"]:  # the base station's config generator, not the relay
+        from spotrelay import site
+
         sys.exit(site.main(argv[1:]))
     cfg = load_or_exit(argv)
     _setup_logging(cfg.log_level)
