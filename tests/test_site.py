@@ -11,6 +11,7 @@ reaches both engines, from a file only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import itertools
 import json
@@ -304,19 +305,53 @@ def station(sim, tmp_path_factory) -> Iterator[Station]:
 # -- what site-config writes (no engines) ---------------------------------------------------------
 
 
-def test_configs_without_token_or_h264(relay, tmp_path, capsys):
+class _FakeRelay(http.server.BaseHTTPRequestHandler):
+    """Just enough of a relay's /api/sources for the generator: its tests need no robot."""
+
+    def do_GET(self) -> None:
+        sources = [{"name": n, "stream": f"/stream/{n}"} for n in ("hand_color_image", "cam")]
+        body = json.dumps({"robot": {}, "sources": sources}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_relay() -> Iterator[str]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _FakeRelay)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def relay_url() -> Iterator[str]:
+    with fake_relay() as url:
+        yield url
+
+
+def test_configs_without_token_or_h264(relay_url, tmp_path, capsys):
     out = tmp_path / "site"
     code, stdout, err = run_site(
-        capsys, f"--robot=spot-1={relay.url}", f"--out={out}", "--cameras=hand_color_image"
+        capsys, f"--robot=spot-1={relay_url}", f"--out={out}", "--cameras=hand_color_image"
     )
     assert code == 0, err
     assert "1 streams from 1 robots" in stdout and "not running" in stdout
     yml = (out / "go2rtc.yaml").read_text()
-    assert f'"spot-1_hand_color_image":\n    - "{relay.url}/stream/hand_color_image"\n' in yml
+    assert f'"spot-1_hand_color_image":\n    - "{relay_url}/stream/hand_color_image"\n' in yml
     assert "ffmpeg" not in yml and "password" not in yml and "default_query" not in yml
     assert json.loads((out / "targets.json").read_text()) == [
         {
-            "targets": [f"127.0.0.1:{relay.port}"],
+            "targets": [relay_url.removeprefix("http://")],
             "labels": {"robot": "spot-1", "__scheme__": "http", "__metrics_path__": "/metrics"},
         }
     ]
@@ -332,32 +367,21 @@ def test_configs_without_token_or_h264(relay, tmp_path, capsys):
     [
         (["--robot=a_b=http://x"], "expected NAME=URL"),
         (["--robot=a=ftp://x"], "http(s)://HOST:PORT"),
-        (["--robot=a=http://127.0.0.1:{port}", "--cameras=nope"], "robot a has no nope; it has"),
+        (
+            ["--robot=a={url}", "--cameras=nope"],
+            "robot a has no nope; it has cam, hand_color_image",
+        ),
         (["--robot=a=http://127.0.0.1:{dead}"], "robot a: http://127.0.0.1:{dead}/api/sources"),
-        (["--robot=a=http://127.0.0.1:{port}", "--token-file={bad}"], "letters, digits"),
+        (["--robot=a={url}", "--token-file={bad}"], "letters, digits"),
     ],
 )
-def test_mistakes_are_one_line(relay, tmp_path, capsys, args, message):
+def test_mistakes_are_one_line(relay_url, tmp_path, capsys, args, message):
     bad = tmp_path / "bad.token"
     bad.write_text("has space&amp\n")
-    fill = {"port": relay.port, "dead": free_port(), "bad": bad}
+    fill = {"url": relay_url, "dead": free_port(), "bad": bad}
     code, _, err = run_site(capsys, *(a.format(**fill) for a in args), f"--out={tmp_path / 'o'}")
     assert code != 0
     assert message.format(**fill) in err and len(err.splitlines()) == 1, err
-
-
-class _FakeRelay(http.server.BaseHTTPRequestHandler):
-    """Just enough of a relay's /api/sources for the generator."""
-
-    def do_GET(self) -> None:
-        body = json.dumps({"sources": [{"name": "cam", "stream": "/stream/cam"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def test_an_unreachable_robot_keeps_its_cameras_from_the_last_run(tmp_path, capsys):
@@ -366,18 +390,13 @@ def test_an_unreachable_robot_keeps_its_cameras_from_the_last_run(tmp_path, caps
     def streams() -> dict[str, list[str]]:
         return json.loads((tmp_path / "site" / "site.json").read_text())["streams"]
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), _FakeRelay)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    try:
+    with fake_relay() as url:
         assert run_site(capsys, f"--robot=a={url}", out)[0] == 0
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert streams() == {"a_cam": [f"{url}/stream/cam"]}
-    code, stdout, err = run_site(capsys, f"--robot=a={url}", out)  # away now
+    kept = {f"a_{c}": [f"{url}/stream/{c}"] for c in ("cam", "hand_color_image")}
+    assert streams() == kept
+    code, stdout, err = run_site(capsys, f"--robot=a={url}", out)  # the relay is away now
     assert code == 0 and "keeping its cameras from last run" in stdout, err
-    assert streams() == {"a_cam": [f"{url}/stream/cam"]}
+    assert streams() == kept
     code, _, err = run_site(capsys, f"--robot=a=http://127.0.0.1:{free_port()}", out)
     assert code != 0 and "robot a:" in err, "a robot at a new address has no cameras to keep"
 
@@ -385,6 +404,10 @@ def test_an_unreachable_robot_keeps_its_cameras_from_the_last_run(tmp_path, caps
 # -- the station ----------------------------------------------------------------------------------
 
 
+e2e = pytest.mark.e2e  # real engines and relays (the project's `make test-fast` leaves them out)
+
+
+@e2e
 def test_token_is_in_no_generated_file_and_no_command_line(station):
     files = [p for p in station.dir.rglob("*") if p.is_file() and not p.is_symlink()]
     files = [p for p in files if "prometheus-data" not in p.parts]
@@ -415,6 +438,7 @@ def _ps() -> str:
     return subprocess.run(["ps", "-eww", "-o", "args="], **_text).stdout
 
 
+@e2e
 def test_rerun_adds_a_robot_without_restarting_viewers(station):
     res = station.rerun["result"]
     assert res.returncode == 0, res.stderr
@@ -429,6 +453,7 @@ def test_rerun_adds_a_robot_without_restarting_viewers(station):
     assert {station.stream(r, c) for r in "ab" for c in CAMERAS} == set(streams)
 
 
+@e2e
 def test_rtsp_and_hls_play_a_camera_of_each_robot(station):
     """H.264 over RTSP for both robots and HLS for one, read concurrently (each start waits for
     go2rtc to launch its transcoder); plain MJPEG through go2rtc too."""
@@ -473,6 +498,7 @@ async def _videos(ws_url: str, count: int) -> list[dict[str, float]]:
         return videos
 
 
+@e2e
 def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station, tmp_path):
     """go2rtc's own player page in headless Chromium: it picks WebRTC or MSE (H.264) itself."""
     chromium = tool("chromium")
@@ -481,7 +507,10 @@ def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station, tmp_path):
     port = free_port()
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--mute-audio"]
     args += ["--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path}"]
-    browser = start_group([chromium, *args, f"--remote-debugging-port={port}", url])
+    browser = start_group(
+        [chromium, *args, f"--remote-debugging-port={port}", url],
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # its temporary files go with the test's
+    )
     try:
         videos = asyncio.run(_videos(_page_ws_url(port, time.time() + 30), len(names)))
     finally:
@@ -490,6 +519,7 @@ def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station, tmp_path):
     assert len(videos) == 2 and all(v["w"] == 640 and v["t"] > 1 for v in videos), videos
 
 
+@e2e
 def test_h264_runs_at_the_cameras_rate(station):
     camera, relay = "back_fisheye_image", station.relays["a"]
     url = f"{station.rtsp}/{station.stream('a', camera)}"
@@ -509,6 +539,7 @@ def test_h264_runs_at_the_cameras_rate(station):
     assert abs(h264_fps - camera_fps) <= 1.0
 
 
+@e2e
 def test_ten_rtsp_readers_are_one_client_of_the_relay(station):
     camera, relay = "hand_color_image", station.relays["a"]
     name = station.stream("a", camera)
@@ -532,6 +563,7 @@ def test_ten_rtsp_readers_are_one_client_of_the_relay(station):
             stop_group(r)
 
 
+@e2e
 def test_prometheus_watches_both_robots_per_camera(station):
     took = station.rerun["prometheus_seconds"]
     print(f"Prometheus had robot b's per-camera fps {took:.1f} s after site-config added it")
@@ -549,6 +581,7 @@ def test_prometheus_watches_both_robots_per_camera(station):
                 assert {r["metric"]["robot"] for r in result} == {"a", "b"}
 
 
+@e2e
 def test_a_stopped_robot_makes_its_unreachable_alert_pending(station):
     b = station.relays["b"]
     b.stop()
