@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -499,22 +500,25 @@ async def _videos(ws_url: str, count: int) -> list[dict[str, float]]:
 
 
 @e2e
-def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station, tmp_path):
+def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station):
     """go2rtc's own player page in headless Chromium: it picks WebRTC or MSE (H.264) itself."""
     chromium = tool("chromium")
     names = [station.stream("a", "back_fisheye_image"), station.stream("b", "hand_color_image")]
     url = f"{station.api}/stream.html?" + urllib.parse.urlencode([("src", n) for n in names])
     port = free_port()
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--mute-audio"]
-    args += ["--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path}"]
+    # A short path: Chromium's sockets live in its TMPDIR, and socket paths are short.
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    args += ["--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}"]
     browser = start_group(
         [chromium, *args, f"--remote-debugging-port={port}", url],
-        env={**os.environ, "TMPDIR": str(tmp_path)},  # its temporary files go with the test's
+        env={**os.environ, "TMPDIR": profile},  # its temporary files go with the profile
     )
     try:
         videos = asyncio.run(_videos(_page_ws_url(port, time.time() + 30), len(names)))
     finally:
         stop_group(browser)
+        shutil.rmtree(profile, ignore_errors=True)
     print("go2rtc page players:", videos)
     assert len(videos) == 2 and all(v["w"] == 640 and v["t"] > 1 for v in videos), videos
 
