@@ -168,6 +168,11 @@ async def serve(cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["site-config"]:  # the base station's config generator, not the relay
+        from spotrelay import site
+
+        sys.exit(site.main(argv[1:]))
     cfg = load_or_exit(argv)
     _setup_logging(cfg.log_level)
     cv2.setNumThreads(1)  # parallelism comes from rendering sources in separate threads
