@@ -1,14 +1,17 @@
-"""Benchmarks (`make bench`): frames, latency and CPU against the simulated robot, as ratios against
-baselines measured in the same run (the machine is shared and noisy; absolute numbers vary).
+"""Benchmarks (`make bench`): every frame, latency, requests and CPU against the simulated robot,
+each against a baseline measured in the same run (the machine is shared and noisy).
 
-The robot runs in its own process (``python -m spotrelay.sim``) like a real robot would, the relay
-in another; clients run here. Scenarios:
+The robot runs in its own process (``python -m spotrelay.sim``, the realistic profile: capture
+jitter +-2 ms, captures available 25 ms after acquisition), the relay in another, clients here.
+Baselines:
 
-1. every frame: distinct frames/s of one source, the SDK examples' one-request-at-a-time loop
-   (baseline) vs the relay's pipelined poller, on loopback and with 40 ms of robot latency;
-2. added latency: capture-to-client through the relay vs capture-to-reply of a direct GetImage;
-3. fan-out: relay CPU with 1 vs 10 clients on each of six cameras (encode once, share);
-4. cost of work: relay CPU for passthrough vs 320-wide re-encode on six cameras.
+* re-poll: a simple relay that asks every 10 ms until it sees a new capture (good latency by
+  flooding the robot); measured at the moment it has the reply, so it pays no HTTP delivery;
+* SDK loop: the SDK examples' one-request-at-a-time loop.
+
+Scenarios: six visual cameras at once (loopback; with 50 clients on one; with a 100 +- 30 ms
+round trip), a 5 Hz payload camera and a 60 Hz hand camera beside them, and the relay's CPU for
+fan-out and for re-encoding. ``--json FILE`` also writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads
 
 import argparse
 import json
-import socket
+import multiprocessing
+import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 import bosdyn.client
+from bosdyn.client.exceptions import TooManyRequestsError
 from bosdyn.client.image import build_image_request
 
-from tests.mjpeg import parts
+from tests.mjpeg import stamps_and_latencies
 from tests.relay import Relay
 
 VISUAL = [
@@ -40,13 +47,25 @@ VISUAL = [
     "back_fisheye_image",
     "hand_color_image",
 ]
+AVAILABLE_AFTER = 0.025
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class SimProcess:
-    def __init__(self, rpc_latency: float = 0.0):
+    """The simulated robot in a process of its own; ``stats()`` asks it what it served."""
+
+    def __init__(self, rpc_latency: float = 0.0, *args: str):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spotrelay.sim", "--rpc-latency", str(rpc_latency)],
+            [
+                sys.executable,
+                "-m",
+                "spotrelay.sim",
+                "--rpc-latency",
+                str(rpc_latency),
+                "--availability",
+                str(AVAILABLE_AFTER),
+                *args,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -55,6 +74,12 @@ class SimProcess:
         self.port, self.ca_path = info["port"], info["ca"]
         self.username, self.password = info["username"], info["password"]
         self.payload_guid, self.payload_secret = info["guid"], info["secret"]
+
+    def stats(self) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write('{"cmd": "stats"}\n')
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -67,6 +92,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 2 else float("nan")
+
+
 def sdk_robot(sim: SimProcess):
     sdk = bosdyn.client.create_standard_sdk("spotrelay-bench")
     sdk.load_robot_cert(sim.ca_path)
@@ -77,197 +106,316 @@ def sdk_robot(sim: SimProcess):
     return robot
 
 
-def sdk_sequential(robot, source: str, seconds: float) -> tuple[float, list[float]]:
-    """The SDK examples' loop: one GetImage, wait for it, repeat. (distinct fps, latencies)."""
+@dataclass
+class Seen:
+    """What one client (or baseline loop) got from one camera."""
+
+    stamps: list[float] = field(default_factory=list)  # capture times, local
+    latencies: list[float] = field(default_factory=list)
+    requests: int = 0
+
+    def delivered(self, rate: float) -> float:
+        """Distinct captures received over those the camera made in the same span."""
+        s = sorted(set(self.stamps))
+        if len(s) < 2:
+            return 0.0
+        return len(s) / (round((s[-1] - s[0]) * rate) + 1)
+
+    @property
+    def frames(self) -> int:
+        return len(set(self.stamps))
+
+
+def repoll(robot, source: str, seconds: float, out: Seen, interval: float = 0.010) -> None:
+    """The flooding baseline: ask every 10 ms; keep what is new."""
     client = robot.ensure_client("image")
     skew = robot.time_sync.get_robot_clock_skew()
     skew_s = skew.seconds + skew.nanos * 1e-9
     req = [build_image_request(source, quality_percent=75)]
-    seen, latencies = set(), []
+    last = None
     end = time.time() + seconds
     while time.time() < end:
         r = client.get_image(req)[0]
-        t = r.shot.acquisition_time.seconds + r.shot.acquisition_time.nanos * 1e-9
-        if t not in seen:
-            seen.add(t)
-            latencies.append(time.time() - (t - skew_s))
-    return len(seen) / seconds, latencies
+        out.requests += 1
+        t = r.shot.acquisition_time.seconds + r.shot.acquisition_time.nanos * 1e-9 - skew_s
+        if t != last:
+            last = t
+            out.stamps.append(t)
+            out.latencies.append(time.time() - t)
+        time.sleep(interval)
 
 
-def read_stream(url: str, seconds: float, out: list) -> None:
-    got = []
-    end = None
-    for p in parts(url, timeout=20):
-        got.append((p.timestamp, p.received))
-        end = end or time.time() + seconds
-        if time.time() > end:
+def repoll_process(sim: dict, source: str, start_at: float, seconds: float) -> Seen:
+    """The re-poll baseline for one camera, in a process of its own (as six simple relays
+    would be; one process for six would measure its own GIL, not the approach)."""
+    sdk = bosdyn.client.create_standard_sdk("spotrelay-bench-repoll")
+    sdk.load_robot_cert(sim["ca"])
+    robot = sdk.create_robot("127.0.0.1")
+    robot.update_secure_channel_port(sim["port"])
+    for _ in range(20):  # six at once exceed the robot's five logins a second
+        try:
+            robot.authenticate(sim["username"], sim["password"])
             break
-    out.extend(got)
+        except TooManyRequestsError:
+            time.sleep(0.3)
+    robot.time_sync.wait_for_sync()
+    out = Seen()
+    time.sleep(max(0.0, start_at - time.time()))
+    repoll(robot, source, seconds, out)
+    robot._shutdown()
+    return out
 
 
-def relay_fps(relay: Relay, sources: list[str], query: str, seconds: float, copies: int = 1):
-    """Distinct fps per source (first client of each) and capture-to-client latencies."""
-    results: dict[tuple[str, int], list] = {}
-    threads = []
-    for s in sources:
-        for i in range(copies):
-            results[(s, i)] = []
-            threads.append(
-                threading.Thread(
-                    target=read_stream,
-                    args=(f"{relay.url}/stream/{s}{query}", seconds, results[(s, i)]),
-                )
-            )
+def repoll_cameras(sim: SimProcess, sources: list[str], seconds: float) -> dict[str, Seen]:
+    info = {"ca": sim.ca_path, "port": sim.port, "username": sim.username}
+    info["password"] = sim.password
+    start_at = time.time() + 8  # every process started and logged in
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(sources), mp_context=ctx) as pool:
+        jobs = {s: pool.submit(repoll_process, info, s, start_at, seconds) for s in sources}
+        return {s: job.result() for s, job in jobs.items()}
+
+
+def sdk_sequential(robot, source: str, seconds: float) -> Seen:
+    """The SDK examples' loop: one GetImage, wait for it, repeat."""
+    out = Seen()
+    repoll(robot, source, seconds, out, interval=0.0)
+    return out
+
+
+def in_threads(jobs: list[tuple], seconds: float) -> None:
+    threads = [threading.Thread(target=fn, args=args, daemon=True) for fn, *args in jobs]
     for t in threads:
         t.start()
     for t in threads:
         t.join(seconds + 30)
-    fps, latency = {}, []
-    for s in sources:
-        got = results[(s, 0)]
-        stamps = {ts for ts, _ in got}
-        span = got[-1][1] - got[0][1] if len(got) > 1 else 1
-        fps[s] = (len(stamps) - 1) / span
-        latency += [rx - ts for ts, rx in got]
-    return fps, latency
 
 
-def discard_clients(relay: Relay, sources: list[str], query: str, n: int) -> list[socket.socket]:
-    """n raw clients per source that read and discard: cheap here, real work for the relay."""
-    socks = []
-    for s in sources:
-        for _ in range(n):
-            sock = socket.create_connection(("127.0.0.1", relay.port))
-            sock.sendall(f"GET /stream/{s}{query} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-            socks.append(sock)
-
-    def drain() -> None:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        for sock in socks:
-            sock.setblocking(False)
-            sel.register(sock, selectors.EVENT_READ)
-        while sel.get_map():
-            for key, _ in sel.select(timeout=1):
-                try:
-                    if not key.fileobj.recv(1 << 16):  # type: ignore[union-attr]
-                        sel.unregister(key.fileobj)
-                except OSError:
-                    sel.unregister(key.fileobj)
-
-    threading.Thread(target=drain, daemon=True).start()
-    return socks
+_DISCARD = """
+import selectors, socket, sys, threading
+port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+for s in socks:
+    s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: bench\\r\\n\\r\\n".encode())
+    s.setblocking(False)
+sel = selectors.DefaultSelector()
+for s in socks:
+    sel.register(s, selectors.EVENT_READ)
+buf = bytearray(1 << 18)
+threading.Thread(target=lambda: (sys.stdin.read(), sel.close()), daemon=True).start()
+print("connected", flush=True)
+try:
+    while True:
+        for key, _ in sel.select(timeout=1):
+            if not key.fileobj.recv_into(buf):
+                sel.unregister(key.fileobj)
+except (OSError, ValueError, KeyError):
+    pass
+"""
 
 
-def measure_cpu(relay: Relay, seconds: float, work) -> tuple[float, object]:
-    before, t0 = cpu_seconds(relay.proc.pid), time.time()
-    result = work()
-    return (cpu_seconds(relay.proc.pid) - before) / (time.time() - t0), result
+class Discarders:
+    """n clients on one path that read and throw away, in a process of their own: real work for
+    the relay, none for the clients whose latency is being measured here."""
+
+    def __init__(self, relay: Relay, path: str, n: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _DISCARD, str(relay.port), path, str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout and self.proc.stdout.readline().strip() == "connected"
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait(10)
 
 
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 2 else float("nan")
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def row(self, name: str, baseline: str, relay: str, note: str = "") -> None:
+        self.rows.append((name, baseline, relay, note))
+        print(f"  {name}: {baseline} | {relay} {note}", flush=True)
+
+    def table(self) -> str:
+        head = ("measure", "baseline", "relay", "target / ratio")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def ms(x: float) -> str:
+    return f"{x * 1e3:.1f}"
+
+
+def watch(relay: Relay, sources: list[str], seconds: float, query: str = "") -> dict[str, Seen]:
+    """One client per source, each a thread of this process (the crowds that only add load for
+    the relay are ``Discarders``, in a process of their own)."""
+    seen = {s: Seen() for s in sources}
+
+    def read(source: str) -> None:
+        url = f"{relay.url}/stream/{source}{query}"
+        seen[source].stamps, seen[source].latencies = stamps_and_latencies(url, seconds)
+
+    in_threads([(read, s) for s in sources], seconds)
+    return seen
+
+
+def requests_per_frame(sim: SimProcess, before: dict, after: dict, seen: dict[str, Seen]) -> tuple:
+    frames = sum(s.frames for s in seen.values())
+    calls = sum(after["get_image_calls"].values()) - sum(before["get_image_calls"].values())
+    images = sum(
+        after["images_requested"].get(s, 0) - before["images_requested"].get(s, 0) for s in seen
+    )
+    return calls / frames, images / frames
+
+
+def scenario_six(report: Report, secs: float, rtt: float, jitter: float) -> None:
+    label = "loopback" if rtt == 0 else f"RTT {rtt * 1e3:.0f}+-{jitter * 1e3:.0f} ms"
+    print(f"six visual cameras, {label}", flush=True)
+    sim = SimProcess(rtt, "--rpc-jitter", str(jitter))
+    base = repoll_cameras(sim, VISUAL, secs)
+    relay = Relay.for_sim(sim, "--sources", ",".join(VISUAL)).wait_ready()
+    try:
+        watch(relay, VISUAL, 3.0)  # warm up: every schedule locked
+        before = sim.stats()
+        seen = watch(relay, VISUAL, secs)
+        after = sim.stats()
+        rpcs, images = requests_per_frame(sim, before, after, seen)
+        crowd = None
+        if rtt == 0:  # 50 clients on one camera, one on each of the others
+            extra = Discarders(relay, f"/stream/{VISUAL[0]}", 49)
+            crowd = watch(relay, VISUAL, secs)[VISUAL[0]]
+            extra.close()
+    finally:
+        relay.stop()
+        sim.stop()
+    delivered = min(s.delivered(15) for s in seen.values())
+    base_delivered = min(s.delivered(15) for s in base.values())
+    base_req = sum(s.requests for s in base.values()) / sum(s.frames for s in base.values())
+    want = 0.99 if rtt == 0 else 0.97
+    report.row(
+        f"six cameras, {label}: captures delivered (worst camera)",
+        f"{base_delivered:.1%}",
+        f"{delivered:.1%}",
+        f"target >= {want:.0%}",
+    )
+    report.row(
+        f"  GetImage RPCs per new frame ({label})",
+        f"{base_req:.2f}",
+        f"{rpcs:.2f}",
+        f"target <= {1.2 if rtt == 0 else 1.3}; {rpcs / base_req:.2f}x the baseline's",
+    )
+    report.row(f"  image requests per new frame ({label})", f"{base_req:.2f}", f"{images:.2f}")
+    lat = [x for s in seen.values() for x in s.latencies]
+    blat = [x for s in base.values() for x in s.latencies]
+    for q in (50, 95, 99):
+        target = ""
+        if rtt == 0 and q == 95:
+            target = f"target <= {ms(AVAILABLE_AFTER + 0.012)} (availability + 12 ms)"
+        report.row(
+            f"  capture-to-client p{q}, ms ({label})", ms(pct(blat, q)), ms(pct(lat, q)), target
+        )
+    if crowd is not None:
+        for q in (50, 95, 99):
+            report.row(
+                f"  p{q} with 50 clients on one camera, ms",
+                ms(pct(blat, q)),
+                ms(pct(crowd.latencies, q)),
+                f"delivered {crowd.delivered(15):.1%}",
+            )
+
+
+def scenario_mixed(report: Report, secs: float) -> None:
+    print("six visual cameras, a 5 Hz payload camera and a 60 Hz hand camera", flush=True)
+    sim = SimProcess(0.0, "--payload-camera", "ok", "--hand-rate", "60")
+    watched = [*VISUAL, "payload-thermal"]
+    relay = Relay.for_sim(
+        sim, "--image-services", "auto", "--sources", ",".join(watched)
+    ).wait_ready()
+    try:
+        watch(relay, watched, 4.0)
+        before = sim.stats()
+        seen = watch(relay, watched, secs)
+        after = sim.stats()
+    finally:
+        relay.stop()
+        sim.stop()
+    for source, rate in (("payload-thermal", 5), ("hand_color_image", 60)):
+        images = after["images_requested"][source] - before["images_requested"][source]
+        report.row(
+            f"{source} at {rate} Hz beside six cameras: delivered, requests per frame",
+            "",
+            f"{seen[source].delivered(rate):.1%}, {images / seen[source].frames:.2f}",
+            "target >= 97%, <= 1.3",
+        )
+
+
+def scenario_cpu(report: Report, secs: float) -> None:
+    print("CPU: fan-out and re-encoding; every frame against the SDK loop", flush=True)
+    sim = SimProcess(0.0)
+    robot = sdk_robot(sim)
+    try:
+        loop = sdk_sequential(robot, "back_fisheye_image", secs)
+    finally:
+        robot._shutdown()
+    relay = Relay.for_sim(sim, "--sources", ",".join(VISUAL)).wait_ready()
+
+    def cpu(work) -> tuple[float, dict[str, Seen]]:
+        before, t0 = cpu_seconds(relay.proc.pid), time.time()
+        result = work()
+        return (cpu_seconds(relay.proc.pid) - before) / (time.time() - t0), result
+
+    try:
+        watch(relay, VISUAL, 3.0, "?width=320")
+        cpu1, one = cpu(lambda: watch(relay, VISUAL, secs, "?width=320"))
+        extra = [Discarders(relay, f"/stream/{v}?width=320", 9) for v in VISUAL]
+        cpu10, ten = cpu(lambda: watch(relay, VISUAL, secs, "?width=320"))
+        for d in extra:
+            d.close()
+        cpu_pass, native = cpu(lambda: watch(relay, VISUAL, secs))
+    finally:
+        relay.stop()
+        sim.stop()
+    report.row(
+        "distinct frames/s, one camera (baseline: SDK one-at-a-time loop)",
+        f"{loop.frames / secs:.1f}",
+        f"{native['back_fisheye_image'].frames / secs:.1f}",
+    )
+    report.row(
+        "relay CPU, six cameras at 320 px: 1 vs 10 clients each",
+        f"{cpu1:.0%}",
+        f"{cpu10:.0%}",
+        f"{cpu10 / cpu1:.2f}x; min delivered {min(s.delivered(15) for s in ten.values()):.1%}",
+    )
+    report.row(
+        "relay CPU, six cameras: passthrough vs 320 px re-encode",
+        f"{cpu_pass:.0%}",
+        f"{cpu1:.0%}",
+        f"{cpu1 / cpu_pass:.2f}x; min delivered {min(s.delivered(15) for s in one.values()):.1%}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    secs = args.seconds
-    report: dict[str, object] = {}
-    rows: list[tuple[str, str, str, str]] = []
-
-    for latency in (0.0, 0.1):  # 100 ms: a round trip longer than the 67 ms frame period
-        sim = SimProcess(rpc_latency=latency)
-        relay = Relay.for_sim(sim).wait_ready()
-        robot = sdk_robot(sim)
-        try:
-            base_fps, base_lat = sdk_sequential(robot, "back_fisheye_image", secs)
-            fps, lat = relay_fps(relay, ["back_fisheye_image"], "", secs)
-            name = f"frames/s, one camera, robot RPC +{latency * 1000:.0f} ms"
-            rows.append(
-                (
-                    name,
-                    f"{base_fps:.1f}",
-                    f"{fps['back_fisheye_image']:.1f}",
-                    f"{fps['back_fisheye_image'] / base_fps:.2f}x",
-                )
-            )
-            if latency == 0.0:
-                rows.append(
-                    (
-                        "capture-to-client p50 (ms)",
-                        f"{statistics.median(base_lat) * 1e3:.1f}",
-                        f"{statistics.median(lat) * 1e3:.1f}",
-                        f"+{(statistics.median(lat) - statistics.median(base_lat)) * 1e3:.1f} ms",
-                    )
-                )
-                rows.append(
-                    (
-                        "capture-to-client p95 (ms)",
-                        f"{pct(base_lat, 95) * 1e3:.1f}",
-                        f"{pct(lat, 95) * 1e3:.1f}",
-                        f"+{(pct(lat, 95) - pct(base_lat, 95)) * 1e3:.1f} ms",
-                    )
-                )
-                # fan-out and cost of work, same robot and relay
-                cpu1, (fps1, _) = measure_cpu(
-                    relay, secs, lambda r=relay: relay_fps(r, VISUAL, "?width=320", secs)
-                )
-                extra = discard_clients(relay, VISUAL, "?width=320", 9)
-                time.sleep(1)
-                cpu10, (fps10, _) = measure_cpu(
-                    relay, secs, lambda r=relay: relay_fps(r, VISUAL, "?width=320", secs)
-                )
-                for s in extra:
-                    s.close()
-                rows.append(
-                    (
-                        "relay CPU, 6 cameras 320 px: 1 vs 10 clients each",
-                        f"{cpu1 * 100:.0f}%",
-                        f"{cpu10 * 100:.0f}%",
-                        f"{cpu10 / cpu1:.2f}x",
-                    )
-                )
-                rows.append(
-                    (
-                        "  min distinct fps per camera, 1 vs 10 clients",
-                        f"{min(fps1.values()):.1f}",
-                        f"{min(fps10.values()):.1f}",
-                        "",
-                    )
-                )
-                time.sleep(1)
-                cpu_pass, (fps_pass, _) = measure_cpu(
-                    relay, secs, lambda r=relay: relay_fps(r, VISUAL, "", secs)
-                )
-                rows.append(
-                    (
-                        "relay CPU, 6 cameras: passthrough vs 320 px re-encode",
-                        f"{cpu_pass * 100:.0f}%",
-                        f"{cpu1 * 100:.0f}%",
-                        f"{cpu1 / cpu_pass:.2f}x",
-                    )
-                )
-                rows.append(
-                    (
-                        "  min distinct fps per camera, passthrough",
-                        f"{min(fps_pass.values()):.1f}",
-                        "",
-                        "",
-                    )
-                )
-        finally:
-            robot._shutdown()
-            relay.stop()
-            sim.stop()
-
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'':{width}}  {'baseline':>10}  {'relay':>10}  {'ratio':>10}")
-    for name, a, b, c in rows:
-        print(f"{name:{width}}  {a:>10}  {b:>10}  {c:>10}")
-    report["rows"] = rows
+    report = Report()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}"
+    print(f"bench on {machine}", flush=True)
+    scenario_six(report, args.seconds, 0.0, 0.0)
+    scenario_six(report, args.seconds, 0.100, 0.030)
+    scenario_mixed(report, args.seconds)
+    scenario_cpu(report, args.seconds / 2)
+    print("\n" + report.table())
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine, "rows": report.rows}, fh, indent=1)
     return 0
 
 

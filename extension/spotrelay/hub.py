@@ -49,6 +49,15 @@ class Encoded:
     acquired: float  # capture time, local epoch seconds (X-Timestamp); 0 for a placeholder
     seq: int  # source frame number; repeated for stale repeats
     stale: bool = False
+    # what an output makes of this rendering (an MJPEG part...), made once for all its clients
+    memo: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def framed(self, output: str, frame: Callable[[Encoded], bytes]) -> bytes:
+        """``frame(self)``, computed by the first client of an output and shared by the rest."""
+        made = self.memo.get(output)
+        if made is None:
+            made = self.memo[output] = frame(self)
+        return made
 
 
 class Variant:
@@ -146,6 +155,7 @@ class Hub:
         self._rendering: set[str] = set()
         self._waiting: dict[str, Frame] = {}
         self._ids = itertools.count(1)
+        self._per_source: dict[str, tuple] = {}
         self._closed = False
 
     # -- sources ------------------------------------------------------------------------------
@@ -347,15 +357,28 @@ class Hub:
 
     def sent(self, client: Client, enc: Encoded, nbytes: int) -> None:
         """An output is about to write ``enc`` (``nbytes`` on the wire) to ``client``."""
+        now = time.time()
         client.frames_sent += 1
         client.bytes_sent += nbytes
-        client.rate.mark(time.time())
-        self.metrics.frames_served.labels(source=client.source).inc()
-        self.metrics.bytes_sent.labels(source=client.source).inc(nbytes)
+        client.rate.mark(now)
+        served, sent_bytes, latency = self._series(client.source)
+        served.inc()
+        sent_bytes.inc(nbytes)
         if enc.acquired and not enc.stale:
-            self.metrics.frame_latency.labels(source=client.source, stage="sent").observe(
-                max(0.0, time.time() - enc.acquired)
+            latency.observe(max(0.0, now - enc.acquired))
+
+    def _series(self, source: str) -> tuple:
+        """The per-source metric children a write counts into (looked up once per source:
+        with fifty viewers, per-write label lookups are a measurable share of a frame)."""
+        series = self._per_source.get(source)
+        if series is None:
+            m = self.metrics
+            series = self._per_source[source] = (
+                m.frames_served.labels(source=source),
+                m.bytes_sent.labels(source=source),
+                m.frame_latency.labels(source=source, stage="sent"),
             )
+        return series
 
     async def next_frame(self, source: str, *, after: float = 0.0, timeout: float = 2.0) -> Frame:
         """The newest frame received after hub-clock time ``after``: the held one if it is that

@@ -99,6 +99,7 @@ class Relay:
                     robot_status=self.conn.status,
                     registry=metrics.registry,
                     show_peers=bool(cfg.token),
+                    timing=self.poller.timing,
                 ),
             ],
             token=cfg.token,

@@ -17,12 +17,16 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-# Around Spot's frame period (66.7 ms): a frame is on time, one or two periods late, or stalled.
+# Fine where frames land (a capture becomes available 20-60 ms after it is taken), then around
+# Spot's frame period (66.7 ms): on time, one or two periods late, or stalled.
 LATENCY_BUCKETS = (
     0.005,
     0.01,
     0.02,
-    0.033,
+    0.025,
+    0.03,
+    0.035,
+    0.04,
     0.05,
     0.067,
     0.1,

@@ -122,6 +122,18 @@ class Poller:
         if watched:
             self._wake_service(state.info.service)
 
+    def timing(self, source: str) -> dict[str, float | None]:
+        """What the schedule has learned of a camera (for /api/sources)."""
+        state = self.sources.get(source)
+        sched = state.schedule if state else None
+        if sched is None or sched.grid is None:
+            return {"capture_hz": None, "available_after_ms": None}
+        hi = sched.avail_hi
+        return {
+            "capture_hz": round(1 / sched.grid.period, 3),
+            "available_after_ms": round(hi * 1e3, 1) if hi is not None else None,
+        }
+
     def _wake_service(self, service: str) -> None:
         if service in self._wake:
             self._wake[service].set()

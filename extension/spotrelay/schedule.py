@@ -247,14 +247,16 @@ class Schedule:
     # -- timing -----------------------------------------------------------------------------
 
     def _lead(self, index: int) -> float:
-        """From a capture's predicted time to when a request for it must reach the robot."""
+        """From a capture's predicted time to when a request for it must reach the robot: the
+        delay A (its upper bound) plus how late the capture may be against the grid. A request
+        that narrows the bracket aims at its middle, jitter and all: its answer, a hit or a
+        miss, moves one bound whichever way the capture fell."""
         grid = self.grid
         assert grid is not None
         hi = self.avail_hi if self.avail_hi is not None else grid.period / 2
         if index == self._narrowing:
-            hi = (self.avail_lo + hi) / 2
-        # the largest residual of a few dozen captures undershoots the true bound a little
-        return hi + grid.jitter * 1.25 + MARGIN
+            return (self.avail_lo + hi) / 2 + MARGIN
+        return hi + grid.jitter + MARGIN
 
     def _oneway_low(self) -> float:
         """A one-way delay that almost no request undercuts: the lowest recent one, less a

@@ -28,6 +28,7 @@ def add_routes(
     registry: CollectorRegistry,
     *,
     show_peers: bool = True,
+    timing: Callable[[str], dict[str, Any]] = lambda source: {},
 ) -> None:
     async def api_sources(request: web.Request) -> web.Response:
         now = time.time()
@@ -45,6 +46,7 @@ def add_routes(
                     "pixel_formats": list(info.pixel_formats),
                     "formats": list(info.image_formats),
                     "fps": round(hub.fps(name), 2),
+                    **timing(name),
                     "age": round(now - frame.acquired, 3) if frame else None,
                     "stale": hub.is_stale(name),
                     "clients": hub.watched(name),

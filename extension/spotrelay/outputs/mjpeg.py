@@ -11,7 +11,7 @@ import contextlib
 
 from aiohttp import web
 
-from spotrelay.hub import Client, Hub
+from spotrelay.hub import Client, Encoded, Hub
 from spotrelay.outputs.common import parse_request, peer, small_send_buffer, source_or_error
 
 BOUNDARY = "spotrelayframe"
@@ -23,11 +23,13 @@ HEADERS = {
 }
 
 
-def part_head(nbytes: int, acquired: float, stale: bool) -> bytes:
-    return (
-        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {nbytes}\r\n"
-        f"X-Timestamp: {acquired:.6f}\r\n" + ("X-Stale: 1\r\n" if stale else "") + "\r\n"
+def part(enc: Encoded) -> bytes:
+    """One multipart part: boundary, headers, the JPEG, CRLF; one write, shared by all clients."""
+    head = (
+        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(enc.data)}\r\n"
+        f"X-Timestamp: {enc.acquired:.6f}\r\n" + ("X-Stale: 1\r\n" if enc.stale else "") + "\r\n"
     ).encode()
+    return b"".join((head, enc.data, b"\r\n"))
 
 
 def add_routes(app: web.Application, hub: Hub) -> None:
@@ -44,9 +46,7 @@ def add_routes(app: web.Application, hub: Hub) -> None:
             async with contextlib.aclosing(hub.frames(source, spec, client)) as frames:
                 async for enc in frames:
                     hub.sent(client, enc, len(enc.data))
-                    await resp.write(part_head(len(enc.data), enc.acquired, enc.stale))
-                    await resp.write(enc.data)
-                    await resp.write(b"\r\n")
+                    await resp.write(enc.framed("mjpeg", part))
         return resp
 
     app.router.add_get("/stream/{source}", stream)
