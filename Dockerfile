@@ -25,12 +25,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin spotrelay
 COPY --from=build /opt/spotrelay /opt/spotrelay
+# No USER: the relay starts as root only to read the payload credentials (root's own file on a
+# CORE I/O, mounted read-only), then drops for good to uid 10001 before it talks to anyone
+# (SPOTRELAY_RUN_AS; see main.drop_privileges).
 ENV PATH=/opt/spotrelay/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SPOTRELAY_PORT=21080 \
-    SPOTRELAY_BIND=0.0.0.0
-USER spotrelay
+    SPOTRELAY_BIND=0.0.0.0 \
+    SPOTRELAY_RUN_AS=10001:10001
 EXPOSE 21080
 # The relay ends its streams and exits within a second of SIGTERM.
 STOPSIGNAL SIGTERM

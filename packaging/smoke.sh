@@ -2,8 +2,9 @@
 # Container smoke test: run docker-compose.yml as the robot would (bridge network, port 21080,
 # payload credentials mounted read-only), against the simulated robot in a second container made
 # from the same image, and check what a user relies on:
-#   a frame arrives through the mapped port, the relay runs as non-root, Docker reports it
-#   healthy, and `docker stop` ends it cleanly within 2 s.
+#   the payload credentials are root's 0600 file (as on a CORE I/O) and the root filesystem is
+#   read-only, yet a frame arrives through the mapped port; the relay runs as uid 10001, Docker
+#   reports it healthy, and `docker stop` ends it cleanly within 2 s.
 #   packaging/smoke.sh spotrelay:0.1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,9 @@ done
 sim_ip=$(docker inspect -f '{{.NetworkSettings.IPAddress}}' "$sim")
 python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["guid"]); print(d["secret"])' "$info" \
   > "$work/creds/payload_guid_and_secret"
+chown 0:0 "$work/creds/payload_guid_and_secret"
+chmod 0600 "$work/creds/payload_guid_and_secret"
+chmod 0700 "$work/creds"
 
 cat > "$work/override.yml" <<YAML
 version: "2.4"
@@ -87,9 +91,13 @@ then
   exit 1
 fi
 
-uid=$(docker exec "$cid" id -u)
-[ "$uid" != "0" ] || { say "FAIL: the relay runs as root"; exit 1; }
-say "runs as uid $uid ($(docker exec "$cid" id -un))"
+uid=$(docker exec "$cid" awk '/^Uid:/ {print $2 "/" $3}' /proc/1/status)
+[ "$uid" = "10001/10001" ] || { say "FAIL: the relay runs as uid $uid, not 10001"; exit 1; }
+say "the relay (pid 1) runs as uid 10001 after reading root's 0600 credentials"
+if docker exec "$cid" sh -c 'touch /opt/spotrelay/x' 2>/dev/null; then
+  say "FAIL: the root filesystem is writable"; exit 1
+fi
+say "the root filesystem is read-only"
 
 for _ in $(seq 40); do
   health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")

@@ -64,6 +64,7 @@ class SimProcess:
                 str(rpc_latency),
                 "--availability",
                 str(AVAILABLE_AFTER),
+                "--control",
                 *args,
             ],
             stdin=subprocess.PIPE,

@@ -38,7 +38,13 @@ def free_port() -> int:
 class Relay:
     """A `python -m spotrelay` process on 127.0.0.1 with its log captured to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        preexec_fn=None,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
@@ -48,6 +54,8 @@ class Relay:
             k: v for k, v in os.environ.items() if not k.startswith(("SPOTRELAY_", "BOSDYN_"))
         }
         full_env.update(env or {})
+        if os.environ.get("RELAY_UNDER_TEST"):  # another checkout's relay, to compare with
+            full_env["PYTHONPATH"] = os.environ["RELAY_UNDER_TEST"]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -62,6 +70,7 @@ class Relay:
             env=full_env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
         self._log_text: str | None = None
 
@@ -104,6 +113,7 @@ class Relay:
         last = None
         while time.time() < end:
             if self.proc.poll() is not None:
+                self.stop()  # a fixture that fails here never reaches its own cleanup
                 raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
             try:
                 last = self.get("/readyz", timeout=2)
@@ -112,10 +122,13 @@ class Relay:
             except OSError:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise AssertionError(f"relay not ready after {timeout} s ({last}):\n{self.log()}")
 
     def stop(self, timeout: float = 5.0) -> float:
-        """SIGTERM and wait; returns how long the process took to exit."""
+        """SIGTERM and wait; returns how long the process took to exit. Stopping twice is fine."""
+        if self._log_text is not None:
+            return 0.0
         start = time.time()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -4,78 +4,15 @@ synthetic frames and a registry of the test's own. What a client sees for good a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import cv2
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from bosdyn.api import image_pb2
 
-from spotrelay.frames import Frame, ImageData, SourceInfo
-from spotrelay.http import build_app
-from spotrelay.hub import Hub
-from spotrelay.metrics import Metrics
-from spotrelay.outputs import api, mjpeg, snapshot, viewer, ws
+from tests.inproc import SOURCES, relay_app
 
-I = image_pb2.Image  # noqa: E741
-SOURCES = [
-    SourceInfo(
-        "frontleft_fisheye_image", "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG",)
-    ),
-    SourceInfo("back_fisheye_image", "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG",)),
-    SourceInfo("back_depth", "image", 240, 424, "depth", ("DEPTH_U16",), ("RAW",)),
-]
 TOKEN = "t0k3n-for-tests"
-
-
-def make_frame(source: str, seq: int = 1) -> Frame:
-    if source.endswith("depth"):
-        depth = np.full((240, 424), 1500, np.uint16)
-        image = ImageData(depth.tobytes(), I.FORMAT_RAW, I.PIXEL_FORMAT_DEPTH_U16, 240, 424)
-    else:
-        data = cv2.imencode(".jpg", np.full((480, 640), 100, np.uint8))[1].tobytes()
-        image = ImageData(data, I.FORMAT_JPEG, I.PIXEL_FORMAT_GREYSCALE_U8, 480, 640)
-    return Frame(source, image, 1000.0 + seq, 1002.5 + seq, 1000.03 + seq, seq)
-
-
-@contextlib.asynccontextmanager
-async def relay_app(*, token: str | None = None, sources=SOURCES, frames: bool = True):
-    metrics = Metrics()
-    executor = ThreadPoolExecutor(2)
-    hub = Hub(executor, metrics)
-    hub.set_sources(sources)
-    status = {"connected": True, "address": "robot:443", "last_error": None}
-    app = build_app(
-        [
-            viewer.add_routes,
-            partial(mjpeg.add_routes, hub=hub),
-            partial(ws.add_routes, hub=hub),
-            partial(snapshot.add_routes, hub=hub),
-            partial(
-                api.add_routes,
-                hub=hub,
-                robot_status=lambda: status,
-                registry=metrics.registry,
-                show_peers=bool(token),
-            ),
-        ],
-        token=token,
-    )
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    if frames:
-        for s in sources:
-            hub.publish(make_frame(s.name))
-    try:
-        yield client, hub, metrics
-    finally:
-        hub.close()
-        await client.close()
-        executor.shutdown(wait=True)
 
 
 def run(coro):

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import cv2
 import numpy as np
 import pytest
-from bosdyn.api import image_pb2
 
-from spotrelay.frames import Frame, ImageData, RenderSpec, SourceInfo
+from spotrelay.frames import Frame, RenderSpec, SourceInfo
 from spotrelay.hub import Client, Hub
 from spotrelay.metrics import Metrics
+from tests.inproc import FakeClock, GatedExecutor, make_frame
 from tests.wait import async_wait_until
 
 SOURCE = "back_fisheye_image"
@@ -23,40 +21,7 @@ INFO = SourceInfo(SOURCE, "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG
 
 
 def frame(seq: int, w: int = 640, h: int = 480) -> Frame:
-    img = np.full((h, w), seq * 20 % 256, np.uint8)
-    data = cv2.imencode(".jpg", img)[1].tobytes()
-    image = ImageData(
-        data, image_pb2.Image.FORMAT_JPEG, image_pb2.Image.PIXEL_FORMAT_GREYSCALE_U8, h, w
-    )
-    t = 1_000_000.0 + seq / 15
-    return Frame(SOURCE, image, t, t + 2.5, t + 0.03, seq)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class GatedExecutor(ThreadPoolExecutor):
-    """A real thread pool whose jobs start only when the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=2)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.jobs = 0
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        self.jobs += 1
-
-        def gated():
-            self.gate.wait(5)
-            return fn(*args, **kwargs)
-
-        return super().submit(gated)
+    return make_frame(SOURCE, seq, w, h)
 
 
 @contextlib.asynccontextmanager

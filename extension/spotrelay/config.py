@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from cryptography import x509
+
 from spotrelay import __version__
 
 ENV_PREFIX = "SPOTRELAY_"
@@ -46,12 +48,14 @@ class Config:
     rediscover: float = 10.0
     max_clients: int = 200
     client_timeout: float = 10.0
+    idle_timeout: float = 10.0
     max_variants: int = 8
     mission: bool = False
     mission_port: int = 21081
     mission_host: str | None = None
     captures_dir: str = "captures"
     captures_max_mb: float = 2048.0
+    run_as: tuple[int, int] | None = None
     log_level: str = "INFO"
 
     @property
@@ -94,6 +98,14 @@ def _number_in(name: str, kind: type[int] | type[float], lo: float, hi: float):
         return value
 
     return parse
+
+
+def _user(text: str) -> tuple[int, int]:
+    """UID or UID:GID (numbers: a minimal image may have no user database)."""
+    uid, _, gid = text.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        raise argparse.ArgumentTypeError(f"--run-as must be UID or UID:GID, not {text!r}")
+    return int(uid), int(gid or uid)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -161,6 +173,12 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         "seconds a viewer may make no progress (nor read a frame) before it is dropped",
     ),
     (
+        "--idle-timeout",
+        _number_in("--idle-timeout", float, 0.5, 3600.0),
+        10.0,
+        "seconds a connection may take to send its request, or stay idle between requests",
+    ),
+    (
         "--max-variants",
         _number_in("--max-variants", int, 1, 1000),
         8,
@@ -184,6 +202,12 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         _number_in("--captures-max-mb", float, 1.0, 10_000_000.0),
         2048.0,
         "size limit of the captures folder; the oldest are deleted first",
+    ),
+    (
+        "--run-as",
+        _user,
+        None,
+        "started as root: read the credentials, then go on as this UID[:GID]",
     ),
     ("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -274,9 +298,25 @@ def load(argv: list[str] | None = None) -> Config:
             "no robot login: set BOSDYN_CLIENT_USERNAME and BOSDYN_CLIENT_PASSWORD, "
             "or give --payload-credentials-file / --guid and --secret"
         )
-    if cfg.robot_cert and not os.path.isfile(cfg.robot_cert):
-        raise ConfigError(f"--robot-cert {cfg.robot_cert}: no such file")
+    if cfg.robot_cert:
+        _check_certificate(cfg.robot_cert)
     return cfg
+
+
+def _check_certificate(path: str) -> None:
+    """A CA file that is not a PEM certificate would only show as a TLS failure retried for
+    ever, with the SDK blaming the network; say so at start."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"--robot-cert {path}: {exc.strerror}") from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(
+            f"--robot-cert {path}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"
+        ) from None
 
 
 def load_or_exit(argv: list[str] | None = None) -> Config:

@@ -53,6 +53,7 @@ from bosdyn.client.payload_registration import (
 )
 
 from spotrelay.frames import SourceInfo
+from spotrelay.logs import SDK_LOGGER
 
 log = logging.getLogger("spotrelay.connection")
 
@@ -209,6 +210,9 @@ class _Session:
 
     def __init__(self, target: Target):
         sdk = bosdyn.client.create_standard_sdk("spotrelay")
+        # The SDK's loggers hang under its object's logger, named after the client ("spotrelay")
+        # and so inheriting the relay's level: at DEBUG they would write whole login requests.
+        sdk.logger = logging.getLogger(SDK_LOGGER)
         if target.cert:
             sdk.load_robot_cert(target.cert)
         robot = sdk.create_robot(target.host)
@@ -294,6 +298,7 @@ class RobotConnection:
         wanted: Iterable[str] = (),
         *,
         on_change: SourcesChanged = lambda sources, services: None,
+        on_token: Callable[[str], None] = lambda token: None,
         limiter: AuthLimiter | None = None,
         rediscover: float = 10.0,
     ):
@@ -302,6 +307,7 @@ class RobotConnection:
         self.auto = self.services == ("auto",)
         self.wanted = tuple(wanted)
         self.on_change = on_change
+        self.on_token = on_token  # the robot-issued user token, so that logs can mask it
         self.limiter = limiter or AuthLimiter()
         self.rediscover = rediscover  # auto mode: list the directory again this often
         self.sources: dict[str, SourceInfo] = {}
@@ -402,7 +408,9 @@ class RobotConnection:
         while True:
             try:
                 session = await _in_daemon_thread(lambda: _Session(self.target))
-            except (SdkError, OSError, ValueError, PayloadNotAuthorised) as exc:
+            except Exception as exc:  # whatever it is, the relay must go on trying
+                if not isinstance(exc, SdkError | OSError | ValueError | PayloadNotAuthorised):
+                    log.exception("unexpected error logging in to the robot")
                 self.last_error = describe_error(exc)
                 if isinstance(exc, PayloadNotAuthorised):
                     self.last_error = str(exc)
@@ -429,6 +437,7 @@ class RobotConnection:
             await self._serve(session)
 
     async def _serve(self, session: _Session) -> None:
+        self.on_token(session.robot.user_token)
         self._session = session
         self.skew = session.skew_seconds() or 0.0
         self._lost.clear()

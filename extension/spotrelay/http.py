@@ -7,8 +7,11 @@ Every output adds its own routes; this module only decides what applies to all o
   browser keeps sending does not lock out a correct parameter). Tokens are compared as bytes in
   constant time, whatever bytes the client sent. ``/healthz`` and ``/readyz`` stay open.
 * Every error is JSON, the router's own 404 and 405 included.
-* Cross-origin reads are opt-in (``--allow-origin``): by default no CORS header is sent, so a web
-  page from elsewhere cannot read the cameras through a LAN user's browser.
+* Cross-origin reads are opt-in (``--allow-origin``): by default no CORS header is sent and a
+  WebSocket opened by a page from another origin is refused, so a web page from elsewhere cannot
+  read the cameras through a LAN user's browser.
+* At most ``max_clients`` requests are served at once (streams last); past that a 503 with the
+  reason, except for ``/healthz`` and ``/metrics``, which a supervisor must always reach.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from spotrelay.outputs.common import BadParam, json_response
 log = logging.getLogger("spotrelay.http")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+ALWAYS_SERVED = frozenset({"/healthz", "/metrics"})
 
 
 def _as_bytes(text: str) -> bytes:
@@ -82,16 +86,66 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
 
 
+def _limit_middleware(max_clients: int, refused):
+    """At most ``max_clients`` requests in progress; a bound on memory and descriptors that a
+    crowd (or an attacker) reaches before the machine does."""
+    busy = 0
+
+    @web.middleware
+    async def limit(request: web.Request, handler):
+        nonlocal busy
+        if request.path in ALWAYS_SERVED:
+            return await handler(request)
+        if busy >= max_clients:
+            refused("max_clients")
+            return json_response(
+                {"error": f"serving {busy} clients, the most allowed (--max-clients)"},
+                status=503,
+                headers={"Retry-After": "5"},
+            )
+        busy += 1
+        try:
+            return await handler(request)
+        finally:
+            busy -= 1
+
+    return limit
+
+
+def _origin_middleware(allow_origin: str | None):
+    """Browsers send their page's Origin with a WebSocket upgrade and do not enforce CORS on it:
+    refuse pages from elsewhere unless allowed."""
+
+    @web.middleware
+    async def origin(request: web.Request, handler):
+        given = request.headers.get("Origin")
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if upgrade and given and allow_origin != "*" and given != allow_origin:
+            own = f"{request.scheme}://{request.host}"
+            if given != own:
+                return json_response(
+                    {"error": f"WebSocket from origin {given!r} refused (see --allow-origin)"},
+                    status=403,
+                )
+        return await handler(request)
+
+    return origin
+
+
 def build_app(
     outputs: Iterable,
     *,
     token: str | None = None,
     allow_origin: str | None = None,
+    max_clients: int = 200,
+    refused=lambda reason: None,
 ) -> web.Application:
-    """The app with each output's routes. ``outputs`` are callables taking the app."""
-    middlewares = [_errors]
+    """The app with each output's routes. ``outputs`` are callables taking the app;
+    ``refused(reason)`` is told of every 503 given to stay bounded."""
+    middlewares = [_errors, _origin_middleware(allow_origin)]
     if token:
         middlewares.insert(0, _token_middleware(token))
+    middlewares.insert(0, _limit_middleware(max_clients, refused))
     app = web.Application(middlewares=middlewares)
     for add_routes in outputs:
         add_routes(app)

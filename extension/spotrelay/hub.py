@@ -39,6 +39,19 @@ log = logging.getLogger("spotrelay.hub")
 
 STALE_REPEAT = 1.0  # seconds between repeats of a stale frame
 FRESH_ENOUGH = 0.2  # a snapshot may reuse a frame this young instead of waiting for the next
+SNAPSHOT_QUEUE = 8  # snapshots waiting for their own renderer before more are refused
+
+
+class TooManyVariants(Exception):
+    """A new rendering of a camera would pass ``max_variants``; ``existing`` are those served."""
+
+    def __init__(self, source: str, existing: list[Plan]):
+        super().__init__(source)
+        self.existing = existing
+
+
+class SnapshotsBusy(Exception):
+    """More snapshots are waiting to be rendered than the relay queues."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +150,17 @@ class Hub:
         idle_interval: float = 1.0,
         on_watch: Callable[[str, bool], None] = lambda source, watched: None,
         clock: Callable[[], float] = time.monotonic,
+        max_variants: int = 8,
+        client_timeout: float = 10.0,
+        snapshot_executor: Executor | None = None,
     ):
         self.executor = executor
+        # Snapshots render apart from streams, one at a time: a flood of them costs its senders
+        # a wait or a 503, never the streams their frames.
+        self.snapshot_executor = snapshot_executor or executor
+        self.max_variants = max_variants
+        self.client_timeout = client_timeout  # a viewer stalled this long is dropped
+        self._snapshots_waiting = 0
         self.metrics = metrics
         self.stale_after = stale_after
         self.idle_interval = idle_interval  # how often sources nobody watches are refreshed
@@ -287,7 +309,21 @@ class Hub:
     def watched(self, source: str) -> int:
         return self._watchers.get(source, 0)
 
+    def admit(self, source: str, spec: RenderSpec) -> None:
+        """Raise TooManyVariants if serving ``spec`` would need one rendering too many: forty
+        different qualities of one camera would cost forty encodes a frame."""
+        key = (source, self.plan(source, spec))
+        existing = [p for (s, p), v in self._variants.items() if s == source and v.subscribers]
+        if key not in self._variants and len(existing) >= self.max_variants:
+            raise TooManyVariants(source, existing)
+
+    def dropped(self, client: Client, reason: str) -> None:
+        """An output hung up on a client (it made no progress): counted, then forgotten."""
+        self.metrics.clients_dropped.labels(reason=reason).inc()
+        log.info("dropped %s viewer of %s: %s", client.kind, client.source, reason)
+
     def _subscribe(self, source: str, spec: RenderSpec) -> Variant:
+        self.admit(source, spec)
         key = (source, self.plan(source, spec))
         variant = self._variants.get(key)
         if variant is None:
@@ -422,10 +458,19 @@ class Hub:
         the_plan = plan(source, frame.image.shape, spec)
         if the_plan.passthrough:
             return frame.image.data, frame
-        loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(
-            self.executor, codec.render, frame.image, the_plan, self.metrics.observe_codec
-        )
+        if self._snapshots_waiting >= SNAPSHOT_QUEUE:
+            raise SnapshotsBusy()
+        self._snapshots_waiting += 1
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(
+                self.snapshot_executor,
+                codec.render,
+                frame.image,
+                the_plan,
+                self.metrics.observe_codec,
+            )
+        finally:
+            self._snapshots_waiting -= 1
         return data, frame
 
     # -- staleness ----------------------------------------------------------------------------

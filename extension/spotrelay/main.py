@@ -12,16 +12,19 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import cv2
 from aiohttp import web
 
-from spotrelay import __version__
+from spotrelay import __version__, logs
 from spotrelay.config import Config, load_or_exit
 from spotrelay.connection import RobotConnection, Target
 from spotrelay.frames import SourceInfo
@@ -34,15 +37,6 @@ from spotrelay.poller import Poller
 log = logging.getLogger("spotrelay")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # The SDK logs whole requests at DEBUG, login requests included: never below WARNING, so no
-    # password or token can reach the log. The access log is off for the same reason (?token=).
-    logging.getLogger("bosdyn").setLevel(logging.WARNING)
-
-
 def target_for(cfg: Config) -> Target:
     assert cfg.robot
     return Target(
@@ -50,21 +44,83 @@ def target_for(cfg: Config) -> Target:
     )
 
 
+async def supervise(
+    name: str, run: Callable[[], Awaitable[None]], metrics: Metrics, pause: float = 1.0
+) -> None:
+    """Run a background task for ever: an unexpected error is logged with its traceback,
+    counted, and the task started again after a pause, instead of ending it silently while the
+    relay looks healthy."""
+    while True:
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            metrics.task_restarts.labels(task=name).inc()
+            log.exception("%s stopped on an unexpected error; restarting in %.0f s", name, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
+
+
+class EventLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop, accepting one connection per turn of the loop.
+
+    When descriptors run out, CPython 3.11's accept loop (selector_events._accept_connection)
+    goes on calling accept() for the rest of its batch after EMFILE, logging a traceback and
+    scheduling one more retry each time; the retries compound every second until the process
+    spends all its time logging. One accept per turn stops at the first EMFILE: one log line
+    and one retry a second, and the listening socket, still readable, is served again on the
+    very next turn when descriptors are free.
+    """
+
+    def _accept_connection(self, protocol_factory, sock, sslcontext=None, server=None, *args):
+        rest = args[1:]  # the batch size is the first of the remaining arguments
+        super()._accept_connection(protocol_factory, sock, sslcontext, server, 1, *rest)
+
+
+def _loop_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Running out of descriptors is a state, not a bug: one line, no traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and "accept" in context.get("message", ""):
+        log.warning("cannot accept connections: %s; retrying each second", exc.strerror)
+        return
+    loop.default_exception_handler(context)
+
+
+def raise_file_limit(wanted: int = 65536) -> None:
+    """Up to the hard limit: every viewer is a socket, and running out of descriptors is what
+    made the accept loop spin before."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 class Relay:
     """Every stage of one relay, wired; ``main`` runs it, tests can run it in-process."""
 
-    def __init__(self, cfg: Config, target: Target, metrics: Metrics):
+    def __init__(
+        self,
+        cfg: Config,
+        target: Target,
+        metrics: Metrics,
+        redactor: logs.Redactor | None = None,
+    ):
         self.cfg = cfg
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
         )
+        self.snapshot_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         idle_interval = 1 / cfg.idle_fps if cfg.idle_fps > 0 else 3600.0
         self.conn = RobotConnection(
             target,
             cfg.image_services,
             cfg.sources,
             on_change=self._sources_changed,
+            on_token=redactor.add if redactor else lambda token: None,
             rediscover=cfg.rediscover,
         )
         self.hub = Hub(
@@ -73,6 +129,9 @@ class Relay:
             stale_after=cfg.stale_after,
             idle_interval=idle_interval,
             on_watch=self._watch_changed,
+            max_variants=cfg.max_variants,
+            client_timeout=cfg.client_timeout,
+            snapshot_executor=self.snapshot_executor,
         )
         self.poller = Poller(
             self.conn.get_images,
@@ -103,6 +162,9 @@ class Relay:
                 ),
             ],
             token=cfg.token,
+            allow_origin=cfg.allow_origin,
+            max_clients=cfg.max_clients,
+            refused=lambda reason: metrics.requests_refused.labels(reason=reason).inc(),
         )
 
     def _sources_changed(self, sources: dict[str, SourceInfo], healthy: tuple[str, ...]) -> None:
@@ -117,8 +179,14 @@ class Relay:
         self.poller.set_watched(source, watched)
 
     async def serve(self, bind: str, port: int, stop: asyncio.Event) -> int:
+        # keepalive_timeout is also how long a connection may take to send its request (aiohttp
+        # arms it at connect): slow-header connections are closed, not held for an hour.
         runner = web.AppRunner(
-            self.app, handle_signals=False, access_log=None, shutdown_timeout=0.5
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=0.5,
+            keepalive_timeout=self.cfg.idle_timeout,
         )
         await runner.setup()
         site = web.TCPSite(runner, bind, port, reuse_address=True)
@@ -130,9 +198,12 @@ class Relay:
             return 1
         log.info("spotrelay %s serving http://%s:%d/", __version__, bind, port)
         tasks = [
-            asyncio.create_task(self.conn.run(), name="connection"),
-            asyncio.create_task(self.poller.run(), name="poller"),
-            asyncio.create_task(self.hub.run(), name="stale"),
+            asyncio.create_task(supervise(name, run, self.metrics), name=name)
+            for name, run in (
+                ("connection", self.conn.run),
+                ("poller", self.poller.run),
+                ("stale", self.hub.run),
+            )
         ]
         await stop.wait()
         log.info("shutting down")
@@ -143,10 +214,11 @@ class Relay:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.conn.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.snapshot_executor.shutdown(wait=False, cancel_futures=True)
         return 0
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
     sim = None
     if cfg.sim:
         from spotrelay.sim import SimRobot  # only the demo and tests need it
@@ -156,9 +228,10 @@ async def serve(cfg: Config) -> int:
         log.info("simulated robot on 127.0.0.1:%d", sim.port)
     else:
         target = target_for(cfg)
-    relay = Relay(cfg, target, Metrics(process=True))
+    relay = Relay(cfg, target, Metrics(process=True), redactor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_errors)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -168,16 +241,33 @@ async def serve(cfg: Config) -> int:
             sim.stop()
 
 
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become an unprivileged user for good (the container starts as root only so that the
+    payload credentials, root's 0600 file on a CORE I/O, can be read first)."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise SystemExit("spotrelay: error: could not drop root privileges")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["site-config"]:  # the base station's config generator, not the relay
         from spotrelay import site
 
         sys.exit(site.main(argv[1:]))
-    cfg = load_or_exit(argv)
-    _setup_logging(cfg.log_level)
+    cfg = load_or_exit(argv)  # reads the credentials file: still as whoever started us
+    raise_file_limit()
+    if cfg.run_as and os.geteuid() == 0:
+        drop_privileges(*cfg.run_as)
+    redactor = logs.setup(cfg.log_level, [cfg.password, cfg.secret, cfg.token, cfg.guid])
     cv2.setNumThreads(1)  # parallelism comes from rendering sources in separate threads
-    sys.exit(asyncio.run(serve(cfg)))
+    with asyncio.Runner(loop_factory=EventLoop) as runner:
+        sys.exit(runner.run(serve(cfg, redactor)))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ RPC_ERROR_KINDS = (
     "other",
 )
 STAGES = ("received", "sent")
+DROP_CLIENT_REASONS = ("stalled",)
+REFUSAL_REASONS = ("max_clients", "max_variants", "snapshots_busy")
 DECODE_KINDS = ("jpeg", "raw", "rle")
 ENCODE_KINDS = ("jpeg", "png")
 
@@ -178,6 +180,28 @@ class Metrics:
             ["source", "service", "image_type"],
             registry=r,
         )
+        self.clients_dropped = Counter(
+            "spotrelay_clients_dropped_total",
+            "Viewers the relay hung up on: stalled (made no progress for --client-timeout).",
+            ["reason"],
+            registry=r,
+        )
+        self.requests_refused = Counter(
+            "spotrelay_requests_refused_total",
+            "Requests answered 503 to keep the relay bounded, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.task_restarts = Counter(
+            "spotrelay_task_restarts_total",
+            "Background tasks restarted after an unexpected error.",
+            ["task"],
+            registry=r,
+        )
+        for reason in DROP_CLIENT_REASONS:
+            self.clients_dropped.labels(reason=reason)
+        for reason in REFUSAL_REASONS:
+            self.requests_refused.labels(reason=reason)
         for kind in DECODE_KINDS:
             self.decode_seconds.labels(kind=kind)
         for kind in ENCODE_KINDS:

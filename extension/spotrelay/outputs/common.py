@@ -7,18 +7,19 @@ parameter and the allowed values. Numbers are plain ASCII digits only (``+320``,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, NoReturn
 
 from aiohttp import web
 
 from spotrelay import codec
 from spotrelay.frames import RenderSpec
-from spotrelay.hub import Hub
+from spotrelay.hub import Client, Hub, TooManyVariants
 from spotrelay.plan import ROTATIONS
 
 MAX_SIDE = 4096
@@ -94,6 +95,45 @@ def source_or_error(request: web.Request, hub: Hub) -> str:
             {"error": f"unknown source {name!r}", "source": name, "available": sorted(hub.sources)},
         )
     return name
+
+
+def admit(hub: Hub, source: str, spec: RenderSpec) -> None:
+    """A 503 naming the renderings already served when one more would pass --max-variants."""
+    try:
+        hub.admit(source, spec)
+    except TooManyVariants as exc:
+        hub.metrics.requests_refused.labels(reason="max_variants").inc()
+        served = [
+            {"width": p.out_size[0], "height": p.out_size[1], "quality": p.quality}
+            for p in exc.existing
+        ]
+        json_error(
+            web.HTTPServiceUnavailable,
+            {
+                "error": f"{len(served)} renderings of {source!r} are served already, the most "
+                "allowed (--max-variants); ask for one of these",
+                "source": source,
+                "served": served,
+            },
+            headers={"Retry-After": "10"},
+        )
+
+
+async def write_or_drop(
+    hub: Hub, client: Client, request: web.Request, write: Awaitable[None]
+) -> bool:
+    """Write within --client-timeout, or drop the client: a viewer that takes no frame for that
+    long would otherwise stay registered, keep its camera polled and hold a slot for ever. The
+    connection is aborted, not closed: a close would wait on the same full buffer."""
+    try:
+        async with asyncio.timeout(hub.client_timeout):
+            await write
+    except TimeoutError:
+        hub.dropped(client, "stalled")
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+    return True
 
 
 def peer(request: web.Request) -> str:

@@ -12,7 +12,14 @@ import contextlib
 from aiohttp import web
 
 from spotrelay.hub import Client, Encoded, Hub
-from spotrelay.outputs.common import parse_request, peer, small_send_buffer, source_or_error
+from spotrelay.outputs.common import (
+    admit,
+    parse_request,
+    peer,
+    small_send_buffer,
+    source_or_error,
+    write_or_drop,
+)
 
 BOUNDARY = "spotrelayframe"
 HEADERS = {
@@ -38,6 +45,7 @@ def add_routes(app: web.Application, hub: Hub) -> None:
         spec, fps = parse_request(request.query, snapshot=False)
         if request.method == "HEAD":  # what a GET would answer, without holding a viewer slot
             return web.Response(headers=HEADERS)
+        admit(hub, source, spec)
         resp = web.StreamResponse(headers=HEADERS)
         await resp.prepare(request)
         small_send_buffer(request)
@@ -46,7 +54,9 @@ def add_routes(app: web.Application, hub: Hub) -> None:
             async with contextlib.aclosing(hub.frames(source, spec, client)) as frames:
                 async for enc in frames:
                     hub.sent(client, enc, len(enc.data))
-                    await resp.write(enc.framed("mjpeg", part))
+                    written = resp.write(enc.framed("mjpeg", part))
+                    if not await write_or_drop(hub, client, request, written):
+                        break
         return resp
 
     app.router.add_get("/stream/{source}", stream)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from spotrelay import codec
-from spotrelay.hub import Hub
+from spotrelay.hub import Hub, SnapshotsBusy
 from spotrelay.outputs.common import json_response, parse_request, source_or_error
 
 
@@ -22,6 +22,13 @@ def add_routes(app: web.Application, hub: Hub) -> None:
         except LookupError:
             return json_response(
                 {"error": f"no frame from {source!r} yet", "source": source}, status=503
+            )
+        except SnapshotsBusy:
+            hub.metrics.requests_refused.labels(reason="snapshots_busy").inc()
+            return json_response(
+                {"error": "too many snapshots being rendered; try again", "source": source},
+                status=503,
+                headers={"Retry-After": "1"},
             )
         except codec.CodecError as exc:
             hub.metrics.frames_dropped.labels(source=source, reason="decode_error").inc()

@@ -14,7 +14,14 @@ import json
 from aiohttp import WSMsgType, web
 
 from spotrelay.hub import Client, Hub
-from spotrelay.outputs.common import parse_request, peer, small_send_buffer, source_or_error
+from spotrelay.outputs.common import (
+    admit,
+    parse_request,
+    peer,
+    small_send_buffer,
+    source_or_error,
+    write_or_drop,
+)
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:
@@ -24,10 +31,16 @@ async def _drain(ws: web.WebSocketResponse) -> None:
             break
 
 
+async def _send(ws: web.WebSocketResponse, meta: str, picture: bytes) -> None:
+    await ws.send_str(meta)
+    await ws.send_bytes(picture)
+
+
 def add_routes(app: web.Application, hub: Hub) -> None:
     async def websocket(request: web.Request) -> web.WebSocketResponse:
         source = source_or_error(request, hub)
         spec, fps = parse_request(request.query, snapshot=False)
+        admit(hub, source, spec)
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1024)
         await ws.prepare(request)
         small_send_buffer(request)
@@ -46,11 +59,13 @@ def add_routes(app: web.Application, hub: Hub) -> None:
                             "bytes": len(enc.data),
                         }
                         hub.sent(client, enc, len(enc.data))
-                        await ws.send_str(json.dumps(meta))
-                        await ws.send_bytes(enc.data)
+                        sent = _send(ws, json.dumps(meta), enc.data)
+                        if not await write_or_drop(hub, client, request, sent):
+                            break
         finally:
             reader.cancel()
-            await ws.close()
+            with contextlib.suppress(ConnectionError):
+                await ws.close()
         return ws
 
     app.router.add_get("/ws/{source}", websocket)

@@ -1,10 +1,10 @@
 """``python -m spotrelay.sim``: a simulated Spot in its own process, for demos and benchmarks.
 
-Prints one JSON line (port, CA, logins) when serving. Then reads commands, one JSON object a line,
-on stdin and answers each with one JSON line: ``{"cmd": "stats"}`` (GetImage calls per service,
-image requests per source, logins asked), ``{"cmd": "set_rate", "source": S, "rate": R}``,
-``{"cmd": "set_resolution", ...}``, ``{"cmd": "set_fault", "source": S, "kind": K}``. Ends at EOF,
-SIGINT or SIGTERM.
+Prints one JSON line (port, CA, logins) when serving; ends at SIGINT or SIGTERM. With
+``--control`` it also reads commands, one JSON object a line, on stdin and answers each with one
+JSON line: ``{"cmd": "stats"}`` (GetImage calls per service, image requests per source, logins
+asked), ``{"cmd": "set_rate", "source": S, "rate": R}``, ``{"cmd": "set_resolution", ...}``,
+``{"cmd": "set_fault", "source": S, "kind": K}``; then the end of stdin ends it too.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payload-camera", choices=PAYLOAD_STATES, default=None)
     p.add_argument("--payload-rate", type=float, default=5.0)
     p.add_argument("--payload-unauthorised", action="store_true", help="payload login refused")
+    p.add_argument("--control", action="store_true", help="take commands on stdin (benchmarks)")
     return p
 
 
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps({"error": str(exc)}), flush=True)
         done.set()
 
-    threading.Thread(target=commands, daemon=True).start()
+    if args.control:
+        threading.Thread(target=commands, daemon=True).start()
     done.wait()
     sim.stop()
 

@@ -19,6 +19,7 @@ of a real Spot sees (sources noted in each module):
 
 from __future__ import annotations
 
+import base64
 import collections
 import random
 import secrets
@@ -137,6 +138,7 @@ class SimRobot:
         self.content = Content()
         self._available = True
         self._tokens: set[str] = set()
+        self.issued: list[str] = []  # every token ever issued, for tests that grep logs
         self._lock = threading.Lock()
         self._calls: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=64)
@@ -397,9 +399,14 @@ class SimRobot:
                 self._failed_logins = 0
 
     def issue_token(self) -> str:
-        token = secrets.token_urlsafe(24)
+        """A JWT-shaped token, as Spot issues (spot-sdk docs/concepts/base_services.md)."""
+        token = ".".join(
+            base64.urlsafe_b64encode(part).rstrip(b"=").decode()
+            for part in (b'{"alg":"ES256","typ":"JWT"}', secrets.token_bytes(48), b"sim-sig")
+        )
         with self._lock:
             self._tokens.add(token)
+            self.issued.append(token)
         return token
 
     def token_valid(self, token: str) -> bool:
