@@ -6,7 +6,8 @@ STAMP := $(VENV)/.stamp-setup
 PORT ?= 21080
 ARGS ?=
 
-.PHONY: setup run test test-fast lint fmt bench lock clean
+.PHONY: setup run test test-fast lint fmt bench soak lock clean
+SOAK_SECONDS ?= 600
 
 setup: $(STAMP)
 
@@ -41,6 +42,11 @@ fmt: setup
 
 bench: setup
 	$(BIN)/python -m tests.bench $(ARGS)
+
+## The relay under a long attack (viewers churning, stalling, slowloris, snapshot floods, robot
+## faults each minute): memory and descriptors bounded, viewers served, no secret logged.
+soak: setup
+	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS) $(ARGS)
 
 ## Re-pin runtime dependencies from pyproject's ranges (needs the registry).
 lock:

@@ -54,7 +54,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class SimProcess:
     """The simulated robot in a process of its own; ``stats()`` asks it what it served."""
 
-    def __init__(self, rpc_latency: float = 0.0, *args: str):
+    def __init__(self, rpc_latency: float = 0.0, *args: str, password: str = "password"):
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -65,6 +65,8 @@ class SimProcess:
                 "--availability",
                 str(AVAILABLE_AFTER),
                 "--control",
+                "--password",
+                password,
                 *args,
             ],
             stdin=subprocess.PIPE,
@@ -76,11 +78,14 @@ class SimProcess:
         self.username, self.password = info["username"], info["password"]
         self.payload_guid, self.payload_secret = info["guid"], info["secret"]
 
-    def stats(self) -> dict:
+    def command(self, cmd: str, **args: object) -> dict:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write('{"cmd": "stats"}\n')
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
+
+    def stats(self) -> dict:
+        return self.command("stats")
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -13,6 +13,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import resource
 import signal
@@ -86,6 +88,16 @@ def _loop_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         log.warning("cannot accept connections: %s; retrying each second", exc.strerror)
         return
     loop.default_exception_handler(context)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives every thread that allocates under contention an arena of its own and seldom
+    returns their memory; with codec, gRPC and SDK threads all handling frames, RSS grew from
+    135 to 250 MB in a soak without any leak. Two arenas keep it flat (measured in
+    tests/soak.py). Must run before the threads start; a no-op where libc has no mallopt."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def raise_file_limit(wanted: int = 65536) -> None:
@@ -261,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(site.main(argv[1:]))
     cfg = load_or_exit(argv)  # reads the credentials file: still as whoever started us
+    limit_malloc_arenas()
     raise_file_limit()
     if cfg.run_as and os.geteuid() == 0:
         drop_privileges(*cfg.run_as)

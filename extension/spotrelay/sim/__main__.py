@@ -4,7 +4,9 @@ Prints one JSON line (port, CA, logins) when serving; ends at SIGINT or SIGTERM.
 ``--control`` it also reads commands, one JSON object a line, on stdin and answers each with one
 JSON line: ``{"cmd": "stats"}`` (GetImage calls per service, image requests per source, logins
 asked), ``{"cmd": "set_rate", "source": S, "rate": R}``, ``{"cmd": "set_resolution", ...}``,
-``{"cmd": "set_fault", "source": S, "kind": K}``; then the end of stdin ends it too.
+``{"cmd": "set_fault", "source": S, "kind": K}``, ``{"cmd": "set_available", "value": V}``,
+``{"cmd": "expire_tokens"}``, ``{"cmd": "issued"}`` (every token issued, to grep logs for);
+then the end of stdin ends it too.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payload-rate", type=float, default=5.0)
     p.add_argument("--payload-unauthorised", action="store_true", help="payload login refused")
     p.add_argument("--control", action="store_true", help="take commands on stdin (benchmarks)")
+    p.add_argument("--password", default="password", help="the robot user's password")
+    p.add_argument("--payload-secret", default="sim-payload-secret")
     return p
 
 
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         payload_camera=args.payload_camera,
         payload_rate=args.payload_rate,
         payload_authorised=not args.payload_unauthorised,
+        password=args.password,
+        payload_secret=args.payload_secret,
     ).start()
     info = {
         "port": sim.port,
@@ -114,6 +120,12 @@ def _command(sim: SimRobot, cmd: dict) -> dict:
         sim.set_resolution(cmd["source"], int(cmd["cols"]), int(cmd["rows"]))
     elif what == "set_fault":
         sim.set_fault(cmd["source"], cmd.get("kind"))
+    elif what == "set_available":
+        sim.set_available(bool(cmd["value"]))
+    elif what == "expire_tokens":
+        sim.expire_tokens()
+    elif what == "issued":
+        return {"tokens": list(sim.issued)}
     else:
         raise KeyError(f"unknown command {what!r}")
     return {"ok": True}
