@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f" {'<= baseline + 67' if q == 99 else ''} |")
     print(
-        f"| RSS, MB (first tenth -> end) | {rss0:.1f} | {rss_first:.1f} -> {rss_last:.1f} |", end=""
+        f"| RSS, MB (first -> last third) | {rss0:.1f} | {rss_first:.1f} -> {rss_last:.1f} |",
+        end="",
     )
     print(f" growth < 10 % ({growth:+.1%}) |")
     print(
