@@ -164,7 +164,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         "--max-clients",
         _number_in("--max-clients", int, 1, 100000),
         200,
-        "HTTP connections served at once; more get 503 (health and metrics always answer)",
+        "requests served at once, each stream one; more get 503 (health, metrics always answer)",
     ),
     (
         "--client-timeout",
@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, kind, default, help_text in _OPTIONS:
         env_name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
-        shown = "" if default in (None, ()) else f" (default {default})"
+        value = ",".join(default) if isinstance(default, tuple) else default
+        shown = "" if default in (None, ()) else f" (default {value})"
         parser.add_argument(flag, type=kind, default=None, help=f"{help_text}{shown} [{env_name}]")
     for flag, help_text in _SWITCHES:
         env_name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
