@@ -65,17 +65,19 @@ def test_no_secret_reaches_the_log_at_debug(marked_sim, payload):
         logins = r.log().count("connected to robot")
         sim.expire_tokens()
         wait_until(lambda: r.log().count("connected to robot") > logins, 15, "a new login")
-        losses = r.log().count("lost robot")
-        sim.set_available(False)
-        wait_until(lambda: r.log().count("lost robot") > losses, 15, "the robot lost")
-        sim.set_available(True)
-        r.wait_ready(30)
+        if not payload:  # once is enough: the way back logs in with the same secrets
+            losses = r.log().count("lost robot")
+            sim.set_available(False)
+            wait_until(lambda: r.log().count("lost robot") > losses, 15, "the robot lost")
+            sim.set_available(True)
+            r.wait_ready(30)
     finally:
         sim.clear_faults()
         r.stop()
     log = r.log()
     # it logged, at DEBUG, everything above: the logins, the loss, the bad requests
-    assert "DEBUG" in log and log.count("connected to robot") >= 3 and "lost robot" in log
+    assert "DEBUG" in log and log.count("connected to robot") >= 3 - payload
+    assert "lost robot" in log
     assert "bad HTTP request" in log
     for marker in (PASSWORD, PAYLOAD_SECRET, TOKEN, *sim.issued):
         assert marker not in log, f"{marker[:12]}... in the log"
@@ -167,7 +169,7 @@ def test_out_of_descriptors_the_log_stays_short_and_the_relay_recovers(sim):
             except OSError:
                 break
         cpu, t = _cpu(r.proc.pid), time.monotonic()
-        wait_until(lambda: time.monotonic() > t + 3, what="three seconds out of descriptors")
+        wait_until(lambda: time.monotonic() > t + 2, what="two seconds out of descriptors")
         busy = (_cpu(r.proc.pid) - cpu) / (time.monotonic() - t)
         for s in socks:
             s.close()

@@ -184,7 +184,7 @@ def promql(url: str, query: str, at: float) -> float:
 
 def test_prometheus_rate_matches_what_clients_received(relay, prometheus_server):
     source, received = "frontright_fisheye_image", []
-    window = 6.0
+    window = 5.0
     end = time.time() + window + 1.5
     for part in parts(relay.url + f"/stream/{source}?width=320&fps=10"):
         received.append(part.received)
@@ -219,10 +219,10 @@ def test_received_latency_is_the_rpc_delay_despite_clock_skew(tmp_path):
         relay.wait_ready()
         sim.rpc_latency = 0.15
         stream = parts(relay.url + "/stream/back_depth?width=212")
-        for _ in range(45):  # watched at full rate, and the schedule used to the slower link
+        for _ in range(35):  # watched at full rate, and the schedule used to the slower link
             next(stream)
         before = exposition(relay)
-        for _ in range(45):
+        for _ in range(30):
             next(stream)
         after = exposition(relay)
         stream.close()
@@ -236,7 +236,7 @@ def test_received_latency_is_the_rpc_delay_despite_clock_skew(tmp_path):
     total = sample(after, "spotrelay_frame_latency_seconds_sum", **labels) - sample(
         before, "spotrelay_frame_latency_seconds_sum", **labels
     )
-    assert n >= 30
+    assert n >= 25
     mean = total / n
     print(f"mean received latency {mean * 1000:.1f} ms over {n:.0f} frames")
     # the way back plus the simulated robot's and the relay's own overheads; a skew not applied

@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,10 @@ import pytest
 
 from spotrelay import site
 from tests.mjpeg import parts
+from tests.procs import end_group
 from tests.relay import Relay, free_port, sample
 from tests.test_viewer import Page, _page_ws_url
+from tests.wait import wait_until as wait
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "deploy" / "site"
@@ -49,18 +50,8 @@ HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll until ``predicate`` returns something truthy (errors count as not yet)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except (OSError, ValueError, KeyError, AssertionError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
+    """tests.wait.wait_until, with an engine not answering yet counting as not yet."""
+    return wait(predicate, timeout, what, ignore=(OSError, ValueError, KeyError, AssertionError))
 
 
 def tool(name: str) -> str:
@@ -113,19 +104,6 @@ def get_json(url: str, timeout: float = 5) -> Any:
 def start_group(args: list[str], **kw: Any) -> subprocess.Popen:
     """A process in its own group, so that stopping it stops every child it started."""
     return subprocess.Popen(args, start_new_session=True, **kw)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def token_relay(sim: Any, port: int | None = None) -> Relay:
@@ -298,7 +276,7 @@ def station(sim, tmp_path_factory) -> Iterator[Station]:
         yield st
     finally:
         if st.engines is not None:
-            stop_group(st.engines)
+            end_group(st.engines)
         for relay in st.relays.values():
             relay.stop()
 
@@ -432,7 +410,7 @@ def test_token_is_in_no_generated_file_and_no_command_line(station):
         streams = urllib.request.urlopen(station.api + "/api/streams", timeout=5).read().decode()
         assert "?token=***" in streams and TOKEN not in streams
     finally:
-        stop_group(reader)
+        end_group(reader)
 
 
 def _ps() -> str:
@@ -517,7 +495,7 @@ def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station):
     try:
         videos = asyncio.run(_videos(_page_ws_url(port, time.time() + 30), len(names)))
     finally:
-        stop_group(browser)
+        end_group(browser)
         shutil.rmtree(profile, ignore_errors=True)
     print("go2rtc page players:", videos)
     assert len(videos) == 2 and all(v["w"] == 640 and v["t"] > 1 for v in videos), videos
@@ -564,7 +542,7 @@ def test_ten_rtsp_readers_are_one_client_of_the_relay(station):
         assert all(r.poll() is None for r in readers)
     finally:
         for r in readers:
-            stop_group(r)
+            end_group(r)
 
 
 @e2e

@@ -10,11 +10,20 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
-    """Poll ``predicate`` every 20 ms until it returns something truthy; return that value."""
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``predicate`` every 20 ms until it returns something truthy; return that value.
+    Exceptions of the ``ignore`` types count as "not yet" (a server still starting)."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except ignore:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

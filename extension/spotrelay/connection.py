@@ -70,7 +70,7 @@ FAILURES_BEFORE_RECONNECT = 5
 # failures in a row (spot-sdk docs/concepts/base_services.md, release notes 3.0.0). The relay never
 # has more than this many refused logins within a window, whatever the backoff says.
 AUTH_BURST, AUTH_WINDOW = 5, 60.0
-PAYLOAD_WAIT = 5.0  # between asks while an operator has not yet authorised the payload
+PAYLOAD_WAIT = 3.0  # between asks while an operator has not yet authorised the payload
 
 T = TypeVar("T")
 
