@@ -81,15 +81,22 @@ class Stats:
         return statistics.quantiles(self.latencies, n=100)[q - 1]
 
 
-def run(camera: Camera, link: Link, seconds: float = 60.0, warmup: float = 3.0) -> Stats:
-    """Poll ``camera`` over ``link`` for ``seconds`` of model time with a fresh Schedule.
+def run(
+    camera: Camera,
+    link: Link,
+    seconds: float = 60.0,
+    warmup: float = 3.0,
+    schedule: Schedule | None = None,
+) -> Stats:
+    """Poll ``camera`` over ``link`` for ``seconds`` of model time with a fresh Schedule (or one
+    given, to start from a state it learnt wrongly).
 
     Like the poller's loop: it wakes when the schedule says a request is due or when a reply
     arrives, whichever comes first."""
     start = 1000.0
     camera.build(start, seconds)
     rng = random.Random(link.seed)
-    sched = Schedule()
+    sched = schedule or Schedule()
     sched.watch(True, start)
     replies: list[tuple[float, int, Ask, int | None, float]] = []
     end = start + seconds

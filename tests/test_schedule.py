@@ -65,6 +65,22 @@ def test_a_camera_that_becomes_slower_is_found_and_not_polled_twice_a_frame():
     assert stats.requests_per_frame <= 1.15, describe(stats)
 
 
+def test_a_grid_locked_on_twice_the_period_is_corrected_within_seconds():
+    """A probe stalled by a busy machine may see only every other capture and lock on twice
+    the period; the first check between grid points, a second after locking, finds out."""
+    sched = Schedule()
+    sched.watch(True, 999.0)
+    cam = Camera(jitter=0.001)
+    cam.build(1000.0, 30)
+    for k in range(0, 8, 2):  # every other capture, as a stalled probe sees them
+        t = cam.captures[k] - cam.skew
+        sched.reply(sched.ask(t + 0.03, 1.0), t, t + 0.025, t + 0.03)
+    assert sched.period == pytest.approx(2 / 15, rel=0.05)
+    stats = run(cam, LOOPBACK, seconds=10, warmup=3, schedule=sched)
+    assert sched.period == pytest.approx(1 / 15, rel=0.01)
+    assert stats.delivered_share >= 0.99, describe(stats)
+
+
 def test_a_stalled_camera_costs_one_request_a_period_not_a_flood():
     stats = run(Camera(stall_after=5), LOOPBACK, seconds=30, warmup=10)
     assert stats.delivered == 0

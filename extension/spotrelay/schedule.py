@@ -43,7 +43,9 @@ MARGIN = 0.0005  # added to the jitter: timer and rounding slack
 NARROW_BELOW = 0.001  # bisect the availability bracket while it is wider than this
 NARROW_EVERY = 8  # ... with one request in this many
 RETRIES = 3  # early replies retried per capture
-CHECK_EVERY = 10.0  # seconds between checks for captures between grid points
+CHECK_EVERY = 10.0  # seconds between checks for captures between grid points ...
+FIRST_CHECK = 1.0  # ... and the first, soon after locking: a probe that stalled (a busy
+# machine) may have missed every other capture and locked on twice the period
 MAX_INFLIGHT_FLOOR = 3
 
 
@@ -140,8 +142,8 @@ class Schedule:
 
     def watch(self, watched: bool, now: float) -> None:
         self.watched = watched
-        if watched:
-            self._next_check = now + CHECK_EVERY
+        if watched:  # a grid learnt before may be stale: check it early
+            self._next_check = now + FIRST_CHECK
             self._new_at = now
             self._restart(now)
 
@@ -317,6 +319,7 @@ class Schedule:
         for t in seen[1:]:
             grid.add(t)
         self.grid, self._probe_seen, self._aims = grid, [], 0
+        self._next_check = now + FIRST_CHECK
         self._restart(now)
 
     def _fit(self, capture: float, ask: Ask, now: float) -> None:
