@@ -81,7 +81,7 @@ class AviWriter:
         pad = len(jpeg) & 1
         added = 8 + len(jpeg) + pad + 16  # chunk, and its index entry written at the end
         if self.bytes + added > self.max_bytes:
-            raise ClipError(f"a clip is limited to {self.max_bytes >> 20} MiB")
+            raise ClipError(f"a clip is limited to {self.max_bytes / 2**20:.0f} MiB")
         offset = self.bytes - (_MOVI_AT + 8)  # idx1 offsets count from the 'movi' fourcc
         self.fh.write(b"00dc" + struct.pack("<I", len(jpeg)) + jpeg + b"\0" * pad)
         self._index.append(struct.pack("<4sIII", b"00dc", _AVIIF_KEYFRAME, offset, len(jpeg)))

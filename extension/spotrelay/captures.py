@@ -302,22 +302,22 @@ class Store:
             self._reserved -= nbytes
 
     def _make_room(self, nbytes: int, keep: str | None = None) -> None:
-        """Delete the oldest captures until ``nbytes`` more fit; StorageError if they cannot."""
+        """Delete the oldest captures until ``nbytes`` more fit; StorageError (and nothing
+        deleted) if they would not fit even in an emptied folder."""
+        kept = self._captures[keep].bytes if keep in self._captures else 0
+        if self._reserved + kept + nbytes > self.max_bytes:
+            raise StorageError(
+                f"{nbytes / 1e6:.1f} MB more would pass the captures size limit "
+                f"({self.max_bytes / 1e6:g} MB, --captures-max-mb)"
+            )
         deleted = 0
         while self._total + self._reserved + nbytes > self.max_bytes:
             victims = [c for c in self._captures.values() if c.stem != keep]
-            if not victims:
-                break
             self._delete(min(victims, key=lambda c: (c.time, c.stem)))
             deleted += 1
         if deleted:
             self.on_deleted(deleted)
             log.info("captures: deleted the %d oldest to stay under the size limit", deleted)
-        if self._total + self._reserved + nbytes > self.max_bytes:
-            raise StorageError(
-                f"{nbytes / 1e6:.1f} MB more would pass the captures size limit "
-                f"({self.max_bytes / 1e6:.0f} MB, --captures-max-mb)"
-            )
 
     def _delete(self, capture: Capture) -> None:
         """Sidecar first: from then on the capture does not exist, whatever else happens."""
