@@ -85,6 +85,8 @@ class InProcessRelay:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
+        except urllib.error.URLError:  # not listening yet
+            return 0, {}, b""
 
     def json(self, path: str):
         status, _, body = self.get(path)

@@ -178,11 +178,11 @@ def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
     def body() -> None:
         try:
-            result = fn()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
+            result, exc = fn(), None
+        except BaseException as error:
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, exc)
 
     threading.Thread(target=body, name="spotrelay-sdk", daemon=True).start()
     return fut
