@@ -16,13 +16,16 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
 
+import aiohttp
 import bosdyn.client
 import cv2
 import grpc
@@ -45,6 +48,7 @@ from tests.mjpeg import collect, distinct_fps
 from tests.procs import spawn
 from tests.relay import Relay as RelayProcess
 from tests.relay import free_port, sample
+from tests.test_viewer import Page, _page_ws_url
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -425,7 +429,18 @@ def test_a_full_disk_fails_the_tick_and_leaves_nothing(client, relay, folder, mo
     client.teardown_session(session)
 
 
-def test_captures_are_listed_downloaded_and_zipped_per_run(relay, folder):
+@pytest.fixture
+def captured(client, relay):
+    """At least a still and a depth still of this run on disk (earlier tests leave more)."""
+    if not relay.json("/api/captures?source=frontleft_depth")["captures"]:
+        session = client.establish_session(lease_resources=())
+        p = params(cameras=["frontleft_fisheye_image", "frontleft_depth"])
+        assert tick_until_done(client, session, p)[0].status == SUCCESS
+        client.teardown_session(session)
+    return relay
+
+
+def test_captures_are_listed_downloaded_and_zipped_per_run(captured, relay, folder):
     listing = relay.json("/api/captures")
     found = listing["captures"]
     assert found and [c["time"] for c in found] == sorted((c["time"] for c in found), reverse=True)
@@ -453,6 +468,45 @@ def test_captures_are_listed_downloaded_and_zipped_per_run(relay, folder):
     assert names == {c["file"] for c in run} | {c["id"] + ".json" for c in run}
     assert relay.get("/api/captures.zip")[0] == 400
     assert relay.get("/api/captures.zip?run=nope")[0] == 404
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CAPTURES_JS = """JSON.stringify({
+  runs: [...document.querySelectorAll('#caplist .run')].map(r => r.dataset.run),
+  cards: document.querySelectorAll('#caplist .cap').length,
+  thumbs: [...document.querySelectorAll('#caplist .cap img')].map(i => i.naturalWidth),
+  zip: [...document.querySelectorAll('#caplist .run h2 a')].map(a => a.getAttribute('href')),
+  tiles: document.querySelectorAll('.tile').length})"""
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium")
+def test_the_viewer_shows_the_captures_with_thumbnails(captured, relay):
+    port = free_port()
+    profile = tempfile.mkdtemp(prefix="spotrelay-chromium-")
+    cmd = [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    cmd += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    cmd += [f"--user-data-dir={profile}", f"--remote-debugging-port={port}"]
+    try:
+        with spawn([*cmd, relay.url + "/#captures"], env={**os.environ, "TMPDIR": profile}):
+            shown = asyncio.run(_captures_view(_page_ws_url(port, time.time() + 30)))
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    count = len(relay.json("/api/captures")["captures"])
+    assert shown["runs"] == [GROUP] and shown["cards"] == count and shown["tiles"] == 0, shown
+    assert all(w in (320, 224) for w in shown["thumbs"]), shown  # every thumbnail loaded
+    assert shown["zip"] == ["/api/captures.zip?run=" + urllib.parse.quote(GROUP, safe="")]
+
+
+async def _captures_view(ws_url: str) -> dict:
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+        page = Page(ws)
+        shown: dict = {}
+        for _ in range(60):  # up to ~15 s for the list and every thumbnail
+            await asyncio.sleep(0.25)
+            shown = json.loads(await page.eval(CAPTURES_JS) or "{}")
+            if shown.get("thumbs") and all(shown["thumbs"]):
+                break
+        return shown
 
 
 def test_registration_comes_back_after_a_robot_restart(relay, robot):
