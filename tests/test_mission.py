@@ -445,6 +445,8 @@ def test_captures_are_listed_downloaded_and_zipped_per_run(captured, relay, fold
     found = listing["captures"]
     assert found and [c["time"] for c in found] == sorted((c["time"] for c in found), reverse=True)
     assert GROUP in {r["run"] for r in listing["runs"]} and listing["bytes_on_disk"] > 0
+    assert relay.metric("spotrelay_capture_bytes") == listing["bytes_on_disk"]
+    assert relay.metric("spotrelay_captures") == listing["matched"]
     depth = relay.json("/api/captures?source=frontleft_depth&mission=boiler")["captures"]
     assert depth and all(c["source"] == "frontleft_depth" for c in depth)
     assert relay.json("/api/captures?mission=elsewhere")["captures"] == []

@@ -738,10 +738,9 @@ class Registration:
                     delay = min(delay * 2, REGISTER_RETRY_MAX)
             self._alive, self.registered, self.error = alive, True, None
             log.info(
-                "Autowalk callback %r registered in the robot's directory: %s, authority %s, "
-                "reached at %s (plaintext gRPC)",
+                "Autowalk callback %r registered in the robot's directory (authority %s), "
+                "reached at %s over plaintext gRPC",
                 SERVICE_NAME,
-                SERVICE_TYPE,
                 AUTHORITY + ".spot.robot",
                 self.endpoint,
             )
