@@ -13,7 +13,7 @@ from bosdyn.api import service_customization_pb2 as sc
 from bosdyn.api.mission import remote_pb2, util_pb2
 from bosdyn.client.exceptions import UnableToConnectToRobotError
 
-from spotrelay import config, mission
+from spotrelay import config, mission, registration
 from spotrelay.connection import Target
 from spotrelay.http import build_app
 from spotrelay.main import Relay
@@ -21,6 +21,8 @@ from spotrelay.metrics import Metrics
 from spotrelay.outputs import captures as captures_out
 from tests.relay import free_port
 from tests.wait import async_wait_until
+
+IDENTITY = (mission.SERVICE_NAME, mission.SERVICE_TYPE, mission.AUTHORITY)
 
 
 def test_parameters_when_no_camera_is_known_and_odd_values():
@@ -73,14 +75,15 @@ def test_sessions_are_bounded(monkeypatch):
 
 def test_registration_refuses_an_address_the_robot_cannot_reach():
     async def scenario():
-        reg = mission.Registration(21081, "127.0.0.1", "192.0.2.7")
+        reg = registration.Registration(*IDENTITY, 21081, "127.0.0.1", "192.0.2.7")
         reg.on_session(object())
         await async_wait_until(lambda: reg.status()["error"], 5, "the refusal")
         return reg.status()
 
     state = asyncio.run(scenario())
     assert not state["registered"] and "--mission-host" in state["error"]
-    assert mission.unreachable_host("0.0.0.0") and not mission.unreachable_host("192.0.2.7")
+    assert registration.unreachable_host("0.0.0.0")
+    assert not registration.unreachable_host("192.0.2.7")
 
 
 def test_registration_is_retried_until_the_session_ends():
@@ -92,7 +95,7 @@ def test_registration_is_retried_until_the_session_ends():
             raise UnableToConnectToRobotError(None, "robot gone")
 
     async def scenario():
-        reg = mission.Registration(21081, None, "127.0.0.1")
+        reg = registration.Registration(*IDENTITY, 21081, None, "127.0.0.1")
         reg.on_session(Robot())
         await async_wait_until(lambda: Robot.calls >= 2, 5, "a retry")
         error = reg.status()["error"]

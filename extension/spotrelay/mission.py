@@ -2,10 +2,11 @@
 
 Autowalk reaches payload software through "Remote gRPC" actions: the robot's mission service
 calls a ``bosdyn.api.mission.RemoteMissionService`` that the payload registered in the robot's
-directory. This module is that service for the relay's cameras: ``capture`` keeps full-quality
-stills of the chosen cameras, ``record`` an MJPEG clip of each, in the captures folder
-(``captures.py``). What the protocol asks, and where it is written down (bosdyn-api / -client /
--mission 5.2.0 and spot-sdk python/examples/remote_mission_service):
+directory. This module is that service for the relay's cameras: the protocol, the parameters
+the tablet shows, the sessions. What a run does (``capture`` full-quality stills of the chosen
+cameras, ``record`` an MJPEG clip of each) is in ``evidence.py``, the files in ``captures.py``,
+the directory entry in ``registration.py``. What the protocol asks, and where it is written down
+(bosdyn-api / -client / -mission 5.2.0 and spot-sdk python/examples/remote_mission_service):
 
 * The robot calls over plaintext gRPC: the SDK's ``GrpcServiceRunner`` listens with
   ``add_insecure_port`` (bosdyn/client/server_util.py) and a directory entry carries only an
@@ -31,37 +32,26 @@ stills of the chosen cameras, ``record`` an MJPEG clip of each, in the captures 
   group name, unique per start of the mission (walks.proto, GlobalParameters.group_name): it
   names the run. The deprecated ``inputs`` carry the node name as ``user-string`` in Autowalk
   (remote_mission_client.py); every input is kept in the sidecar.
-* Registration: ``DirectoryRegistrationKeepAlive`` (bosdyn/client/directory_registration.py)
-  registers, then re-registers every 30 s, which also restores the entry after a robot reboot;
-  it is started again with each new login of the relay, whose session it reuses.
+* Identity: recorded missions call the callback by its directory name, so ``SERVICE_NAME``
+  never changes; (authority, type) is unique in the directory (directory_registration.py,
+  DirectoryRegistrationClient.register), so the authority is the relay's own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import grpc
-import numpy as np
 from bosdyn.api import service_customization_pb2 as sc
 from bosdyn.api import units_pb2
 from bosdyn.api.mission import remote_pb2, remote_service_pb2_grpc
-from bosdyn.client.common import get_self_ip
-from bosdyn.client.directory_registration import (
-    DirectoryRegistrationClient,
-    DirectoryRegistrationKeepAlive,
-)
 from bosdyn.client.server_util import ResponseContext
 from bosdyn.client.service_customization_helpers import (
     InvalidCustomParamSpecError,
@@ -80,14 +70,11 @@ from bosdyn.mission.util import get_value_from_constant_value_message
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from spotrelay import codec
-from spotrelay.captures import Capture, Picture, StorageError, Store, utc_iso
-from spotrelay.connection import describe_error, in_daemon_thread
-from spotrelay.frames import JPEG, Frame, RenderSpec
-from spotrelay.hub import Client, Hub
-from spotrelay.logs import SDK_LOGGER
+from spotrelay.captures import Store
+from spotrelay.evidence import CAPTURE, FRAME_DEADLINE, RECORD, Evidence, Job, JobFailed
+from spotrelay.hub import Hub
 from spotrelay.metrics import Metrics
-from spotrelay.plan import plan
+from spotrelay.registration import Registration
 
 log = logging.getLogger("spotrelay.mission")
 
@@ -97,17 +84,9 @@ SERVICE_NAME = "spotrelay-camera-capture"
 AUTHORITY = "spotrelay-mission"
 SERVICE_TYPE = "bosdyn.api.mission.RemoteMissionService"
 
-CAPTURE, RECORD = "capture", "record"
 DURATION_DEFAULT, DURATION_MIN, DURATION_MAX = 10.0, 1.0, 300.0
-FRAME_DEADLINE = 5.0  # seconds a camera may take to deliver a frame before the tick fails
 MAX_SESSIONS = 256  # sessions live from mission load to teardown; drop the oldest idle beyond
-THUMB_WIDTH = 320
-REGISTER_RETRY_MAX = 30.0
 _Tick = remote_pb2.TickResponse
-
-
-class JobFailed(Exception):
-    """A capture or recording that could not be done; the message goes to the operator."""
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -167,16 +146,6 @@ def build_spec(cameras: list[str]) -> sc.DictParam.Spec:
         },
         False,
     )
-
-
-@dataclass(frozen=True)
-class Job:
-    """One run of the callback, as its parameters asked."""
-
-    action: str
-    cameras: tuple[str, ...]
-    duration: float
-    label: str
 
 
 def _params_error(message: str) -> sc.CustomParamError:
@@ -269,9 +238,8 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         robot_clock: Callable[[float], float] = lambda local: local,
         deadline: float = FRAME_DEADLINE,
     ):
-        self.hub, self.store, self.metrics, self.io = hub, store, metrics, io
-        self.robot_clock = robot_clock  # local epoch seconds -> robot clock
-        self.deadline = deadline
+        self.hub, self.metrics = hub, metrics
+        self.evidence = Evidence(hub, store, io, robot_clock=robot_clock, deadline=deadline)
         self.sessions: dict[str, Session] = {}
         self.jobs: set[asyncio.Task] = set()
 
@@ -409,10 +377,7 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         started = time.monotonic()
         result = "failure"
         try:
-            if job.action == CAPTURE:
-                await self._capture(job, context)
-            else:
-                await self._record(job, context)
+            await self.evidence.run(job, context)
             result = "success"
             log.info(
                 "mission %s of %s done in %.2f s (run %r)",
@@ -433,151 +398,6 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         finally:
             self.metrics.mission_callbacks.labels(action=job.action, result=result).inc()
 
-    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
-
-    def _meta(self, job: Job, context: dict[str, Any], source: str) -> dict[str, Any]:
-        mission = {k: v for k, v in context.items() if k != "tick_clock"}
-        return {"action": job.action, "source": source, "label": job.label, "mission": mission}
-
-    # capture ---------------------------------------------------------------------------------
-
-    async def _capture(self, job: Job, context: dict[str, Any]) -> list[Capture]:
-        """The newest frame each camera delivered after the tick began, stored all or none."""
-        frames = await asyncio.gather(
-            *(
-                self.hub.next_frame(s, after=context["tick_clock"], timeout=self.deadline)
-                for s in job.cameras
-            ),
-            return_exceptions=True,
-        )
-        silent = [s for s, f in zip(job.cameras, frames, strict=True) if not isinstance(f, Frame)]
-        if silent:
-            raise JobFailed(
-                f"no frame from {', '.join(silent)} within {self.deadline:g} s "
-                "(camera stopped, or the robot is not connected)"
-            )
-        loop = asyncio.get_running_loop()
-        pictures = []
-        for frame in frames:
-            assert isinstance(frame, Frame)
-            try:
-                picture = await loop.run_in_executor(self.hub.snapshot_executor, _still, frame)
-            except codec.CodecError as exc:
-                raise JobFailed(f"cannot decode the frame of {frame.source}: {exc}") from exc
-            picture.meta = {**self._meta(job, context, frame.source), **picture.meta}
-            pictures.append((frame, picture))
-        items = [(self.store.new_stem(f.acquired, f.source), p) for f, p in pictures]
-        try:
-            return await self._io(self.store.write_pictures, items)
-        except StorageError as exc:
-            raise JobFailed(str(exc)) from exc
-
-    # record ----------------------------------------------------------------------------------
-
-    async def _record(self, job: Job, context: dict[str, Any]) -> None:
-        results = await asyncio.gather(
-            *(self._record_one(job, context, s) for s in job.cameras), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-
-    async def _record_one(self, job: Job, context: dict[str, Any], source: str) -> None:
-        """Frames captured from the first after the tick for ``duration`` seconds of capture
-        time, the robot's JPEG bytes as they come (colour-mapped JPEG for depth)."""
-        stem = self.store.new_stem(time.time(), source)
-        try:
-            clip = await self._io(self.store.clip, stem)
-        except (OSError, StorageError) as exc:
-            raise JobFailed(f"cannot start recording {source}: {exc}") from exc
-        spec = RenderSpec()
-        frames = self.hub.frames(source, spec, Client("record", source, spec, "mission", None))
-        loop = asyncio.get_running_loop()
-        state = _Recording(start=context["tick_started"])
-        give_up = loop.time() + self.deadline  # for the first frame
-        problem: str | None = None
-        try:
-            async with contextlib.aclosing(frames):
-                while True:
-                    try:
-                        async with asyncio.timeout_at(give_up):
-                            enc = await anext(frames)
-                    except TimeoutError:
-                        problem = "timeout"
-                        break
-                    except StopAsyncIteration:  # the hub ends streams only when closing
-                        problem = "the relay is shutting down"
-                        break
-                    if enc.stale:
-                        if state.count:  # no new frame for --stale-after seconds
-                            problem = "stopped"
-                            break
-                        continue
-                    if enc.acquired < state.start or enc.seq == state.last_seq:
-                        continue
-                    if state.first is None:
-                        state.first, state.first_jpeg = enc.acquired, enc.data
-                        give_up = loop.time() + job.duration + self.deadline
-                    if enc.acquired >= state.first + job.duration:
-                        break
-                    await self._io(clip.add, enc.data)
-                    state.note(enc.acquired, enc.seq)
-        except asyncio.CancelledError:
-            await self._close_clip(clip, job, context, source, state, "stopped by the mission")
-            raise
-        except StorageError as exc:
-            await self._io(clip.discard)
-            raise JobFailed(f"recording {source}: {exc}") from exc
-        except Exception as exc:  # ClipError: a frame of another size, a broken JPEG
-            problem = f"{exc}"
-        if state.count == 0:
-            await self._io(clip.discard)
-            raise JobFailed(f"no frame from {source} within {self.deadline:g} s")
-        if problem in ("timeout", "stopped"):
-            problem = (
-                f"camera {source} stopped sending frames after {state.span:.1f} s "
-                f"of the {job.duration:g} s asked"
-            )
-        await self._close_clip(clip, job, context, source, state, problem)
-        if problem:
-            raise JobFailed(f"{problem} (kept the {state.count} frames recorded)")
-
-    async def _close_clip(self, clip, job, context, source, state, problem: str | None) -> None:
-        if state.count == 0:
-            await self._io(clip.discard)
-            return
-        assert state.first is not None and state.first_jpeg is not None
-        meta = self._meta(job, context, source)
-        loop = asyncio.get_running_loop()
-        thumb = await loop.run_in_executor(
-            self.hub.snapshot_executor, _thumbnail_of_jpeg, state.first_jpeg
-        )
-        width, height = clip.avi.size or (0, 0)
-        meta.update(
-            kind="clip",
-            media_type="video/x-msvideo",
-            encoding="MJPEG in AVI (the robot's JPEG bytes; colour-mapped for depth)",
-            width=width,
-            height=height,
-            time=state.first,
-            time_utc=utc_iso(state.first),
-            robot_time=self.robot_clock(state.first),
-            clip={
-                "frames": state.count,
-                "fps": round(state.fps, 3),
-                "duration": round(state.span + 1 / state.fps, 3),
-                "end_time": state.last,
-                "requested_duration": job.duration,
-                "complete": problem is None,
-                "problem": problem,
-            },
-        )
-        try:
-            await self._io(clip.finish, state.fps, thumb, meta)
-        except StorageError as exc:
-            raise JobFailed(f"recording {source}: {exc}") from exc
-
     async def close(self, timeout: float = 1.0) -> None:
         """Stop every job (clips keep what they recorded) and wait a little for them."""
         for session in self.sessions.values():
@@ -587,188 +407,6 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
             task.cancel()
         if jobs:
             await asyncio.wait(jobs, timeout=timeout)
-
-
-@dataclass
-class _Recording:
-    start: float  # local epoch: frames captured before the tick are not part of the clip
-    first: float | None = None
-    first_jpeg: bytes | None = None
-    last: float = 0.0
-    last_seq: int = -1
-    count: int = 0
-
-    def note(self, acquired: float, seq: int) -> None:
-        self.last, self.last_seq, self.count = acquired, seq, self.count + 1
-
-    @property
-    def span(self) -> float:
-        return self.last - self.first if self.first is not None else 0.0
-
-    @property
-    def fps(self) -> float:
-        """Measured from capture times: what the camera delivered, for the AVI's frame rate."""
-        return (self.count - 1) / self.span if self.count > 1 and self.span > 0 else 15.0
-
-
-def _still(frame: Frame) -> Picture:
-    """The robot's JPEG as it sent it, else lossless PNG (16-bit for depth); and a thumbnail."""
-    image = frame.image
-    shape = image.shape
-    if image.format == JPEG:
-        data, suffix, media, encoding = image.data, ".jpg", "image/jpeg", "robot JPEG"
-    else:
-        data = codec.render(image, plan(frame.source, shape, RenderSpec(format="png")))
-        suffix, media = ".png", "image/png"
-        encoding = "16-bit PNG, depth units" if image.is_depth else "PNG"
-    thumb = codec.render(image, plan(frame.source, shape, RenderSpec(width=THUMB_WIDTH)))
-    meta: dict[str, Any] = {
-        "kind": "still",
-        "media_type": media,
-        "encoding": encoding,
-        "width": image.cols,
-        "height": image.rows,
-        "time": frame.acquired,
-        "time_utc": utc_iso(frame.acquired),
-        "robot_time": frame.robot_time,
-        "received": frame.received,
-        "seq": frame.seq,
-    }
-    if image.is_depth:
-        meta["depth_scale"] = image.depth_scale  # PNG value / depth_scale = metres
-    return Picture(suffix, data, thumb, meta)
-
-
-def _thumbnail_of_jpeg(jpeg: bytes) -> bytes:
-    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
-    if img is None:
-        raise codec.CodecError("undecodable JPEG")
-    h, w = img.shape[:2]
-    if w > THUMB_WIDTH:
-        img = codec.resize(img, THUMB_WIDTH, max(1, round(h * THUMB_WIDTH / w)))
-    return codec.encode_jpeg(img, 70)
-
-
-# -- directory registration ---------------------------------------------------------------------
-
-
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host))
-    except (OSError, ValueError):
-        return None
-
-
-def unreachable_host(host: str) -> bool:
-    """Loopback or unspecified: an address the robot could never reach us at."""
-    addr = _address(host)
-    return addr is not None and (addr.is_loopback or addr.is_unspecified)
-
-
-class Registration:
-    """Keeps the callback in the robot's directory for as long as each robot session lasts.
-
-    ``on_session(robot)`` is the connection's hook: a new SDK Robot (after a login, a robot
-    restart, an expired token) starts a new keep-alive with that session; None (robot lost) stops
-    it. The first registration is retried with backoff; afterwards the SDK's keep-alive thread
-    re-registers every 30 s, which also brings the entry back if the robot's directory lost it.
-    """
-
-    def __init__(self, port: int, host: str | None, robot_host: str):
-        self.port, self.host, self.robot_host = port, host, robot_host
-        self.registered = False
-        self.endpoint: str | None = None
-        self.error: str | None = None
-        self._task: asyncio.Task | None = None
-        self._alive: DirectoryRegistrationKeepAlive | None = None
-
-    def status(self) -> dict[str, Any]:
-        alive = self._alive
-        return {
-            "service": SERVICE_NAME,
-            "authority": AUTHORITY + ".spot.robot",
-            "type": SERVICE_TYPE,
-            "endpoint": self.endpoint,
-            "registered": self.registered and alive is not None and alive.is_alive(),
-            "error": self.error,
-        }
-
-    def on_session(self, robot: Any) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._task = asyncio.create_task(self._keep(robot)) if robot is not None else None
-
-    def _where(self) -> str:
-        """The address the robot reaches us at: given, or ours on the route to the robot."""
-        host = self.host or get_self_ip(self.robot_host)
-        if unreachable_host(host) and not unreachable_host(self.robot_host):
-            raise ValueError(
-                f"{host} is not an address the robot can reach; set --mission-host to this "
-                "computer's address on the robot's network (192.168.50.5 for a CORE I/O)"
-            )
-        return host
-
-    def _start(self, robot: Any, host: str) -> DirectoryRegistrationKeepAlive:
-        client = robot.ensure_client(DirectoryRegistrationClient.default_service_name)
-        alive = DirectoryRegistrationKeepAlive(
-            client, logger=logging.getLogger(SDK_LOGGER), rpc_timeout_seconds=5.0
-        )
-        alive.start(SERVICE_NAME, SERVICE_TYPE, AUTHORITY, host, self.port)
-        return alive
-
-    async def _keep(self, robot: Any) -> None:
-        alive = None
-        delay = 1.0
-        try:
-            while alive is None:
-                try:
-                    host = await in_daemon_thread(self._where)
-                    self.endpoint = f"{host}:{self.port}"
-                    alive = await in_daemon_thread(lambda h=host: self._start(robot, h))
-                except ValueError as exc:
-                    self.error = str(exc)
-                    log.error("Autowalk callback not registered: %s", exc)
-                    return
-                except Exception as exc:
-                    error = describe_error(exc)
-                    if error != self.error:
-                        log.warning("cannot register the Autowalk callback: %s; retrying", error)
-                    self.error = error
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, REGISTER_RETRY_MAX)
-            self._alive, self.registered, self.error = alive, True, None
-            log.info(
-                "Autowalk callback %r registered in the robot's directory (authority %s), "
-                "reached at %s over plaintext gRPC",
-                SERVICE_NAME,
-                AUTHORITY + ".spot.robot",
-                self.endpoint,
-            )
-            await asyncio.Event().wait()  # until the session ends
-        finally:
-            self.registered = False
-            if alive is not None:  # joins the SDK's thread, which may be mid-RPC
-                threading.Thread(target=alive.shutdown, daemon=True).start()
-                if self._alive is alive:
-                    self._alive = None
-
-    async def close(self, timeout: float = 1.0) -> None:
-        """Leave the directory (best effort, bounded: the robot may be gone)."""
-        alive = self._alive
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        if alive is None:
-            return
-
-        def leave() -> None:
-            alive.shutdown()
-            alive.unregister()
-
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
-                await in_daemon_thread(leave)
-            log.info("Autowalk callback %r removed from the robot's directory", SERVICE_NAME)
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -792,7 +430,9 @@ class MissionServer:
         self.store, self.bind, self.port = store, bind, port
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="captures")
         self.service = MissionService(hub, store, metrics, self.io, robot_clock=robot_clock)
-        self.registration = Registration(port, host, robot_host)
+        self.registration = Registration(
+            SERVICE_NAME, SERVICE_TYPE, AUTHORITY, port, host, robot_host
+        )
         self._server: grpc.aio.Server | None = None
         metrics.capture_bytes.set_function(lambda: store.bytes_on_disk)
         metrics.captures.set_function(lambda: len(store))
