@@ -26,7 +26,7 @@ import numpy as np
 from spotrelay import codec
 from spotrelay.avi import ClipError
 from spotrelay.captures import Capture, Clip, Picture, StorageError, Store, utc_iso
-from spotrelay.frames import JPEG, Frame, RenderSpec
+from spotrelay.frames import GREY16, JPEG, Frame, RenderSpec
 from spotrelay.hub import Client, Hub
 from spotrelay.plan import plan
 
@@ -291,6 +291,8 @@ def _still(frame: Frame) -> Picture:
         data = codec.render(image, plan(frame.source, shape, RenderSpec(format="png")))
         suffix, media = ".png", "image/png"
         encoding = "16-bit PNG, depth units" if image.is_depth else "PNG"
+        if image.pixel_format == GREY16:
+            encoding = "16-bit PNG"
     thumb = codec.render(image, plan(frame.source, shape, RenderSpec(width=THUMB_WIDTH)))
     meta: dict[str, Any] = {
         "kind": "still",
@@ -310,9 +312,11 @@ def _still(frame: Frame) -> Picture:
 
 
 def _thumbnail_of_jpeg(jpeg: bytes) -> bytes:
+    """The clip's first frame, small; a grey picture if it cannot be decoded (the clip is kept
+    as the robot sent it either way)."""
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
     if img is None:
-        raise codec.CodecError("undecodable JPEG")
+        img = np.full((THUMB_WIDTH * 3 // 4, THUMB_WIDTH, 3), 48, np.uint8)
     h, w = img.shape[:2]
     if w > THUMB_WIDTH:
         img = codec.resize(img, THUMB_WIDTH, max(1, round(h * THUMB_WIDTH / w)))

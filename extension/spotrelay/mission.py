@@ -222,6 +222,7 @@ class Session:
     created: float
     task: asyncio.Task | None = None
     outcome: tuple[int, str] | None = None
+    refused: str | None = None  # the last parameter error, said once
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -311,14 +312,13 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         if session.task is None:  # first tick, or the first after a Stop: start over
             job = parse_params(request.params, self.cameras())
             if isinstance(job, sc.CustomParamError):
-                action = request.params.values["action"].one_of_value.key
-                if action not in (CAPTURE, RECORD):
-                    action = "unknown"
-                self.metrics.mission_callbacks.labels(action=action, result="invalid").inc()
                 resp.status = resp.STATUS_CUSTOM_PARAMS_ERROR
                 resp.custom_param_error.CopyFrom(job)
                 resp.error_message = "; ".join(job.error_messages)
-                log.warning("mission tick refused: %s", resp.error_message)
+                if session.refused != resp.error_message:  # once, not at every tick
+                    session.refused = resp.error_message
+                    self._count_refusal(request.params)
+                    log.warning("mission tick refused: %s", resp.error_message)
                 return
             context = self._context(request, session)
             session.task = asyncio.create_task(self._run(job, context))
@@ -330,6 +330,11 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         if session.outcome is None:
             session.outcome = self._outcome(session.task)
         resp.status, resp.error_message = session.outcome
+
+    def _count_refusal(self, params: sc.DictParam) -> None:
+        action = params.values["action"].one_of_value.key if "action" in params.values else ""
+        action = action if action in (CAPTURE, RECORD) else "unknown"
+        self.metrics.mission_callbacks.labels(action=action, result="invalid").inc()
 
     def _done(self, task: asyncio.Task) -> None:
         self.jobs.discard(task)
@@ -362,7 +367,7 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         """Stop what runs (a clip keeps what it recorded): the next tick starts over."""
         if session.task is not None and not session.task.done():
             session.task.cancel()
-        session.task, session.outcome = None, None
+        session.task, session.outcome, session.refused = None, None, None
 
     def _forget_idle(self) -> None:
         """Keep at most MAX_SESSIONS: the robot may load missions and never tear them down."""
