@@ -102,27 +102,34 @@ class Registration:
             )
         return host
 
-    def _start(self, robot: Any, host: str) -> DirectoryRegistrationKeepAlive:
+    def _start(
+        self, robot: Any, host: str, gone: threading.Event
+    ) -> DirectoryRegistrationKeepAlive | None:
         client = robot.ensure_client(DirectoryRegistrationClient.default_service_name)
         alive = DirectoryRegistrationKeepAlive(
             client, logger=logging.getLogger(SDK_LOGGER), rpc_timeout_seconds=5.0
         )
         alive.start(self.name, self.type, self.authority, host, self.port)
+        if gone.is_set():  # the session ended while we registered: nobody will stop it
+            alive.shutdown()
+            return None
         return alive
 
     async def _keep(self, robot: Any) -> None:
         alive = None
-        delay = 1.0
+        gone = threading.Event()
         try:
+            try:
+                host = await in_daemon_thread(self._where)
+            except ValueError as exc:
+                self.error = str(exc)
+                log.error("%s not registered: %s", self.name, exc)
+                return
+            self.endpoint = f"{host}:{self.port}"
+            delay = 1.0
             while alive is None:
                 try:
-                    host = await in_daemon_thread(self._where)
-                    self.endpoint = f"{host}:{self.port}"
-                    alive = await in_daemon_thread(lambda h=host: self._start(robot, h))
-                except ValueError as exc:
-                    self.error = str(exc)
-                    log.error("%s not registered: %s", self.name, exc)
-                    return
+                    alive = await in_daemon_thread(lambda: self._start(robot, host, gone))
                 except Exception as exc:
                     error = describe_error(exc)
                     if error != self.error:
@@ -140,6 +147,7 @@ class Registration:
             )
             await asyncio.Event().wait()  # until the session ends
         finally:
+            gone.set()
             self.registered = False
             if alive is not None:  # joins the SDK's thread, which may be mid-RPC
                 threading.Thread(target=alive.shutdown, daemon=True).start()
