@@ -301,7 +301,7 @@ def test_record_writes_a_clip_that_plays_only_once_closed(client, relay, robot, 
         timeout=30,
     ).stdout
     assert copied[:2] == b"\xff\xd8" and robot.has_served("back_fisheye_image", copied)
-    if CVLC is not None:
+    if CVLC is not None or os.environ.get("CI"):  # in CI a missing VLC fails the test
         vlc_plays(clip, frames)
 
 
