@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-setup
 PORT ?= 21080
+MISSION_PORT ?= 21081
 ARGS ?=
 
 .PHONY: setup run test test-fast lint fmt bench soak lock clean
@@ -18,9 +19,12 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-## Live cameras from the built-in simulated robot at http://127.0.0.1:$(PORT)/
+## Live cameras from the built-in simulated robot at http://127.0.0.1:$(PORT)/, with the Autowalk
+## callback registered in the simulated robot's directory (gRPC on $(MISSION_PORT), captures in
+## .cache/captures).
 run: setup
-	$(BIN)/spotrelay --sim --bind 127.0.0.1 --port $(PORT) $(ARGS)
+	$(BIN)/spotrelay --sim --bind 127.0.0.1 --port $(PORT) --mission --mission-port $(MISSION_PORT) \
+	  --captures-dir .cache/captures $(ARGS)
 
 ## Everything: ruff, then in-process and end-to-end tests, with coverage (fails under 85 %).
 test: setup

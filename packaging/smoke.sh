@@ -4,7 +4,10 @@
 # from the same image, and check what a user relies on:
 #   the payload credentials are root's 0600 file (as on a CORE I/O) and the root filesystem is
 #   read-only, yet a frame arrives through the mapped port; the relay runs as uid 10001, Docker
-#   reports it healthy, and `docker stop` ends it cleanly within 2 s.
+#   reports it healthy, and `docker stop` ends it cleanly within 2 s. The Autowalk callback
+#   registers in the robot's directory, answers on the published port 21081 (driven with
+#   bosdyn-mission's RemoteClient from a host-network container) and writes its pictures to the
+#   captures volume as uid 10001.
 #   packaging/smoke.sh spotrelay:0.1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +15,7 @@ image=${1:?image tag}
 project=spotrelay-smoke
 sim=spotrelay-smoke-sim
 work=$(mktemp -d /tmp/spotrelay-smoke.XXXXXX)
-mkdir -p "$work/sim" "$work/creds"
+mkdir -p "$work/sim" "$work/creds" "$work/captures"
 chmod 0777 "$work/sim"
 say() { echo "smoke: $*"; }
 compose() { SPOTRELAY_PUBLISH_IP=127.0.0.1 docker-compose -p "$project" -f docker-compose.yml -f "$work/override.yml" "$@"; }
@@ -54,6 +57,7 @@ services:
     volumes:
       - $work/sim:/sim:ro
       - $work/creds:/opt/payload_credentials:ro
+      - $work/captures:/captures
     logging:
       driver: json-file   # no journald on a build machine
 YAML
@@ -98,6 +102,38 @@ if docker exec "$cid" sh -c 'touch /opt/spotrelay/x' 2>/dev/null; then
   say "FAIL: the root filesystem is writable"; exit 1
 fi
 say "the root filesystem is read-only"
+
+registered() { docker logs "$cid" 2>&1 | grep -q "registered in the robot's directory"; }
+for _ in $(seq 40); do registered && break; sleep 0.5; done
+registered || { docker logs "$cid" 2>&1 | tail -20; say "FAIL: the Autowalk callback did not register"; exit 1; }
+say "the Autowalk callback registered in the robot's directory"
+if ! docker run --rm -i --network host "$image" python3 - <<'PY'
+import sys, time, grpc
+from bosdyn.api import service_customization_pb2 as sc
+from bosdyn.mission.remote_client import RemoteClient
+c = RemoteClient()
+c.channel = grpc.insecure_channel("127.0.0.1:21081")
+session = c.establish_session(lease_resources=(), timeout=10)
+params = sc.DictParam()
+params.values["cameras"].list_value.values.add().string_value.value = "back_fisheye_image"
+for _ in range(200):
+    resp = c.tick(session, lease_resources=(), params=params, group_name="smoke")
+    if resp.status != resp.STATUS_RUNNING:
+        break
+    time.sleep(0.05)
+c.teardown_session(session)
+print(f"smoke: Autowalk capture tick: {resp.status} {resp.error_message}")
+sys.exit(0 if resp.status == resp.STATUS_SUCCESS else 1)
+PY
+then
+  docker logs "$cid" 2>&1 | tail -20
+  say "FAIL: no capture through the callback's port 21081"
+  exit 1
+fi
+shot=$(ls "$work/captures"/*back_fisheye_image.jpg 2>/dev/null | head -1 || true)
+[ -n "$shot" ] && [ "$(stat -c %u "$shot")" = 10001 ] \
+  || { ls -ln "$work/captures"; say "FAIL: no picture written by uid 10001 in the captures volume"; exit 1; }
+say "a capture through port 21081 is on the volume, written by uid 10001"
 
 for _ in $(seq 40); do
   health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")

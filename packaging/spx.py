@@ -72,6 +72,13 @@ def check_manifest(manifest: dict, version: str | None) -> list[str]:
     images = manifest.get("images")
     if not isinstance(images, list) or not images:
         errors.append("images must list the image archive(s)")
+    for key in ("files_to_save", "directories_to_save"):  # kept across upgrades
+        paths = manifest.get(key, [])
+        if not isinstance(paths, list) or not all(
+            isinstance(p, str) and p and not p.startswith("/") and ".." not in p.split("/")
+            for p in paths
+        ):
+            errors.append(f"{key} must list paths inside the extension's folder, as relative ones")
     if "date" in manifest:
         try:
             datetime.datetime.fromisoformat(manifest["date"])

@@ -69,6 +69,9 @@ def test_secrets_are_not_in_the_repr(monkeypatch, tmp_path):
         (["--robot", "x", "--guid", "g"], {}, "--guid and --secret"),
         (["--sim", "--log-level", "chatty"], {}, "--log-level"),
         (["--sim", "--idle-fps", "100"], {}, "--idle-fps must be in"),
+        (["--sim", "--mission", "--mission-port", "21080"], {}, "is the HTTP port"),
+        (["--robot", "x", "--mission", "--mission-host", "127.0.0.1"], LOGIN, "cannot reach"),
+        (["--robot", "x", "--mission", "--mission-host", "0.0.0.0"], LOGIN, "192.168.50.5"),
     ],
 )
 def test_bad_options_are_one_readable_error(argv, env, says, monkeypatch, capsys):
@@ -77,6 +80,18 @@ def test_bad_options_are_one_readable_error(argv, env, says, monkeypatch, capsys
     # argparse's own errors exit 2 with one line on stderr; ours are ConfigErrors
     said = str(info.value) if isinstance(info.value, ConfigError) else capsys.readouterr().err
     assert says in said and len(said.strip().splitlines()) == 1
+
+
+def test_the_autowalk_callback_options(monkeypatch):
+    cfg = load(
+        [], {**LOGIN, "SPOTRELAY_ROBOT": "192.168.50.3", "SPOTRELAY_MISSION": "1"}, monkeypatch
+    )
+    assert (cfg.mission, cfg.mission_port, cfg.mission_host) == (True, 21081, None)
+    assert (cfg.captures_dir, cfg.captures_max_mb) == ("captures", 2048.0)
+    # a robot on this very machine (the simulated one) is reached on loopback
+    cfg = load(["--robot", "127.0.0.1", "--mission", "--mission-host", "localhost"], None, None)
+    assert cfg.mission_host == "localhost"
+    assert load(["--sim", "--mission", "--mission-host", "127.0.0.1"], None, None).mission
 
 
 @pytest.mark.e2e

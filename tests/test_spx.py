@@ -63,6 +63,9 @@ def test_shipped_files_agree_with_the_project():
     assert spx.check_manifest(manifest, version) == []
     assert spx.compose_images((ROOT / "docker-compose.yml").read_text()) == [f"spotrelay:{version}"]
     assert (ROOT / manifest["icon"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the compose file's captures volume is the folder kept across upgrades
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert manifest["directories_to_save"] == ["captures"] and "./captures:/captures" in compose
 
 
 def test_a_good_package_passes(tmp_path):
@@ -78,6 +81,8 @@ def test_a_good_package_passes(tmp_path):
         ({"manifest": {"version": "9.9.9"}}, "project's version"),
         ({"manifest": {"installation_target": "mars"}}, "installation_target"),
         ({"manifest": {"date": "yesterday"}}, "ISO 8601"),
+        ({"manifest": {"directories_to_save": ["/data/captures"]}}, "directories_to_save"),
+        ({"manifest": {"files_to_save": "../x"}}, "files_to_save"),
         ({"drop": "icon.png"}, "icon.png is named but not in the package"),
         ({"tag": "spotrelay:old"}, "compose runs spotrelay:"),
         ({"arch": "amd64"}, "built for amd64"),

@@ -9,6 +9,7 @@ meets when something is mistyped in a compose file.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         DEFAULT_PORT,
         "HTTP port (CORE I/O admits 21000-22000)",
     ),
-    ("--bind", str, "0.0.0.0", "HTTP bind address"),
+    ("--bind", str, "0.0.0.0", "address the HTTP server (and the Autowalk callback) listen on"),
     ("--sources", _csv, (), "comma-separated image sources to relay (default: all)"),
     ("--image-services", _csv, ("image",), "image services to poll, or 'auto' for every one"),
     ("--token", str, None, "require this access token on every request but /healthz and /readyz"),
@@ -194,9 +195,10 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         "--mission-host",
         str,
         None,
-        "address the robot reaches the callback at (default: ours on the route to the robot)",
+        "address the robot reaches the Autowalk callback at (default: ours on the route to the "
+        "robot; in a container give the host's, e.g. 192.168.50.5 on a CORE I/O)",
     ),
-    ("--captures-dir", str, "captures", "where Autowalk captures and recordings are kept"),
+    ("--captures-dir", str, "captures", "folder for Autowalk pictures and clips (with --mission)"),
     (
         "--captures-max-mb",
         _number_in("--captures-max-mb", float, 1.0, 10_000_000.0),
@@ -214,7 +216,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
 # (flag, help): on/off switches, also 1/0/true/false in the environment.
 _SWITCHES: list[tuple[str, str]] = [
     ("--sim", "use the built-in simulated robot"),
-    ("--mission", "serve the Autowalk capture callback and register it with the robot"),
+    ("--mission", "serve the Autowalk camera callback and register it in the robot's directory"),
 ]
 
 
@@ -290,6 +292,8 @@ def load(argv: list[str] | None = None) -> Config:
     username = os.environ.get("BOSDYN_CLIENT_USERNAME") or None
     password = os.environ.get("BOSDYN_CLIENT_PASSWORD") or None
     cfg = Config(guid=guid, secret=secret, username=username, password=password, **v)  # type: ignore[arg-type]
+    if cfg.mission:
+        _check_mission(cfg)
     if cfg.sim:
         return cfg
     if not cfg.robot:
@@ -302,6 +306,29 @@ def load(argv: list[str] | None = None) -> Config:
     if cfg.robot_cert:
         _check_certificate(cfg.robot_cert)
     return cfg
+
+
+def _local_only(host: str) -> bool:
+    """Loopback or unspecified (literal addresses and ``localhost``; names are not resolved)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_unspecified
+
+
+def _check_mission(cfg: Config) -> None:
+    """The robot must be able to reach the callback: its own port, at an address of ours."""
+    if cfg.mission_port == cfg.port:
+        raise ConfigError(f"--mission-port {cfg.mission_port} is the HTTP port (--port) too")
+    robot_here = cfg.sim or (cfg.robot is not None and _local_only(cfg.robot))
+    if cfg.mission_host and _local_only(cfg.mission_host) and not robot_here:
+        raise ConfigError(
+            f"--mission-host {cfg.mission_host}: the robot cannot reach this computer there; "
+            "give its address on the robot's network (192.168.50.5 for a CORE I/O)"
+        )
 
 
 def _check_certificate(path: str) -> None:

@@ -163,7 +163,8 @@ class PayloadNotAuthorised(Exception):
     """The robot knows the payload, but nobody has authorised it in the admin console yet."""
 
 
-def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run blocking SDK work where a robot that never answers cannot hold up shutdown."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
 
@@ -177,11 +178,11 @@ def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
     def body() -> None:
         try:
-            result = fn()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
+            result, exc = fn(), None
+        except BaseException as error:
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, exc)
 
     threading.Thread(target=body, name="spotrelay-sdk", daemon=True).start()
     return fut
@@ -282,6 +283,7 @@ class _Session:
 
 
 SourcesChanged = Callable[[dict[str, SourceInfo], tuple[str, ...]], None]
+SessionChanged = Callable[[bosdyn.client.Robot | None], None]
 
 
 class RobotConnection:
@@ -289,6 +291,8 @@ class RobotConnection:
 
     ``on_change(sources, healthy_services)`` is called whenever the sources or the set of
     services that answer change (and with nothing healthy when the robot is lost).
+    ``on_session(robot)`` is given each new logged-in SDK Robot, and None when it is lost, so
+    that other parts can use the session (the robot allows only 5 logins a second).
     """
 
     def __init__(
@@ -299,6 +303,7 @@ class RobotConnection:
         *,
         on_change: SourcesChanged = lambda sources, services: None,
         on_token: Callable[[str], None] = lambda token: None,
+        on_session: SessionChanged = lambda robot: None,
         limiter: AuthLimiter | None = None,
         rediscover: float = 10.0,
     ):
@@ -308,6 +313,7 @@ class RobotConnection:
         self.wanted = tuple(wanted)
         self.on_change = on_change
         self.on_token = on_token  # the robot-issued user token, so that logs can mask it
+        self.on_session = on_session
         self.limiter = limiter or AuthLimiter()
         self.rediscover = rediscover  # auto mode: list the directory again this often
         self.sources: dict[str, SourceInfo] = {}
@@ -407,7 +413,7 @@ class RobotConnection:
         said, said_at = "", 0.0  # the same failure is logged once a minute, not every retry
         while True:
             try:
-                session = await _in_daemon_thread(lambda: _Session(self.target))
+                session = await in_daemon_thread(lambda: _Session(self.target))
             except Exception as exc:  # whatever it is, the relay must go on trying
                 if not isinstance(exc, SdkError | OSError | ValueError | PayloadNotAuthorised):
                     log.exception("unexpected error logging in to the robot")
@@ -445,6 +451,7 @@ class RobotConnection:
         self._last_ok = time.monotonic()
         self.state = {}
         self.connected.set()
+        self.on_session(session.robot)
         try:
             await self._discover(session, initial=True)
             log.info(
@@ -475,6 +482,7 @@ class RobotConnection:
             self.connected.clear()
             self._session = None
             self.state = {}
+            self.on_session(None)
             self._notify()
             if self._lost.is_set():
                 log.warning("lost robot %s: %s; reconnecting", self.target.where, self.last_error)
@@ -484,7 +492,7 @@ class RobotConnection:
         """List the services (auto mode) and the sources of every service due for a try."""
         if self.auto and (initial or relist):
             try:
-                names = await _in_daemon_thread(session.image_services)
+                names = await in_daemon_thread(session.image_services)
             except SdkError as exc:
                 if classify(exc).relogin:
                     self._lose(describe_error(exc))
@@ -504,7 +512,7 @@ class RobotConnection:
             if not st.ok and now >= st.retry_at:
                 due.append(st)
         results = await asyncio.gather(
-            *(_in_daemon_thread(lambda s=st.name: session.discover(s)) for st in due),
+            *(in_daemon_thread(lambda s=st.name: session.discover(s)) for st in due),
             return_exceptions=True,
         )
         for st, result in zip(due, results, strict=True):

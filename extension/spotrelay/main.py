@@ -27,13 +27,15 @@ import cv2
 from aiohttp import web
 
 from spotrelay import __version__, logs
+from spotrelay.captures import Store
 from spotrelay.config import Config, load_or_exit
 from spotrelay.connection import RobotConnection, Target
 from spotrelay.frames import SourceInfo
 from spotrelay.http import build_app
 from spotrelay.hub import Hub
 from spotrelay.metrics import Metrics
-from spotrelay.outputs import api, mjpeg, snapshot, viewer, ws
+from spotrelay.mission import MissionServer
+from spotrelay.outputs import api, captures, mjpeg, snapshot, viewer, ws
 from spotrelay.poller import Poller
 
 log = logging.getLogger("spotrelay")
@@ -133,6 +135,7 @@ class Relay:
             cfg.sources,
             on_change=self._sources_changed,
             on_token=redactor.add if redactor else lambda token: None,
+            on_session=self._session_changed,
             rediscover=cfg.rediscover,
         )
         self.hub = Hub(
@@ -154,6 +157,25 @@ class Relay:
             quality=cfg.robot_quality,
             idle_fps=cfg.idle_fps,
         )
+        # The Autowalk callback: stills and clips from the hub into the captures folder.
+        self.mission: MissionServer | None = None
+        store = None
+        if cfg.mission:
+            store = Store(
+                cfg.captures_dir,
+                int(cfg.captures_max_mb * 1e6),
+                on_deleted=metrics.captures_deleted.inc,
+            )
+            self.mission = MissionServer(
+                self.hub,
+                store,
+                metrics,
+                bind=cfg.bind,
+                port=cfg.mission_port,
+                host=cfg.mission_host,
+                robot_host=target.host,
+                robot_clock=lambda local: local + self.conn.skew,
+            )
         # Read at scrape time from the connection's own state, so the gauges cannot go stale.
         metrics.robot_connected.set_function(lambda: 1.0 if self.conn.connected.is_set() else 0.0)
         metrics.time_sync_skew.set_function(lambda: self.conn.skew)
@@ -171,7 +193,9 @@ class Relay:
                     registry=metrics.registry,
                     show_peers=bool(cfg.token),
                     timing=self.poller.timing,
+                    mission=self.mission.status if self.mission else None,
                 ),
+                partial(captures.add_routes, store=store),
             ],
             token=cfg.token,
             allow_origin=cfg.allow_origin,
@@ -186,6 +210,10 @@ class Relay:
             self.metrics.service_ok.labels(service=service).set(1 if service in healthy else 0)
         self.hub.set_sources(sources.values())
         self.poller.set_sources({n: s for n, s in sources.items() if s.service in healthy}, healthy)
+
+    def _session_changed(self, robot) -> None:
+        if self.mission is not None:
+            self.mission.registration.on_session(robot)
 
     def _watch_changed(self, source: str, watched: bool) -> None:
         self.poller.set_watched(source, watched)
@@ -209,6 +237,13 @@ class Relay:
             await runner.cleanup()
             return 1
         log.info("spotrelay %s serving http://%s:%d/", __version__, bind, port)
+        if self.mission is not None:
+            try:
+                await self.mission.start()
+            except OSError as exc:
+                log.error("cannot start the Autowalk callback: %s", exc)
+                await runner.cleanup()
+                return 1
         tasks = [
             asyncio.create_task(supervise(name, run, self.metrics), name=name)
             for name, run in (
@@ -219,6 +254,8 @@ class Relay:
         ]
         await stop.wait()
         log.info("shutting down")
+        if self.mission is not None:  # clips keep what they recorded; leave the directory
+            await self.mission.close()
         self.hub.close()  # ends every stream, so the server has nothing to wait for
         await runner.cleanup()
         for task in tasks:
@@ -266,6 +303,16 @@ def drop_privileges(uid: int, gid: int) -> None:
     raise SystemExit("spotrelay: error: could not drop root privileges")
 
 
+def own_folder(path: str, uid: int, gid: int) -> None:
+    """Create the captures folder and give it (and what it holds) to the user the relay goes on
+    as: a fresh volume is root's, and the relay no longer is once it has read the credentials."""
+    with contextlib.suppress(OSError):  # if this fails, opening the store says why
+        os.makedirs(path, exist_ok=True)
+        for root, _, files in os.walk(path):
+            for name in (root, *(os.path.join(root, f) for f in files)):
+                os.chown(name, uid, gid)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["site-config"]:  # the base station's config generator, not the relay
@@ -276,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     limit_malloc_arenas()
     raise_file_limit()
     if cfg.run_as and os.geteuid() == 0:
+        if cfg.mission:
+            own_folder(cfg.captures_dir, *cfg.run_as)
         drop_privileges(*cfg.run_as)
     redactor = logs.setup(cfg.log_level, [cfg.password, cfg.secret, cfg.token, cfg.guid])
     cv2.setNumThreads(1)  # parallelism comes from rendering sources in separate threads

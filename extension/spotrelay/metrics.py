@@ -60,6 +60,10 @@ RPC_ERROR_KINDS = (
 STAGES = ("received", "sent")
 DROP_CLIENT_REASONS = ("stalled",)
 REFUSAL_REASONS = ("max_clients", "max_variants", "snapshots_busy")
+MISSION_ACTIONS = ("capture", "record", "unknown")
+MISSION_RESULTS = ("success", "failure", "stopped", "invalid")
+"""success / failure: the job's outcome as the mission saw it; stopped: the mission stopped the
+node first; invalid: parameters refused (STATUS_CUSTOM_PARAMS_ERROR), the job never started."""
 DECODE_KINDS = ("jpeg", "raw", "rle")
 ENCODE_KINDS = ("jpeg", "png")
 
@@ -198,6 +202,28 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.mission_callbacks = Counter(
+            "spotrelay_mission_callbacks_total",
+            "Autowalk callback runs (capture / record), by result.",
+            ["action", "result"],
+            registry=r,
+        )
+        self.capture_bytes = Gauge(
+            "spotrelay_capture_bytes",
+            "Bytes in the captures folder, clips being recorded included.",
+            registry=r,
+        )
+        self.captures = Gauge(
+            "spotrelay_captures", "Captures (pictures and clips) kept.", registry=r
+        )
+        self.captures_deleted = Counter(
+            "spotrelay_captures_deleted_total",
+            "Captures deleted, oldest first, to stay under --captures-max-mb.",
+            registry=r,
+        )
+        for action in MISSION_ACTIONS:
+            for result in MISSION_RESULTS:
+                self.mission_callbacks.labels(action=action, result=result)
         for reason in DROP_CLIENT_REASONS:
             self.clients_dropped.labels(reason=reason)
         for reason in REFUSAL_REASONS:

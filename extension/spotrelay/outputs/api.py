@@ -29,7 +29,10 @@ def add_routes(
     *,
     show_peers: bool = True,
     timing: Callable[[str], dict[str, Any]] = lambda source: {},
+    mission: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
+    """``mission``: the Autowalk callback's state (registration, sessions), when it runs."""
+
     async def api_sources(request: web.Request) -> web.Response:
         now = time.time()
         out = []
@@ -81,7 +84,10 @@ def add_routes(
             if show_peers:
                 entry["peer"] = c.peer
             clients.append(entry)
-        return json_response({"version": __version__, "robot": robot_status(), "clients": clients})
+        state = {"version": __version__, "robot": robot_status(), "clients": clients}
+        if mission is not None:
+            state["mission"] = mission()
+        return json_response(state)
 
     async def healthz(request: web.Request) -> web.Response:
         return json_response({"status": "ok"})

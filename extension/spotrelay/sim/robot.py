@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import logging
 import random
 import secrets
 import shutil
@@ -68,6 +69,7 @@ _CORE = (  # name, type, authority, needs a user token
     ("time-sync", "bosdyn.api.TimeSyncService", "api.spot.robot", True),
     ("image", IMAGE_TYPE, "api.spot.robot", True),
 )
+log = logging.getLogger("spotrelay.sim")
 RATE_LIMITS = {"auth": 5, "payload": 10}  # requests a second (spot-sdk release notes 3.0.0)
 
 
@@ -313,12 +315,25 @@ class SimRobot:
                 kept.authority += ".spot.robot"
             at = directory_pb2.Endpoint()
             at.CopyFrom(endpoint)
+            known = entry.name in self.registered
             self.registered[entry.name] = (kept, at)
-            return True
+        if not known:
+            log.info(
+                "simulated robot's directory: %s (%s, %s) registered at %s:%d",
+                kept.name,
+                kept.type,
+                kept.authority,
+                at.host_ip,
+                at.port,
+            )
+        return True
 
     def unregister(self, name: str) -> bool:
         with self._lock:
-            return self.registered.pop(name, None) is not None
+            gone = self.registered.pop(name, None) is not None
+        if gone:
+            log.info("simulated robot's directory: %s unregistered", name)
+        return gone
 
     # -- plumbing for the servicers ----------------------------------------------------------
 
