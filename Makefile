@@ -28,8 +28,8 @@ run: setup
 
 ## Everything: ruff, then in-process and end-to-end tests, with coverage (fails under 85 %).
 test: setup
-	$(BIN)/ruff check extension tests
-	$(BIN)/ruff format --check extension tests
+	$(BIN)/ruff check extension tests packaging
+	$(BIN)/ruff format --check extension tests packaging
 	$(BIN)/pytest -q $(ARGS)
 
 ## In-process tests only (plan, codec, schedule, hub, HTTP handlers, config): seconds.
@@ -37,12 +37,12 @@ test-fast: setup
 	$(BIN)/pytest -q -m "not e2e" --no-cov $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check extension tests
-	$(BIN)/ruff format --check extension tests
+	$(BIN)/ruff check extension tests packaging
+	$(BIN)/ruff format --check extension tests packaging
 
 fmt: setup
-	$(BIN)/ruff format extension tests
-	$(BIN)/ruff check --fix extension tests
+	$(BIN)/ruff format extension tests packaging
+	$(BIN)/ruff check --fix extension tests packaging
 
 bench: setup
 	$(BIN)/python -m tests.bench $(ARGS)

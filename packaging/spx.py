@@ -90,7 +90,7 @@ def check_manifest(manifest: dict, version: str | None) -> list[str]:
 def check_spx(path: Path, arch: str | None = None, version: str | None = None) -> list[str]:
     """Every problem found, as sentences; an empty list means the package is good."""
     try:
-        tar = tarfile.open(path, "r:gz")
+        tar = tarfile.open(path, "r:gz")  # noqa: SIM115 - closed by the `with` below, once open
     except (OSError, tarfile.TarError) as exc:
         return [f"{path} is not a gzipped tar: {exc}"]
     with tar:
@@ -107,7 +107,7 @@ def check_spx(path: Path, arch: str | None = None, version: str | None = None) -
         wanted = ["docker-compose.yml", *manifest.get("images", [])]
         if manifest.get("icon"):
             wanted.append(manifest["icon"])
-        errors += [f"{name} is named but not in the package" for name in wanted if name not in names]
+        errors += [f"{n} is named but not in the package" for n in wanted if n not in names]
         if errors:
             return errors
         compose = tar.extractfile("docker-compose.yml").read().decode()  # type: ignore[union-attr]
@@ -135,7 +135,8 @@ def pack(image_archive: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:gz") as tar:
         info = tarfile.TarInfo("manifest.json")
-        info.size, info.mtime, info.mode = len(body), int(datetime.datetime.now().timestamp()), 0o644
+        info.size, info.mode = len(body), 0o644
+        info.mtime = int(datetime.datetime.now().timestamp())
         tar.addfile(info, io.BytesIO(body))
         tar.add(ROOT / "docker-compose.yml", arcname="docker-compose.yml")
         tar.add(ROOT / manifest["icon"], arcname=manifest["icon"])

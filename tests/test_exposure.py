@@ -45,7 +45,7 @@ def raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
             return b""
 
 
-@pytest.mark.parametrize("payload", [False, True])
+@pytest.mark.parametrize("payload", [False, True], ids=["user login", "payload login"])
 def test_no_secret_reaches_the_log_at_debug(marked_sim, payload):
     sim = marked_sim
     r = Relay.for_sim(sim, "--log-level", "DEBUG", "--token", TOKEN, payload=payload)
@@ -61,10 +61,16 @@ def test_no_secret_reaches_the_log_at_debug(marked_sim, payload):
         raw(r.port, f"GET /?token={TOKEN} HTTP/1.1\r\nHost x\r\n\r\n".encode())
         bad_bearer = b"GET /api/state HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n"
         assert raw(r.port, bad_bearer).startswith(b"HTTP/1.1 401")
-        # a lost robot and expired tokens: logins again, with the secrets
+        # expired tokens: a new login, with the secrets, and the streams go on
         logins = r.log().count("connected to robot")
         sim.expire_tokens()
         wait_until(lambda: r.log().count("connected to robot") > logins, 15, "a new login")
+        assert "UnauthenticatedError" in r.log()
+        # the new login serves new pictures, not the last one from before it
+        stream = parts(r.url + f"/stream/back_depth?width=212&token={TOKEN}")
+        first, second = next(stream), next(stream)
+        stream.close()
+        assert second.body.startswith(b"\xff\xd8") and second.timestamp > first.timestamp
         if not payload:  # once is enough: the way back logs in with the same secrets
             losses = r.log().count("lost robot")
             sim.set_available(False)

@@ -6,13 +6,12 @@ These tests get their own robot and relay, because they break the robot on purpo
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import pytest
 
 from spotrelay.sim import SimRobot
-from tests.mjpeg import collect, distinct_fps, parts
+from tests.mjpeg import parts
 from tests.relay import Relay, free_port
 from tests.wait import wait_until
 
@@ -39,13 +38,22 @@ def _reset(robot):
     robot.clear_faults()
 
 
-def test_repeats_are_dropped_not_served(relay):
-    before = relay.metric("spotrelay_frames_duplicate_total", source="right_fisheye_image")
-    got = collect(relay.url + "/stream/right_fisheye_image", seconds=2.0)
-    stamps = [p.timestamp for p in got]
-    assert len(set(stamps)) == len(stamps)
-    # the poller did see repeats (it probes for the next capture), and none reached the client
-    assert relay.metric("spotrelay_frames_duplicate_total", source="right_fisheye_image") > before
+def test_repeats_are_dropped_not_served(relay, robot):
+    source = "right_fisheye_image"
+    stream = parts(relay.url + f"/stream/{source}")
+    fresh = [next(stream).timestamp for _ in range(5)]
+    before = relay.metric("spotrelay_frames_duplicate_total", source=source)
+    robot.set_fault(source, "stall")  # every reply now repeats the last capture
+    wait_until(
+        lambda: relay.metric("spotrelay_frames_duplicate_total", source=source) >= before + 3,
+        10,
+        "repeats seen by the poller",
+    )
+    robot.set_fault(source, None)
+    fresh += [q.timestamp for q in (next(stream) for _ in range(25)) if not q.stale]
+    stream.close()
+    # no capture reached the client twice: the repeats stopped at the poller
+    assert len(fresh) == len(set(fresh)) and fresh == sorted(fresh)
 
 
 def test_corrupt_frames_are_counted_and_skipped(relay, robot):
@@ -91,26 +99,6 @@ def test_corrupt_passthrough_frames_are_not_forwarded(relay, robot):
     stream.close()
 
 
-def test_one_failing_camera_does_not_starve_the_others(relay, robot):
-    robot.set_fault("back_fisheye_image", "error")
-    results: dict[str, list] = {}
-
-    def read(source: str) -> None:
-        results[source] = collect(relay.url + f"/stream/{source}", seconds=2.0)
-
-    threads = [
-        threading.Thread(target=read, args=(s,)) for s in ("hand_color_image", "left_fisheye_image")
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert all(distinct_fps(results[s]) >= 13 for s in results), {
-        s: distinct_fps(v) for s, v in results.items()
-    }
-    assert relay.metric("spotrelay_rpc_errors_total", service="image", kind="image_error") > 0
-
-
 def test_a_stalled_camera_shows_stale_and_the_stream_stays_open(relay, robot):
     stream = parts(relay.url + "/stream/hand_color_image?width=320")
     first = next(stream)
@@ -154,15 +142,6 @@ def test_lost_robot_keeps_streams_open_and_recovers(relay, robot):
     assert recovered, relay.log()[-2000:]
     stream.close()
     assert "lost robot" in relay.log()
-
-
-def test_expired_token_reauthenticates(relay, robot):
-    logins = relay.log().count("connected to robot")
-    robot.expire_tokens()
-    wait_until(lambda: relay.log().count("connected to robot") > logins, 10, "a new login")
-    assert "UnauthenticatedError" in relay.log()
-    got = collect(relay.url + "/stream/back_depth?width=212", seconds=1.5)
-    assert distinct_fps(got) > 10, relay.log()[-2000:]
 
 
 # -- other ways in ---------------------------------------------------------------------------------

@@ -220,10 +220,10 @@ def test_received_latency_is_the_rpc_delay_despite_clock_skew(tmp_path):
         relay.wait_ready()
         sim.rpc_latency = 0.15
         stream = parts(relay.url + "/stream/back_depth?width=212")
-        for _ in range(35):  # watched at full rate, and the schedule used to the slower link
+        for _ in range(30):  # watched at full rate, and the schedule used to the slower link
             next(stream)
         before = exposition(relay)
-        for _ in range(30):
+        for _ in range(25):
             next(stream)
         after = exposition(relay)
         stream.close()
@@ -237,7 +237,7 @@ def test_received_latency_is_the_rpc_delay_despite_clock_skew(tmp_path):
     total = sample(after, "spotrelay_frame_latency_seconds_sum", **labels) - sample(
         before, "spotrelay_frame_latency_seconds_sum", **labels
     )
-    assert n >= 25
+    assert n >= 20
     mean = total / n
     print(f"mean received latency {mean * 1000:.1f} ms over {n:.0f} frames")
     # the way back plus the simulated robot's and the relay's own overheads; a skew not applied

@@ -94,8 +94,8 @@ def test_unknown_source_is_404_naming_it(relay):
 
 
 def test_stream_parses_and_serves_distinct_frames(relay):
-    got = collect(relay.url + "/stream/left_fisheye_image", seconds=2.0)
-    assert len(got) >= 20
+    got = collect(relay.url + "/stream/left_fisheye_image", seconds=1.5)
+    assert len(got) >= 15
     stamps = [p.timestamp for p in got]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps), "repeats were served"
     assert 0 < time.time() - stamps[-1] < 1.0, "X-Timestamp is not local capture time"
@@ -162,7 +162,7 @@ def test_opencv_videocapture_reads_the_stream(relay):
 
 
 def test_fps_parameter_limits_one_client(relay):
-    got = collect(relay.url + "/stream/right_fisheye_image?fps=4", seconds=2.5)
+    got = collect(relay.url + "/stream/right_fisheye_image?fps=4", seconds=2.0)
     rate = (len(got) - 1) / (got[-1].received - got[0].received)
     assert 2.5 < rate < 5.5
 
@@ -196,7 +196,7 @@ def test_six_visual_sources_at_full_rate_at_once(relay):
     """The issue's bar: one client per visual source, all at once, >= 14 distinct frames/s each."""
     results: dict[str, list] = {}
     threads = [
-        threading.Thread(target=_read_for, args=(relay.url + f"/stream/{s}", 4.0, results, s))
+        threading.Thread(target=_read_for, args=(relay.url + f"/stream/{s}", 3.0, results, s))
         for s in VISUAL
     ]
     for t in threads:
@@ -252,7 +252,7 @@ def test_vlc_plays_the_stream(relay):
     # its own process group: runuser's child (VLC itself) must go too, not only runuser
     try:
         with spawn(cmd):
-            wait_until(lambda: len(list(out.glob("*.png"))) >= 20, 20, "VLC decoding 20 pictures")
+            wait_until(lambda: len(list(out.glob("*.png"))) >= 12, 20, "VLC decoding 12 pictures")
             # the newest picture may still be being written: take one that is complete
             h, w = decode(sorted(out.glob("*.png"))[-5].read_bytes()).shape[:2]
             assert w == 320 and 240 <= h <= 256  # VLC pads picture height to block alignment

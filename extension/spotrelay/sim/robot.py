@@ -222,14 +222,13 @@ class SimRobot:
         """kind: None | "error" | "corrupt" | "stall"."""
         assert kind in (None, "error", "corrupt", "stall"), kind
         cam = self.cameras[source]
+        # never take a camera's lock under ours: a GetImage holds the camera's, then takes ours
+        cam.stall(self.robot_time() if kind == "stall" else None)
         with self._lock:
             if kind is None:
                 self.faults.pop(source, None)
-                cam.stall(None)
             else:
                 self.faults[source] = kind
-                if kind == "stall":
-                    cam.stall(self.robot_time())
 
     def set_status(self, source: str, status: int | None) -> None:
         """Answer every request for ``source`` with this ImageResponse status (any integer)."""
