@@ -105,6 +105,35 @@ def test_passthrough_hands_every_client_the_same_bytes_and_renders_nothing():
     assert jobs == 0
 
 
+def test_no_viewer_is_always_served_last():
+    """Clients of one variant are written one after another; with many viewers the last gets
+    each frame milliseconds after the first. Each should take its turn at the front."""
+
+    async def scenario() -> list[list[int]]:
+        async with hub_for_test() as (hub, _):
+            order: dict[int, list[int]] = {}
+
+            async def viewer(k: int) -> None:
+                async with contextlib.aclosing(hub.frames(SOURCE, RenderSpec(), client())) as it:
+                    async for enc in it:
+                        order.setdefault(enc.seq, []).append(k)
+
+            tasks = [asyncio.ensure_future(viewer(k)) for k in range(4)]
+            await async_wait_until(lambda: len(hub.clients) == 4, what="four viewers")
+            for seq in range(1, 9):
+                hub.publish(frame(seq))
+                await async_wait_until(lambda s=seq: len(order.get(s, ())) == 4, what=f"#{seq}")
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return [order[seq] for seq in range(1, 9)]
+
+    rounds = run(scenario())
+    assert all(sorted(r) == [0, 1, 2, 3] for r in rounds)  # every viewer had every frame
+    last = [r[-1] for r in rounds]
+    assert sorted(last[:4]) == sorted(last[4:]) == [0, 1, 2, 3]  # each last once in four frames
+
+
 def test_requests_that_render_alike_share_one_render_per_frame():
     async def scenario() -> tuple[int, set[int]]:
         async with hub_for_test() as (hub, executor):
