@@ -4,6 +4,7 @@ change mode), end to end through the SDK, TLS and HTTP."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import cv2
@@ -81,7 +82,9 @@ def test_a_payload_not_yet_authorised_is_told_to_the_installer_and_retried(own_s
         wait_until(lambda: "admin console" in r.log(), 15, "the log saying what to do")
         state = r.json("/api/state")["robot"]
         assert not state["connected"] and "admin console" in state["last_error"]
-        assert r.get("/readyz")[0] == 503
+        status, _, body = r.get("/readyz")  # open: says what kind of trouble, not the text
+        assert status == 503 and json.loads(body)["reason"] == "robot login failed"
+        assert b"admin console" not in body
         sim.payload_authorised = True  # an operator authorises it
         r.wait_ready(30)
     finally:
@@ -108,6 +111,8 @@ def test_a_wrong_login_is_retried_slower_than_the_robot_locks_logins_out(own_sim
         wait_until(lambda: time.time() > t + 3, what="three seconds of retries")
         assert len(own_sim.auth_requests) - first <= 1  # 15 s apart: never six a minute
         assert not own_sim.locked_out()
+        status, _, body = r.get("/readyz")
+        assert status == 503 and json.loads(body)["reason"] == "robot login failed"
     finally:
         r.stop()
 

@@ -321,6 +321,8 @@ class RobotConnection:
         self.skew = 0.0
         self.connected = asyncio.Event()
         self.last_error: str | None = None
+        # what kind of trouble, for the open /readyz: "login" or "unreachable" (no detail there)
+        self.problem: str | None = None
         self._session: _Session | None = None
         self._lost = asyncio.Event()
         self._last_ok = 0.0
@@ -345,6 +347,7 @@ class RobotConnection:
             },
             "clock_skew": round(self.skew, 6),
             "last_error": self.last_error,
+            "problem": self.problem,
         }
 
     def get_images(self, service: str, requests: list[image_pb2.ImageRequest]) -> asyncio.Future:
@@ -398,6 +401,7 @@ class RobotConnection:
 
     def _lose(self, error: str) -> None:
         self.last_error = error
+        self.problem = "unreachable"
         self._lost.set()
 
     def _service_failed(self, st: ServiceState, error: str) -> None:
@@ -418,6 +422,8 @@ class RobotConnection:
                 if not isinstance(exc, SdkError | OSError | ValueError | PayloadNotAuthorised):
                     log.exception("unexpected error logging in to the robot")
                 self.last_error = describe_error(exc)
+                refused = (*_LOGIN_REFUSED, PayloadNotAuthorised, TooManyRequestsError)
+                self.problem = "login" if isinstance(exc, refused) else "unreachable"
                 if isinstance(exc, PayloadNotAuthorised):
                     self.last_error = str(exc)
                     delay = max(delay, PAYLOAD_WAIT)
@@ -447,7 +453,7 @@ class RobotConnection:
         self._session = session
         self.skew = session.skew_seconds() or 0.0
         self._lost.clear()
-        self.last_error = None
+        self.last_error = self.problem = None
         self._last_ok = time.monotonic()
         self.state = {}
         self.connected.set()

@@ -19,6 +19,9 @@ from spotrelay.hub import Hub
 from spotrelay.outputs.common import json_response
 
 RobotStatus = Callable[[], dict[str, Any]]
+# /readyz is open: it says what kind of trouble the robot link has (credentials or network),
+# while the robot's own error text stays behind the token, in /api/state
+READY_REASONS = {"login": "robot login failed", "unreachable": "robot unreachable"}
 
 
 def add_routes(
@@ -94,8 +97,9 @@ def add_routes(
 
     async def readyz(request: web.Request) -> web.Response:
         status = robot_status()
-        if not status["connected"]:
-            return json_response({"ready": False, "reason": "robot not connected"}, 503)
+        if not status["connected"]:  # open to anyone: the kind of trouble, never its text
+            reason = READY_REASONS.get(status.get("problem"), "robot not connected yet")
+            return json_response({"ready": False, "reason": reason}, 503)
         fresh = [s for s in hub.sources if not hub.is_stale(s)]
         if not fresh:
             return json_response({"ready": False, "reason": "no fresh frames from the robot"}, 503)
