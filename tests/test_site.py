@@ -302,7 +302,7 @@ class _FakeRelay(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def fake_relay() -> Iterator[str]:
     server = http.server.HTTPServer(("127.0.0.1", 0), _FakeRelay)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
