@@ -392,16 +392,17 @@ class RobotConnection:
         failure = classify(exc)
         st.failures += 1
         if failure.relogin:
-            self._lose(describe_error(exc))
+            self._lose(describe_error(exc), "login")
         elif st.failures >= FAILURES_BEFORE_RECONNECT:
             if failure.robot_wide or now - self._last_ok > IMAGE_TIMEOUT * 2:
                 self._lose(describe_error(exc))  # nothing answers: the robot is away
             else:
                 self._service_failed(st, describe_error(exc))
 
-    def _lose(self, error: str) -> None:
-        self.last_error = error
-        self.problem = "unreachable"
+    def _lose(self, error: str, problem: str = "unreachable") -> None:
+        """End the session; ``problem`` is the kind /readyz shows: a robot that rejects our
+        token is there, so that is a login problem, not a network one."""
+        self.last_error, self.problem = error, problem
         self._lost.set()
 
     def _service_failed(self, st: ServiceState, error: str) -> None:
@@ -484,6 +485,10 @@ class RobotConnection:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
                         await self._lost.wait()
+        except Exception as exc:  # the supervisor restarts us; meanwhile say why we are down
+            if not self._lost.is_set():
+                self.last_error, self.problem = describe_error(exc), "unreachable"
+            raise
         finally:
             self.connected.clear()
             self._session = None
@@ -501,7 +506,7 @@ class RobotConnection:
                 names = await in_daemon_thread(session.image_services)
             except SdkError as exc:
                 if classify(exc).relogin:
-                    self._lose(describe_error(exc))
+                    self._lose(describe_error(exc), "login")
                     return
                 log.warning("cannot list the robot's services: %s", describe_error(exc))
                 names = list(self.state)
@@ -524,7 +529,7 @@ class RobotConnection:
         for st, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, SdkError) and classify(result).relogin:
-                    self._lose(describe_error(result))
+                    self._lose(describe_error(result), "login")
                     return
                 if not isinstance(result, SdkError | OSError | ValueError):
                     raise result
