@@ -91,8 +91,7 @@ class Variant:
         """Make ``enc`` the newest rendering. A fresh frame that is not newer than the last one
         published is ignored, so however renders overlap, a client never sees a capture twice
         or out of order."""
-        fresh = self.last_fresh
-        if not enc.stale and fresh is not None and enc.acquired <= fresh.acquired:
+        if not enc.stale and self.holds(enc.acquired):
             return
         self.latest = enc
         self.version += 1
@@ -101,6 +100,10 @@ class Variant:
             self.fresh_at = now
             self.last_fresh = enc
         self.wake()
+
+    def holds(self, acquired: float) -> bool:
+        """A capture from ``acquired`` or earlier would be no news to this variant's clients."""
+        return self.last_fresh is not None and acquired <= self.last_fresh.acquired
 
     async def changed(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -270,8 +273,7 @@ class Hub:
         to_render = []
         now = self.clock()
         for v in variants:
-            done = v.last_fresh is not None and v.last_fresh.acquired >= frame.acquired
-            if done or not v.plan.fits(frame.image.shape):
+            if v.holds(frame.acquired) or not v.plan.fits(frame.image.shape):
                 continue
             if v.plan.passthrough:
                 v.publish(Encoded(frame.image.data, frame.acquired, frame.seq), now)
@@ -327,13 +329,14 @@ class Hub:
     def watched(self, source: str) -> int:
         return self._watchers.get(source, 0)
 
-    def admit(self, source: str, spec: RenderSpec) -> None:
-        """Raise TooManyVariants if serving ``spec`` would need one rendering too many: forty
-        different qualities of one camera would cost forty encodes a frame."""
+    def admit(self, source: str, spec: RenderSpec) -> tuple[str, Plan]:
+        """The variant key ``spec`` renders to; raise TooManyVariants if serving it would need
+        one rendering too many: forty qualities of one camera would cost forty encodes a frame."""
         key = (source, self.plan(source, spec))
         existing = [p for (s, p), v in self._variants.items() if s == source and v.subscribers]
         if key not in self._variants and len(existing) >= self.max_variants:
             raise TooManyVariants(source, existing)
+        return key
 
     def dropped(self, client: Client, reason: str) -> None:
         """An output hung up on a client (it made no progress): counted, then forgotten."""
@@ -341,8 +344,7 @@ class Hub:
         log.info("dropped %s viewer of %s: %s", client.kind, client.source, reason)
 
     def _subscribe(self, source: str, spec: RenderSpec) -> Variant:
-        self.admit(source, spec)
-        key = (source, self.plan(source, spec))
+        key = self.admit(source, spec)
         variant = self._variants.get(key)
         if variant is None:
             variant = self._variants[key] = Variant(key[1], self.clock())
