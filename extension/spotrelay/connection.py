@@ -423,8 +423,7 @@ class RobotConnection:
                 if not isinstance(exc, SdkError | OSError | ValueError | PayloadNotAuthorised):
                     log.exception("unexpected error logging in to the robot")
                 self.last_error = describe_error(exc)
-                refused = (*_LOGIN_REFUSED, PayloadNotAuthorised, TooManyRequestsError)
-                self.problem = "login" if isinstance(exc, refused) else "unreachable"
+                self.problem = "login"  # the robot answered and said no, unless it did not
                 if isinstance(exc, PayloadNotAuthorised):
                     self.last_error = str(exc)
                     delay = max(delay, PAYLOAD_WAIT)
@@ -434,6 +433,8 @@ class RobotConnection:
                 elif isinstance(exc, _LOGIN_REFUSED):
                     self.limiter.note()
                     delay = max(delay, BACKOFF_MAX)
+                else:
+                    self.problem = "unreachable"
                 wait = max(delay * random.uniform(0.8, 1.2), self.limiter.wait_time())
                 if self.last_error != said or time.monotonic() - said_at > 60:
                     said, said_at = self.last_error, time.monotonic()
