@@ -47,7 +47,7 @@ MEDIA_TYPES = {
 }
 # Longest first, so that "x.thumb.jpg" is not taken for data "x.thumb" + ".jpg".
 _SUFFIXES = (THUMB, SIDECAR, *DATA_SUFFIXES)
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")  # in names of files, and folders in zips
 
 
 class StorageError(Exception):
@@ -237,7 +237,7 @@ class Store:
     def new_stem(self, t: float, source: str) -> str:
         """A fresh, file-system safe stem for a capture of ``source`` taken at ``t``."""
         base = time.strftime("%Y%m%d-%H%M%S", time.localtime(t)) + f"-{int(t * 1000) % 1000:03d}"
-        base += "_" + _UNSAFE.sub("-", source)[:80]
+        base += "_" + UNSAFE.sub("-", source)[:80]
         with self._lock:
             stem, n = base, 1
             while stem in self._captures or stem in self._pending:
@@ -310,10 +310,16 @@ class Store:
                 f"{nbytes / 1e6:.1f} MB more would pass the captures size limit "
                 f"({self.max_bytes / 1e6:g} MB, --captures-max-mb)"
             )
+        if self._total + self._reserved + nbytes <= self.max_bytes:
+            return
+        oldest_first = sorted(
+            (c for c in self._captures.values() if c.stem != keep), key=lambda c: (c.time, c.stem)
+        )
         deleted = 0
-        while self._total + self._reserved + nbytes > self.max_bytes:
-            victims = [c for c in self._captures.values() if c.stem != keep]
-            self._delete(min(victims, key=lambda c: (c.time, c.stem)))
+        for victim in oldest_first:  # sorted once: freeing k of n captures costs n log n, not n*k
+            if self._total + self._reserved + nbytes <= self.max_bytes:
+                break
+            self._delete(victim)
             deleted += 1
         if deleted:
             self.on_deleted(deleted)

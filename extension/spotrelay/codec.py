@@ -234,13 +234,15 @@ def _check(image: ImageData, plan: Plan) -> None:
 
 
 def render(image: ImageData, plan: Plan, observe: Observer | None = None) -> bytes:
-    """One planned picture of one frame."""
-    _check(image, plan)
-    if plan.passthrough:
-        return image.data
-    kind = _FORMAT_KIND.get(image.format, "raw")
-    img = _timed(observe, "decode", kind, decode, image, plan.reduction)
-    return _timed(observe, "encode", plan.format, _finish, img, image, plan)
+    """One planned picture of one frame; raises CodecError."""
+    return render_result(render_many(image, [plan], observe)[plan])
+
+
+def render_result(out: bytes | CodecError) -> bytes:
+    """One entry of ``render_many``'s result: the bytes, or its CodecError raised."""
+    if isinstance(out, CodecError):
+        raise out
+    return out
 
 
 def render_many(

@@ -25,7 +25,15 @@ import numpy as np
 
 from spotrelay import codec
 from spotrelay.avi import ClipError
-from spotrelay.captures import Capture, Clip, Picture, StorageError, Store, utc_iso
+from spotrelay.captures import (
+    MEDIA_TYPES,
+    Capture,
+    Clip,
+    Picture,
+    StorageError,
+    Store,
+    utc_iso,
+)
 from spotrelay.frames import GREY16, JPEG, Frame, RenderSpec
 from spotrelay.hub import Client, Hub
 from spotrelay.plan import plan
@@ -236,7 +244,7 @@ class Evidence:
         width, height = clip.avi.size or (0, 0)
         meta.update(
             kind="clip",
-            media_type="video/x-msvideo",
+            media_type=MEDIA_TYPES[".avi"],
             encoding="MJPEG in AVI (the robot's JPEG bytes; colour-mapped for depth)",
             width=width,
             height=height,
@@ -285,18 +293,21 @@ def _still(frame: Frame) -> Picture:
     """The robot's JPEG as it sent it, else lossless PNG (16-bit for depth); and a thumbnail."""
     image = frame.image
     shape = image.shape
+    small = plan(frame.source, shape, RenderSpec(width=THUMB_WIDTH))
     if image.format == JPEG:
-        data, suffix, media, encoding = image.data, ".jpg", "image/jpeg", "robot JPEG"
+        data, suffix, encoding = image.data, ".jpg", "robot JPEG"
+        thumb = codec.render(image, small)
     else:
-        data = codec.render(image, plan(frame.source, shape, RenderSpec(format="png")))
-        suffix, media = ".png", "image/png"
+        lossless = plan(frame.source, shape, RenderSpec(format="png"))
+        out = codec.render_many(image, [lossless, small])  # one decode for both
+        data, thumb = codec.render_result(out[lossless]), codec.render_result(out[small])
+        suffix = ".png"
         encoding = "16-bit PNG, depth units" if image.is_depth else "PNG"
         if image.pixel_format == GREY16:
             encoding = "16-bit PNG"
-    thumb = codec.render(image, plan(frame.source, shape, RenderSpec(width=THUMB_WIDTH)))
     meta: dict[str, Any] = {
         "kind": "still",
-        "media_type": media,
+        "media_type": MEDIA_TYPES[suffix],
         "encoding": encoding,
         "width": image.cols,
         "height": image.rows,

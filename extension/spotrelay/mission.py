@@ -219,7 +219,6 @@ def inputs_of(request: remote_pb2.TickRequest) -> dict[str, Any]:
 @dataclass
 class Session:
     id: str
-    created: float
     task: asyncio.Task | None = None
     outcome: tuple[int, str] | None = None
     refused: str | None = None  # the last parameter error, said once
@@ -253,7 +252,7 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         resp = remote_pb2.EstablishSessionResponse()
         with ResponseContext(resp, request):
             self._forget_idle()
-            session = Session(secrets.token_hex(8), time.time())
+            session = Session(secrets.token_hex(8))
             self.sessions[session.id] = session
             resp.session_id = session.id
             resp.status = resp.STATUS_OK  # no lease needed: the relay does not move the robot

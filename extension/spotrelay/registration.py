@@ -70,7 +70,6 @@ class Registration:
     ):
         self.name, self.type, self.authority = name, service_type, authority
         self.port, self.host, self.robot_host = port, host, robot_host
-        self.registered = False
         self.endpoint: str | None = None
         self.error: str | None = None
         self._task: asyncio.Task | None = None
@@ -83,7 +82,7 @@ class Registration:
             "authority": self.authority + ".spot.robot",
             "type": self.type,
             "endpoint": self.endpoint,
-            "registered": self.registered and alive is not None and alive.is_alive(),
+            "registered": alive is not None and alive.is_alive(),
             "error": self.error,
         }
 
@@ -137,7 +136,7 @@ class Registration:
                     self.error = error
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX)
-            self._alive, self.registered, self.error = alive, True, None
+            self._alive, self.error = alive, None
             log.info(
                 "Autowalk callback %r registered in the robot's directory (authority %s), "
                 "reached at %s over plaintext gRPC",
@@ -148,7 +147,6 @@ class Registration:
             await asyncio.Event().wait()  # until the session ends
         finally:
             gone.set()
-            self.registered = False
             if alive is not None:  # joins the SDK's thread, which may be mid-RPC
                 threading.Thread(target=alive.shutdown, daemon=True).start()
                 if self._alive is alive:

@@ -25,14 +25,13 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from spotrelay.captures import MEDIA_TYPES, THUMB, Capture, Store, runs
-from spotrelay.outputs.common import BadParam, json_error, json_response
+from spotrelay.captures import MEDIA_TYPES, SIDECAR, THUMB, UNSAFE, Capture, Store, runs
+from spotrelay.outputs.common import BadParam, int_param, json_error, json_response
 
 log = logging.getLogger("spotrelay.captures")
 MAX_LIMIT = 10000
 _NUMBER = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _ZIP_CHUNK = 256 * 1024
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def _number(q: Mapping[str, str], name: str) -> float | None:
@@ -63,7 +62,7 @@ def entry(capture: Capture) -> dict[str, Any]:
     out = {**meta, "id": capture.stem, "bytes_total": capture.bytes}
     out["url"] = "/captures/" + quote(str(meta.get("file", "")))
     out["thumbnail_url"] = "/captures/" + quote(capture.stem + THUMB)
-    out["sidecar_url"] = "/captures/" + quote(capture.stem + ".json")
+    out["sidecar_url"] = "/captures/" + quote(capture.stem + SIDECAR)
     return out
 
 
@@ -137,12 +136,7 @@ def add_routes(app: web.Application, store: Store | None) -> None:
     async def listing(request: web.Request) -> web.Response:
         s = need_store()
         wanted = filters(request.query)
-        limit = 500
-        if "limit" in request.query:
-            text = request.query["limit"]
-            if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-                raise BadParam("limit", f"limit={text!r} is not allowed", f"1..{MAX_LIMIT}")
-            limit = int(text)
+        limit = int_param(request.query, "limit", 1, MAX_LIMIT) or 500
         found = s.captures(**wanted)
         return json_response(
             {
@@ -160,9 +154,8 @@ def add_routes(app: web.Application, store: Store | None) -> None:
         path = s.file(name)
         if path is None:
             json_error(web.HTTPNotFound, {"error": f"no capture file {name!r}", "file": name})
-        suffix = ".jpg" if name.endswith(THUMB) else path.suffix
-        headers = {
-            "Content-Type": MEDIA_TYPES.get(suffix, "application/octet-stream"),
+        headers = {  # a thumbnail's suffix is .jpg too
+            "Content-Type": MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
             "Content-Disposition": f'inline; filename="{name}"',
             "Cache-Control": "private, max-age=3600",  # a capture never changes
         }
@@ -176,7 +169,7 @@ def add_routes(app: web.Application, store: Store | None) -> None:
         found = s.captures(run=run)
         if not found:
             json_error(web.HTTPNotFound, {"error": f"no captures in run {run!r}", "run": run})
-        folder = _SAFE.sub("-", run).strip("-.") or "run"
+        folder = UNSAFE.sub("-", run).strip("-.") or "run"
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "application/zip",

@@ -44,7 +44,8 @@ def json_error(exc: type[web.HTTPException], data: dict[str, Any], **kw: Any) ->
     raise exc(text=json.dumps(data), content_type="application/json", **kw)
 
 
-def _int(q: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+def int_param(q: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    """``q[name]`` as a whole number in lo..hi, None if absent; BadParam naming it if not."""
     if name not in q:
         return None
     if not _INT.fullmatch(q[name]):
@@ -64,9 +65,9 @@ def _choice(q: Mapping[str, str], name: str, allowed: tuple[str, ...], default: 
 
 def parse_request(q: Mapping[str, str], *, snapshot: bool) -> tuple[RenderSpec, float | None]:
     """Query string -> (RenderSpec, max fps). Raises BadParam naming the first bad parameter."""
-    width = _int(q, "width", 16, MAX_SIDE)
-    height = _int(q, "height", 16, MAX_SIDE)
-    quality = _int(q, "quality", 1, 100)
+    width = int_param(q, "width", 16, MAX_SIDE)
+    height = int_param(q, "height", 16, MAX_SIDE)
+    quality = int_param(q, "quality", 1, 100)
     rotate = _choice(q, "rotate", ROTATIONS, "0")
     colormap = _choice(q, "colormap", codec.COLORMAPS, "turbo")
     fmt = _choice(q, "format", ("jpeg", "png") if snapshot else ("jpeg",), "jpeg")
