@@ -128,6 +128,7 @@ class Relay:
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
         )
         self.snapshot_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        # how often the poller refreshes unwatched sources, and so when the hub calls them stale
         idle_interval = 1 / cfg.idle_fps if cfg.idle_fps > 0 else 3600.0
         self.conn = RobotConnection(
             target,
@@ -155,7 +156,7 @@ class Relay:
             metrics,
             self.hub.publish,
             quality=cfg.robot_quality,
-            idle_fps=cfg.idle_fps,
+            idle_interval=idle_interval,
         )
         # The Autowalk callback: stills and clips from the hub into the captures folder.
         self.mission: MissionServer | None = None

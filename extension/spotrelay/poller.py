@@ -71,7 +71,7 @@ class Poller:
         on_frame: Callable[[Frame], None],
         *,
         quality: int = 75,
-        idle_fps: float = 1.0,
+        idle_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ):
         self.fetch = fetch
@@ -80,7 +80,7 @@ class Poller:
         self.metrics = metrics
         self.on_frame = on_frame
         self.quality = quality
-        self.idle_interval = 1 / idle_fps if idle_fps > 0 else 3600.0
+        self.idle_interval = idle_interval  # refresh of unwatched sources; the hub's too
         self.clock = clock
         self.sources: dict[str, _Source] = {}
         self._services: tuple[str, ...] = ()

@@ -103,7 +103,6 @@ class Grid:
         """The camera is ``factor`` times slower than thought: every index divides by it."""
         base = self.points[0][0]
         self.period *= factor
-        self.t0 += base * (self.period / factor)
         self.points = collections.deque(
             (((k - base) // factor, t) for k, t in self.points), maxlen=FIT_WINDOW
         )
