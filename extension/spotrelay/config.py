@@ -72,8 +72,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _env(name: str) -> str | None:
-    value = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+def _key(flag: str) -> str:
+    """``--robot-port`` -> ``robot_port``: the Config field, and (upper case) the variable."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _env(key: str) -> str | None:
+    value = os.environ.get(_env_name(key))
     return value if value not in (None, "") else None
 
 
@@ -82,7 +91,7 @@ def _truthy(name: str, value: str) -> bool:
         return True
     if value.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be 1/0/true/false, not {value!r}")
+    raise ConfigError(f"{_env_name(name)} must be 1/0/true/false, not {value!r}")
 
 
 def _number_in(name: str, kind: type[int] | type[float], lo: float, hi: float):
@@ -228,12 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Robot login: BOSDYN_CLIENT_USERNAME / BOSDYN_CLIENT_PASSWORD, or payload credentials.",
     )
     for flag, kind, default, help_text in _OPTIONS:
-        env_name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
+        env_name = _env_name(_key(flag))
         value = ",".join(default) if isinstance(default, tuple) else default
         shown = "" if default in (None, ()) else f" (default {value})"
         parser.add_argument(flag, type=kind, default=None, help=f"{help_text}{shown} [{env_name}]")
     for flag, help_text in _SWITCHES:
-        env_name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
+        env_name = _env_name(_key(flag))
         parser.add_argument(
             flag, action="store_true", default=None, help=f"{help_text} [{env_name}]"
         )
@@ -245,16 +254,16 @@ def _resolve(ns: argparse.Namespace) -> dict[str, object]:
     """Flag, else environment (parsed with the flag's own type), else default."""
     values: dict[str, object] = {}
     for flag, kind, default, _ in _OPTIONS:
-        key = flag[2:].replace("-", "_")
+        key = _key(flag)
         value = getattr(ns, key)
         if value is None and (env := _env(key)) is not None:
             try:
                 value = kind(env)  # type: ignore[operator]
             except argparse.ArgumentTypeError as exc:
-                raise ConfigError(f"{ENV_PREFIX}{key.upper()}: {exc}") from None
+                raise ConfigError(f"{_env_name(key)}: {exc}") from None
         values[key] = default if value is None else value
     for flag, _ in _SWITCHES:
-        key = flag[2:].replace("-", "_")
+        key = _key(flag)
         flagged = getattr(ns, key)
         values[key] = flagged if flagged is not None else _truthy(key, _env(key) or "0")
     return values
