@@ -169,8 +169,6 @@ def test_a_camera_that_changes_mode_keeps_its_streams(relay, clean_sim):
         wait_until(lambda: size_of(next(native).body) == (1280, 720), 10, "native 720p")
         # the schedule learns the new rate: every capture, at 60 Hz
         wait_until(lambda: distinct_fps(collect(relay.url + f"/stream/{source}", 1.0)) > 50, 20)
-    finally:
+    finally:  # clean_sim puts the camera back in its first mode
         small.close()
         native.close()
-        sim.set_rate(source, 15.0)
-        sim.set_resolution(source, 640, 480)

@@ -212,27 +212,33 @@ def test_faults(robot, clean_sim):
 
 
 def test_a_camera_changes_rate_and_resolution_at_run_time(robot, clean_sim):
+    """The gripper camera to 1280x720 at 60 Hz; clean_sim puts it back afterwards."""
     sim = clean_sim
     client = robot.ensure_client("image")
-    try:
-        sim.set_rate("hand_color_image", 60.0)
-        sim.set_resolution("hand_color_image", 1280, 720)
-        stamps = set()
-        end = time.time() + 1.0
-        while time.time() < end:
-            resp = client.get_image([req("hand_color_image", image_format=I.FORMAT_JPEG)])[0]
-            stamps.add(stamp(resp))
-        # every capture seen is on a 60 Hz grid (give or take the jitter); some are 1/60 apart
-        periods = np.diff(sorted(stamps)) * 60
-        assert np.abs(periods - np.round(periods)).max() < 0.3 and periods.min() < 1.3
-        assert (resp.shot.image.cols, resp.shot.image.rows) == (1280, 720)
-        img = cv2.imdecode(np.frombuffer(resp.shot.image.data, np.uint8), cv2.IMREAD_COLOR)
-        assert img.shape == (720, 1280, 3)
-        sources = {s.name: s for s in client.list_image_sources()}
-        assert (sources["hand_color_image"].cols, sources["hand_color_image"].rows) == (1280, 720)
-    finally:
-        sim.set_rate("hand_color_image", 15.0)
-        sim.set_resolution("hand_color_image", 640, 480)
+    sim.set_rate("hand_color_image", 60.0)
+    sim.set_resolution("hand_color_image", 1280, 720)
+    stamps = set()
+    end = time.time() + 1.0
+    while time.time() < end:
+        resp = client.get_image([req("hand_color_image", image_format=I.FORMAT_JPEG)])[0]
+        stamps.add(stamp(resp))
+    # every capture seen is on a 60 Hz grid (give or take the jitter); some are 1/60 apart
+    periods = np.diff(sorted(stamps)) * 60
+    assert np.abs(periods - np.round(periods)).max() < 0.3 and periods.min() < 1.3
+    assert (resp.shot.image.cols, resp.shot.image.rows) == (1280, 720)
+    img = cv2.imdecode(np.frombuffer(resp.shot.image.data, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (720, 1280, 3)
+    sources = {s.name: s for s in client.list_image_sources()}
+    assert (sources["hand_color_image"].cols, sources["hand_color_image"].rows) == (1280, 720)
+
+
+def test_clearing_faults_puts_every_camera_back_in_the_mode_it_started_in(tmp_path):
+    sim = SimRobot(cert_dir=str(tmp_path), hand_rate=30.0)  # not started: modes only
+    sim.set_rate("hand_color_image", 60.0)
+    sim.set_resolution("hand_color_image", 1280, 720)
+    sim.clear_faults()
+    cam = sim.cameras["hand_color_image"]
+    assert (cam.rate, cam.cols, cam.rows) == (30.0, 640, 480)
 
 
 # -- a robot of our own: logins, payloads, several image services ---------------------------------

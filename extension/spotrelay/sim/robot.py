@@ -134,6 +134,7 @@ class SimRobot:
                     cam.available_after = available_after
                 self.cameras[cam.name] = cam
         self.cameras["hand_color_image"].rate = hand_rate
+        self._modes = {n: (c.rate, c.cols, c.rows) for n, c in self.cameras.items()}  # at start
         self.faults: dict[str, str] = {}
         self.statuses: dict[str, int] = {}
         self.registered: dict[str, tuple[directory_pb2.ServiceEntry, directory_pb2.Endpoint]] = {}
@@ -253,11 +254,16 @@ class SimRobot:
             self._payload_visible_at = 0.0
 
     def clear_faults(self) -> None:
+        """Every fault undone, and every camera back in the mode it started in."""
         with self._lock:
             self.faults.clear()
             self.statuses.clear()
-        for cam in self.cameras.values():
+        for name, cam in self.cameras.items():
             cam.stall(None)
+            rate, cols, rows = self._modes[name]
+            if cam.rate != rate:
+                self.set_rate(name, rate)
+            self.set_resolution(name, cols, rows)
         self.rpc_latency = self.rpc_jitter = self.image_cost = 0.0
         self._available = True
 
@@ -361,9 +367,7 @@ class SimRobot:
         if authenticated:
             md = dict(context.invocation_metadata())
             token = md.get("authorization", "").removeprefix("Bearer ").strip()
-            with self._lock:
-                ok = token in self._tokens
-            if not ok:
+            if not self.token_valid(token):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or expired token")
         return received
 
