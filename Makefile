@@ -27,9 +27,7 @@ run: setup
 	  --captures-dir .cache/captures $(ARGS)
 
 ## Everything: ruff, then in-process and end-to-end tests, with coverage (fails under 85 %).
-test: setup
-	$(BIN)/ruff check extension tests packaging
-	$(BIN)/ruff format --check extension tests packaging
+test: lint
 	$(BIN)/pytest -q $(ARGS)
 
 ## In-process tests only (plan, codec, schedule, hub, HTTP handlers, config): seconds.

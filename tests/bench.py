@@ -37,6 +37,7 @@ from bosdyn.client.exceptions import TooManyRequestsError
 from bosdyn.client.image import build_image_request
 
 from tests.mjpeg import stamps_and_latencies
+from tests.procs import cpu_seconds
 from tests.relay import Relay
 
 VISUAL = [
@@ -48,7 +49,6 @@ VISUAL = [
     "hand_color_image",
 ]
 AVAILABLE_AFTER = 0.025
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class SimProcess:
@@ -90,12 +90,6 @@ class SimProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def pct(values: list[float], q: int) -> float:

@@ -22,10 +22,8 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +38,9 @@ import cv2
 import numpy as np
 
 from spotrelay import site
-from tests.bench import SimProcess, cpu_seconds, pct
+from tests.bench import SimProcess, pct
 from tests.mjpeg import parts
+from tests.procs import cpu_seconds, end_group, start
 from tests.relay import Relay, free_port, sample
 from tests.test_site import go2rtc_binary, wait_until
 
@@ -68,11 +67,10 @@ class Station:
         )
         assert code == 0
         self.log = open(work / "go2rtc.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
+        self.proc = start(
             [go2rtc_binary(), "-c", str(work / "go2rtc.yaml")],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         self.api = f"http://127.0.0.1:{self.api_port}"
         self.name = f"spot_{CAMERA}"
@@ -91,7 +89,6 @@ class Station:
 
     def cpu(self) -> float:
         """CPU seconds of go2rtc and its children (the ffmpeg transcoder)."""
-        pids = [self.proc.pid]
         out = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
         pids = [int(p) for p in out.stdout.split()]
         total = 0.0
@@ -101,8 +98,7 @@ class Station:
         return total
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(10)
+        end_group(self.proc)
         self.log.close()
 
 
@@ -143,7 +139,7 @@ def drain(port: int, path: str, n: int) -> list[socket.socket]:
 def rtsp_readers(station: Station, n: int) -> list[subprocess.Popen]:
     url = f"rtsp://127.0.0.1:{station.rtsp_port}/{station.name}"
     args = ["ffmpeg", "-v", "error", "-rtsp_transport", "tcp", "-i", url, "-c", "copy"]
-    return [subprocess.Popen([*args, "-f", "null", "-"], start_new_session=True) for _ in range(n)]
+    return [start([*args, "-f", "null", "-"]) for _ in range(n)]
 
 
 def window(
@@ -176,8 +172,7 @@ def close_socks(socks: list[socket.socket]) -> None:
 
 def stop_procs(procs: list[subprocess.Popen]) -> None:
     for p in procs:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        end_group(p)
 
 
 # -- latency -------------------------------------------------------------------------------------
@@ -196,11 +191,7 @@ def ffmpeg_pictures(url: str, end: float, out: list[tuple[np.ndarray, float]]) -
     args += ["-fflags", "nobuffer", "-flags", "low_delay", "-threads", "1"]
     args += ["-rtsp_transport", "tcp"] if url.startswith("rtsp:") else ["-f", "mpjpeg"]
     args += ["-i", url, "-fps_mode", "passthrough", "-vf", f"scale={w}:{h}", "-pix_fmt", "gray"]
-    proc = subprocess.Popen(
-        [*args, "-f", "rawvideo", "-flush_packets", "1", "-"],
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start([*args, "-f", "rawvideo", "-flush_packets", "1", "-"], stdout=subprocess.PIPE)
     try:
         while time.time() < end:
             buf = proc.stdout.read(w * h)  # type: ignore[union-attr]
@@ -208,8 +199,7 @@ def ffmpeg_pictures(url: str, end: float, out: list[tuple[np.ndarray, float]]) -
                 return
             out.append((np.frombuffer(buf, np.uint8).reshape(h, w).astype(np.int32), time.time()))
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        end_group(proc)
 
 
 def latency(relay: Relay, station: Station, seconds: float) -> dict[str, list[float]]:

@@ -12,6 +12,13 @@ from collections.abc import Iterator
 from tests.wait import wait_until
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -34,11 +41,17 @@ def end_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
             continue
 
 
+def start(cmd: list[str], **kw) -> subprocess.Popen:
+    """A process in a group of its own, so that ``end_group`` ends every child it starts."""
+    return subprocess.Popen(cmd, start_new_session=True, **kw)
+
+
 @contextlib.contextmanager
 def spawn(cmd: list[str], **kw) -> Iterator[subprocess.Popen]:
+    """``start`` for the length of a ``with`` block, output discarded unless redirected."""
     kw.setdefault("stdout", subprocess.DEVNULL)
     kw.setdefault("stderr", subprocess.DEVNULL)
-    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    proc = start(cmd, **kw)
     try:
         yield proc
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import resource
 import socket
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from spotrelay.sim import SimRobot
 from tests.mjpeg import parts
+from tests.procs import cpu_seconds
 from tests.relay import Relay
 from tests.wait import wait_until
 
@@ -174,9 +174,9 @@ def test_out_of_descriptors_the_log_stays_short_and_the_relay_recovers(sim):
                 socks.append(socket.create_connection(("127.0.0.1", r.port), timeout=2))
             except OSError:
                 break
-        cpu, t = _cpu(r.proc.pid), time.monotonic()
+        cpu, t = cpu_seconds(r.proc.pid), time.monotonic()
         wait_until(lambda: time.monotonic() > t + 2, what="two seconds out of descriptors")
-        busy = (_cpu(r.proc.pid) - cpu) / (time.monotonic() - t)
+        busy = (cpu_seconds(r.proc.pid) - cpu) / (time.monotonic() - t)
         for s in socks:
             s.close()
         wait_until(lambda: r.get("/healthz", timeout=2)[0] == 200, 15, "the relay answering")
@@ -188,9 +188,3 @@ def test_out_of_descriptors_the_log_stays_short_and_the_relay_recovers(sim):
     assert "cannot accept connections" in log  # it did run out
     assert len(log.splitlines()) < 20 and "Traceback" not in log, log[-2000:]
     assert busy < 0.3, f"{busy:.0%} of a core while out of descriptors"
-
-
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

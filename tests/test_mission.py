@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -44,11 +43,11 @@ from spotrelay.main import EventLoop, Relay
 from spotrelay.metrics import Metrics
 from spotrelay.mission import AUTHORITY, SERVICE_NAME, SERVICE_TYPE
 from spotrelay.sim import SimRobot
+from tests.browser import CHROMIUM, Page, chromium
 from tests.mjpeg import collect, distinct_fps
 from tests.procs import spawn
 from tests.relay import Relay as RelayProcess
 from tests.relay import free_port, sample
-from tests.test_viewer import Page, _page_ws_url
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -472,7 +471,6 @@ def test_captures_are_listed_downloaded_and_zipped_per_run(captured, relay, fold
     assert relay.get("/api/captures.zip?run=nope")[0] == 404
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CAPTURES_JS = """JSON.stringify({
   runs: [...document.querySelectorAll('#caplist .run')].map(r => r.dataset.run),
   cards: document.querySelectorAll('#caplist .cap').length,
@@ -483,16 +481,8 @@ CAPTURES_JS = """JSON.stringify({
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium")
 def test_the_viewer_shows_the_captures_with_thumbnails(captured, relay):
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="spotrelay-chromium-")
-    cmd = [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-    cmd += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    cmd += [f"--user-data-dir={profile}", f"--remote-debugging-port={port}"]
-    try:
-        with spawn([*cmd, relay.url + "/#captures"], env={**os.environ, "TMPDIR": profile}):
-            shown = asyncio.run(_captures_view(_page_ws_url(port, time.time() + 30)))
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium(relay.url + "/#captures") as ws_url:
+        shown = asyncio.run(_captures_view(ws_url))
     listing = relay.json("/api/captures")
     runs = [r["run"] for r in listing["runs"]]  # newest first
     assert GROUP in runs and shown["runs"] == runs, shown

@@ -21,7 +21,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -35,10 +34,12 @@ import aiohttp
 import pytest
 
 from spotrelay import site
+from tests.browser import Page
+from tests.browser import chromium as chromium_page
 from tests.mjpeg import parts
 from tests.procs import end_group
+from tests.procs import start as start_group
 from tests.relay import Relay, free_port, sample
-from tests.test_viewer import Page, _page_ws_url
 from tests.wait import wait_until as wait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,11 +100,6 @@ def run_site(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 def get_json(url: str, timeout: float = 5) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.load(resp)
-
-
-def start_group(args: list[str], **kw: Any) -> subprocess.Popen:
-    """A process in its own group, so that stopping it stops every child it started."""
-    return subprocess.Popen(args, start_new_session=True, **kw)
 
 
 def token_relay(sim: Any, port: int | None = None) -> Relay:
@@ -483,20 +479,9 @@ def test_a_camera_of_each_robot_plays_in_go2rtcs_page(station):
     chromium = tool("chromium")
     names = [station.stream("a", "back_fisheye_image"), station.stream("b", "hand_color_image")]
     url = f"{station.api}/stream.html?" + urllib.parse.urlencode([("src", n) for n in names])
-    port = free_port()
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--mute-audio"]
-    # A short path: Chromium's sockets live in its TMPDIR, and socket paths are short.
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    args += ["--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}"]
-    browser = start_group(
-        [chromium, *args, f"--remote-debugging-port={port}", url],
-        env={**os.environ, "TMPDIR": profile},  # its temporary files go with the profile
-    )
-    try:
-        videos = asyncio.run(_videos(_page_ws_url(port, time.time() + 30), len(names)))
-    finally:
-        end_group(browser)
-        shutil.rmtree(profile, ignore_errors=True)
+    flags = ["--mute-audio", "--autoplay-policy=no-user-gesture-required"]
+    with chromium_page(url, *flags, binary=chromium) as ws_url:
+        videos = asyncio.run(_videos(ws_url, len(names)))
     print("go2rtc page players:", videos)
     assert len(videos) == 2 and all(v["w"] == 640 and v["t"] > 1 for v in videos), videos
 

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import os
-import shutil
-import tempfile
-import time
-import urllib.request
 
 import aiohttp
 import pytest
 
-from tests.procs import spawn
-from tests.relay import Relay, free_port
+from tests.browser import CHROMIUM, Page, chromium
+from tests.relay import Relay
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run does)"),
@@ -26,39 +19,6 @@ pytestmark = [
 TILES_JS = """JSON.stringify([...document.querySelectorAll('.tile')].map(t => ({
   name: t.dataset.source, w: parseInt(t.querySelector('img').dataset.size || '0'),
   info: t.querySelector('.info').textContent, stale: t.classList.contains('stale')})))"""
-
-
-class Page:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
-        self.ws, self.ids = ws, itertools.count(1)
-
-    async def call(self, method: str, **params):
-        msg_id = next(self.ids)
-        await self.ws.send_json({"id": msg_id, "method": method, "params": params})
-        async for msg in self.ws:
-            data = json.loads(msg.data)
-            if data.get("id") == msg_id:
-                if "error" in data:
-                    raise AssertionError(data["error"])
-                return data["result"]
-        raise AssertionError("DevTools connection closed")
-
-    async def eval(self, expression: str):
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-
-def _page_ws_url(port: int, deadline: float) -> str:
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
-                pages = [p for p in json.load(r) if p.get("type") == "page"]
-            if pages:
-                return pages[0]["webSocketDebuggerUrl"]
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("chromium did not start")
 
 
 def _fps(tile: dict) -> float:
@@ -134,29 +94,8 @@ def relay(sim):
 def test_viewer_shows_every_camera_live_and_a_large_view(relay):
     sources = {s["name"]: s for s in relay.json("/api/sources")["sources"]}
     assert set(sources) == set(SHOWN)
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="spotrelay-chromium-")
-    with spawn(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            f"--remote-debugging-port={port}",
-            "--window-size=1400,1000",
-            relay.url + "/",
-        ],
-        env={**os.environ, "TMPDIR": profile},  # its own temporary files go with the profile
-    ):
-        ws_url = _page_ws_url(port, time.time() + 30)
+    with chromium(relay.url + "/", "--disable-quic", "--window-size=1400,1000") as ws_url:
         tiles, big = asyncio.run(_drive(ws_url, len(sources)))
-    shutil.rmtree(profile, ignore_errors=True)
     assert {t["name"] for t in tiles} == set(sources), tiles
     # 320-wide tiles, never upscaled (the hand's 224x171 cameras stay as they are)
     assert all(t["w"] == min(320, sources[t["name"]]["cols"]) for t in tiles), tiles
