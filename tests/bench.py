@@ -32,13 +32,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-import bosdyn.client
 from bosdyn.client.exceptions import TooManyRequestsError
 from bosdyn.client.image import build_image_request
 
 from tests.mjpeg import stamps_and_latencies
 from tests.procs import cpu_seconds
 from tests.relay import Relay
+from tests.sdk import sdk_robot
 
 VISUAL = [
     "frontleft_fisheye_image",
@@ -96,12 +96,16 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 2 else float("nan")
 
 
-def sdk_robot(sim: SimProcess):
-    sdk = bosdyn.client.create_standard_sdk("spotrelay-bench")
-    sdk.load_robot_cert(sim.ca_path)
-    robot = sdk.create_robot("127.0.0.1")
-    robot.update_secure_channel_port(sim.port)
-    robot.authenticate(sim.username, sim.password)
+def logged_in(ca: str, port: int, username: str, password: str, name: str = "spotrelay-bench"):
+    """An SDK robot logged in to the sim and time-synced; several starting at once exceed the
+    robot's five logins a second, so a 429 is retried."""
+    robot = sdk_robot(ca, port, name)
+    for _ in range(20):
+        try:
+            robot.authenticate(username, password)
+            break
+        except TooManyRequestsError:
+            time.sleep(0.3)
     robot.time_sync.wait_for_sync()
     return robot
 
@@ -148,17 +152,7 @@ def repoll(robot, source: str, seconds: float, out: Seen, interval: float = 0.01
 def repoll_process(sim: dict, source: str, start_at: float, seconds: float) -> Seen:
     """The re-poll baseline for one camera, in a process of its own (as six simple relays
     would be; one process for six would measure its own GIL, not the approach)."""
-    sdk = bosdyn.client.create_standard_sdk("spotrelay-bench-repoll")
-    sdk.load_robot_cert(sim["ca"])
-    robot = sdk.create_robot("127.0.0.1")
-    robot.update_secure_channel_port(sim["port"])
-    for _ in range(20):  # six at once exceed the robot's five logins a second
-        try:
-            robot.authenticate(sim["username"], sim["password"])
-            break
-        except TooManyRequestsError:
-            time.sleep(0.3)
-    robot.time_sync.wait_for_sync()
+    robot = logged_in(sim["ca"], sim["port"], sim["username"], sim["password"], "bench-repoll")
     out = Seen()
     time.sleep(max(0.0, start_at - time.time()))
     repoll(robot, source, seconds, out)
@@ -265,7 +259,7 @@ def watch(relay: Relay, sources: list[str], seconds: float, query: str = "") -> 
     return seen
 
 
-def requests_per_frame(sim: SimProcess, before: dict, after: dict, seen: dict[str, Seen]) -> tuple:
+def requests_per_frame(before: dict, after: dict, seen: dict[str, Seen]) -> tuple:
     frames = sum(s.frames for s in seen.values())
     calls = sum(after["get_image_calls"].values()) - sum(before["get_image_calls"].values())
     images = sum(
@@ -285,7 +279,7 @@ def scenario_six(report: Report, secs: float, rtt: float, jitter: float) -> None
         before = sim.stats()
         seen = watch(relay, VISUAL, secs)
         after = sim.stats()
-        rpcs, images = requests_per_frame(sim, before, after, seen)
+        rpcs, images = requests_per_frame(before, after, seen)
         crowd = None
         if rtt == 0:  # 50 clients on one camera, one on each of the others
             extra = Discarders(relay, f"/stream/{VISUAL[0]}", 49)
@@ -358,7 +352,7 @@ def scenario_mixed(report: Report, secs: float) -> None:
 def scenario_cpu(report: Report, secs: float) -> None:
     print("CPU: fan-out and re-encoding; every frame against the SDK loop", flush=True)
     sim = SimProcess(0.0)
-    robot = sdk_robot(sim)
+    robot = logged_in(sim.ca_path, sim.port, sim.username, sim.password)
     try:
         loop = sdk_sequential(robot, "back_fisheye_image", secs)
     finally:

@@ -107,14 +107,13 @@ def distinct_fps(parts_: list[Part]) -> float:
     return (len(stamps) - 1) / span if span > 0 else 0.0
 
 
-def stamps_and_latencies(url: str, seconds: float, start_at: float = 0.0) -> tuple[list, list]:
-    """Fresh parts' capture times and capture-to-received latencies for ``seconds`` from
-    ``start_at`` (so that clients in several processes measure the same span)."""
+def stamps_and_latencies(url: str, seconds: float) -> tuple[list, list]:
+    """Fresh parts' capture times and capture-to-received latencies for ``seconds``."""
     stamps: list[float] = []
     latencies: list[float] = []
     end = None
     for p in parts(url, timeout=20):
-        if p.received < start_at or p.stale:
+        if p.stale:
             continue
         stamps.append(p.timestamp)
         latencies.append(p.received - p.timestamp)

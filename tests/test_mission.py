@@ -25,7 +25,6 @@ import zipfile
 from pathlib import Path
 
 import aiohttp
-import bosdyn.client
 import cv2
 import grpc
 import numpy as np
@@ -48,6 +47,7 @@ from tests.mjpeg import collect, distinct_fps
 from tests.procs import spawn
 from tests.relay import Relay as RelayProcess
 from tests.relay import free_port, sample
+from tests.sdk import sdk_robot
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -196,10 +196,7 @@ def test_the_callback_is_registered_in_the_robots_directory(relay, robot):
     assert (entry.type, entry.authority) == (SERVICE_TYPE, AUTHORITY + ".spot.robot")
     assert (endpoint.host_ip, endpoint.port) == ("127.0.0.1", relay.cfg.mission_port)
     assert entry.liveness_timeout_secs == 75  # 2.5 x the keep-alive's 30 s
-    sdk = bosdyn.client.create_standard_sdk("mission-test")
-    sdk.load_robot_cert(robot.ca_path)
-    r = sdk.create_robot("127.0.0.1")
-    r.update_secure_channel_port(robot.port)
+    r = sdk_robot(robot.ca_path, robot.port, "mission-test")
     r.authenticate(robot.username, robot.password)
     try:
         assert SERVICE_NAME in {e.name for e in r.list_services()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import bosdyn.client
 import cv2
 import numpy as np
 import pytest
@@ -37,6 +36,7 @@ from spotrelay import codec
 from spotrelay.frames import ImageData
 from spotrelay.sim import SimRobot
 from spotrelay.sim.cameras import spot_cameras
+from tests.sdk import sdk_robot as robot_for_sim
 from tests.wait import wait_until
 
 I = image_pb2.Image  # noqa: E741
@@ -44,11 +44,7 @@ pytestmark = pytest.mark.e2e
 
 
 def sdk_robot(sim):
-    sdk = bosdyn.client.create_standard_sdk("spotrelay-test")
-    sdk.load_robot_cert(sim.ca_path)
-    robot = sdk.create_robot("127.0.0.1")
-    robot.update_secure_channel_port(sim.port)
-    return robot
+    return robot_for_sim(sim.ca_path, sim.port)
 
 
 @pytest.fixture(scope="module")
