@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 
 import cv2
 import numpy as np
@@ -15,10 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from bosdyn.api import image_pb2
 
 from spotrelay.frames import Frame, ImageData, SourceInfo
-from spotrelay.http import build_app
 from spotrelay.hub import Hub
+from spotrelay.main import build_relay_app
 from spotrelay.metrics import Metrics
-from spotrelay.outputs import api, mjpeg, snapshot, viewer, ws
 
 I = image_pb2.Image  # noqa: E741
 SOURCES = [
@@ -98,24 +96,13 @@ async def relay_app(
     )
     hub.set_sources(sources)
     status = {"connected": True, "address": "robot:443", "last_error": None}
-    app = build_app(
-        [
-            viewer.add_routes,
-            partial(mjpeg.add_routes, hub=hub),
-            partial(ws.add_routes, hub=hub),
-            partial(snapshot.add_routes, hub=hub),
-            partial(
-                api.add_routes,
-                hub=hub,
-                robot_status=lambda: status,
-                registry=metrics.registry,
-                show_peers=bool(token),
-            ),
-        ],
+    app = build_relay_app(
+        hub,
+        metrics,
+        lambda: status,
         token=token,
         allow_origin=allow_origin,
         max_clients=max_clients,
-        refused=lambda reason: metrics.requests_refused.labels(reason=reason).inc(),
     )
     client = TestClient(TestServer(app))
     await client.start_server()

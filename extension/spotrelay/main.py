@@ -22,6 +22,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import Any
 
 import cv2
 from aiohttp import web
@@ -112,6 +113,43 @@ def raise_file_limit(wanted: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def build_relay_app(
+    hub: Hub,
+    metrics: Metrics,
+    robot_status: Callable[[], dict[str, Any]],
+    *,
+    token: str | None,
+    allow_origin: str | None,
+    max_clients: int,
+    timing: Callable[[str], dict[str, Any]] = lambda source: {},
+    mission: Callable[[], dict[str, Any]] | None = None,
+    store: Store | None = None,
+) -> web.Application:
+    """Every output on one app: the relay's route table, which the in-process tests use too."""
+    return build_app(
+        [
+            viewer.add_routes,
+            partial(mjpeg.add_routes, hub=hub),
+            partial(ws.add_routes, hub=hub),
+            partial(snapshot.add_routes, hub=hub),
+            partial(
+                api.add_routes,
+                hub=hub,
+                robot_status=robot_status,
+                registry=metrics.registry,
+                show_peers=bool(token),
+                timing=timing,
+                mission=mission,
+            ),
+            partial(captures.add_routes, store=store),
+        ],
+        token=token,
+        allow_origin=allow_origin,
+        max_clients=max_clients,
+        refused=lambda reason: metrics.requests_refused.labels(reason=reason).inc(),
+    )
+
+
 class Relay:
     """Every stage of one relay, wired; ``main`` runs it, tests can run it in-process."""
 
@@ -181,27 +219,16 @@ class Relay:
         metrics.robot_connected.set_function(lambda: 1.0 if self.conn.connected.is_set() else 0.0)
         metrics.time_sync_skew.set_function(lambda: self.conn.skew)
         metrics.build_info.labels(version=__version__).set(1)
-        self.app = build_app(
-            [
-                viewer.add_routes,
-                partial(mjpeg.add_routes, hub=self.hub),
-                partial(ws.add_routes, hub=self.hub),
-                partial(snapshot.add_routes, hub=self.hub),
-                partial(
-                    api.add_routes,
-                    hub=self.hub,
-                    robot_status=self.conn.status,
-                    registry=metrics.registry,
-                    show_peers=bool(cfg.token),
-                    timing=self.poller.timing,
-                    mission=self.mission.status if self.mission else None,
-                ),
-                partial(captures.add_routes, store=store),
-            ],
+        self.app = build_relay_app(
+            self.hub,
+            metrics,
+            self.conn.status,
             token=cfg.token,
             allow_origin=cfg.allow_origin,
             max_clients=cfg.max_clients,
-            refused=lambda reason: metrics.requests_refused.labels(reason=reason).inc(),
+            timing=self.poller.timing,
+            mission=self.mission.status if self.mission else None,
+            store=store,
         )
 
     def _sources_changed(self, sources: dict[str, SourceInfo], healthy: tuple[str, ...]) -> None:
