@@ -58,6 +58,11 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise ClipError("JPEG without a frame header")
 
 
+def frame_bytes(jpeg: bytes) -> int:
+    """What one frame adds to the file: its chunk (padded to even) and its index entry."""
+    return 8 + len(jpeg) + (len(jpeg) & 1) + 16
+
+
 class AviWriter:
     """Append JPEG frames to ``fh`` (a new, seekable binary file); ``close(fps)`` finishes it."""
 
@@ -71,16 +76,15 @@ class AviWriter:
         self._index: list[bytes] = []
         fh.write(self._headers(0.0))
 
-    def add(self, jpeg: bytes) -> int:
-        """Append one frame; returns the bytes it added to the file."""
+    def add(self, jpeg: bytes) -> None:
+        """Append one frame (``frame_bytes(jpeg)`` more on disk once closed)."""
         size = jpeg_size(jpeg)
         if self.size is None:
             self.size = size
         elif size != self.size:
             raise ClipError(f"frame size changed from {self.size} to {size}")
         pad = len(jpeg) & 1
-        added = 8 + len(jpeg) + pad + 16  # chunk, and its index entry written at the end
-        if self.bytes + added > self.max_bytes:
+        if self.bytes + frame_bytes(jpeg) > self.max_bytes:
             raise ClipError(f"a clip is limited to {self.max_bytes / 2**20:.0f} MiB")
         offset = self.bytes - (_MOVI_AT + 8)  # idx1 offsets count from the 'movi' fourcc
         self.fh.write(b"00dc" + struct.pack("<I", len(jpeg)) + jpeg + b"\0" * pad)
@@ -88,7 +92,6 @@ class AviWriter:
         self.bytes += 8 + len(jpeg) + pad
         self.frames += 1
         self._largest = max(self._largest, len(jpeg))
-        return added
 
     def close(self, fps: float) -> None:
         """Write the index and the final headers, and flush to disk (fsync)."""

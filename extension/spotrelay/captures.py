@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from spotrelay.avi import AviWriter
+from spotrelay.avi import AviWriter, frame_bytes
 
 log = logging.getLogger("spotrelay.captures")
 
@@ -382,7 +382,7 @@ class Clip:
         """Append one frame. Raises ClipError (a frame it cannot take) or StorageError."""
         with self._lock:
             try:
-                self._reserve(len(jpeg) + 32)
+                self._reserve(frame_bytes(jpeg))
                 self.avi.add(jpeg)
             except OSError as exc:
                 raise _storage_error(exc) from exc
