@@ -14,9 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from bosdyn.api import image_pb2
 
 from spotrelay.frames import Frame, ImageData, SourceInfo
+from spotrelay.http.outputs.common import Streams
 from spotrelay.hub import Hub
-from spotrelay.main import build_relay_app
+from spotrelay.main import SNAPSHOTS_WAITING, build_relay_app
 from spotrelay.metrics import Metrics
+from spotrelay.stills import Stills
 
 I = image_pb2.Image  # noqa: E741
 SOURCES = [
@@ -81,24 +83,19 @@ async def relay_app(
     max_clients: int = 200,
     max_variants: int = 8,
     client_timeout: float = 10.0,
-    gated_snapshots: bool = False,
+    snapshot_executor: GatedExecutor | None = None,
 ):
-    """(test client, hub, metrics) of a relay app with no robot behind it."""
+    """(test client, hub, metrics) of a relay app with no robot behind it; snapshots render on
+    ``snapshot_executor`` (a test may hold them at its gate)."""
     metrics = Metrics()
     executor = ThreadPoolExecutor(2)
-    snapshots = GatedExecutor(open_=not gated_snapshots)
-    hub = Hub(
-        executor,
-        metrics,
-        max_variants=max_variants,
-        client_timeout=client_timeout,
-        snapshot_executor=snapshots,
-    )
+    snapshots = snapshot_executor or GatedExecutor()
+    hub = Hub(executor, metrics, max_variants=max_variants)
     hub.set_sources(sources)
     status = {"connected": True, "address": "robot:443", "last_error": None}
     app = build_relay_app(
-        hub,
-        metrics,
+        Streams(hub, metrics, client_timeout),
+        Stills("snapshot", SNAPSHOTS_WAITING, snapshots),
         lambda: status,
         token=token,
         allow_origin=allow_origin,
@@ -117,3 +114,8 @@ async def relay_app(
         await client.close()
         executor.shutdown(wait=True)
         snapshots.shutdown(wait=True)
+
+
+def counted(metrics: Metrics, name: str, **labels: str) -> float:
+    """One series' value, read through prometheus-client's public API (0 if it does not exist)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0

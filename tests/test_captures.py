@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from spotrelay import captures
-from spotrelay.avi import AviWriter, ClipError, jpeg_size
-from spotrelay.captures import Picture, StorageError, Store
+from spotrelay.autowalk import store as captures
+from spotrelay.autowalk.avi import AviWriter, ClipError, jpeg_size
+from spotrelay.autowalk.store import Picture, StorageError, Store
 
 FFPROBE = shutil.which("ffprobe")
 FFMPEG = shutil.which("ffmpeg")

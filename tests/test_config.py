@@ -33,7 +33,7 @@ def test_defaults_and_flags(monkeypatch):
     cfg = load(["--robot", "10.0.0.3"], LOGIN, monkeypatch)
     assert (cfg.robot, cfg.robot_port, cfg.port, cfg.bind) == ("10.0.0.3", 443, 21080, "0.0.0.0")
     assert cfg.image_services == ("image",) and cfg.sources == ()
-    assert cfg.auth_mode == "password" and cfg.username == "u"
+    assert cfg.login == "user" and cfg.username == "u"
     cfg = load(["--robot", "r", "--sources", " a, b,,", "--image-services", "auto"], None, None)
     assert cfg.sources == ("a", "b") and cfg.image_services == ("auto",)
 
@@ -52,7 +52,7 @@ def test_secrets_are_not_in_the_repr(monkeypatch, tmp_path):
     creds = tmp_path / "payload_guid_and_secret"
     creds.write_text("guid-123\n  s3cr3t-payload \n")
     cfg = load(["--robot", "r", "--payload-credentials-file", str(creds), "--token", "tkn"])
-    assert (cfg.guid, cfg.secret, cfg.auth_mode) == ("guid-123", "s3cr3t-payload", "payload")
+    assert (cfg.guid, cfg.secret, cfg.login) == ("guid-123", "s3cr3t-payload", "payload")
     assert "s3cr3t" not in repr(cfg) and "tkn" not in repr(cfg)
 
 

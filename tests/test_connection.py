@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from bosdyn.client.exceptions import UnableToConnectToRobotError, UnauthenticatedError
 
-from spotrelay.connection import FAILURES_BEFORE_RECONNECT, RobotConnection, ServiceState, Target
+from spotrelay.robot.connection import (
+    FAILURES_BEFORE_RECONNECT,
+    RobotConnection,
+    ServiceState,
+    Target,
+)
 
 
 def connected() -> RobotConnection:

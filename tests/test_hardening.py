@@ -11,14 +11,18 @@ import socket
 import pytest
 from aiohttp import http_exceptions
 
-from spotrelay import connection, logs
-from spotrelay.main import supervise
+from spotrelay import logs
 from spotrelay.metrics import Metrics
-from tests.inproc import make_frame, relay_app
+from spotrelay.process import supervise
+from spotrelay.robot import session
+from tests.inproc import GatedExecutor, counted, make_frame, relay_app
 from tests.wait import async_wait_until
 
 SECRET = "Hunter2-correct-horse"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJlLWJ5dGVz"
+
+
+REFUSED = "spotrelay_requests_refused_total"
 
 
 def run(coro):
@@ -85,16 +89,16 @@ def test_past_max_clients_a_503_but_health_and_metrics_always_answer():
     async def scenario():
         async with relay_app(max_clients=2) as (client, hub, metrics):
             streams = [await client.get("/stream/back_fisheye_image") for _ in range(2)]
-            await async_wait_until(lambda: len(hub.clients) == 2)
+            await async_wait_until(lambda: len(hub.viewers()) == 2)
             resp = await client.get("/stream/back_depth")
             assert resp.status == 503 and "--max-clients" in (await resp.json())["error"]
             assert (await client.get("/api/sources")).status == 503
             assert (await client.get("/healthz")).status == 200
             assert (await client.get("/metrics")).status == 200
-            assert metrics.requests_refused.labels(reason="max_clients")._value.get() == 2
+            assert counted(metrics, REFUSED, reason="max_clients") == 2
             for s in streams:
                 s.close()
-            await async_wait_until(lambda: not hub.clients)
+            await async_wait_until(lambda: not hub.viewers())
             assert (await client.get("/api/sources")).status == 200
 
     run(scenario())
@@ -104,7 +108,7 @@ def test_past_max_variants_a_503_naming_the_renderings_served():
     async def scenario():
         async with relay_app(max_variants=2) as (client, hub, metrics):
             kept = [await client.get(f"/stream/back_fisheye_image?quality={q}") for q in (50, 60)]
-            await async_wait_until(lambda: len(hub.clients) == 2)
+            await async_wait_until(lambda: len(hub.viewers()) == 2)
             resp = await client.get("/stream/back_fisheye_image?quality=70")
             data = await resp.json()
             assert resp.status == 503 and {v["quality"] for v in data["served"]} == {50, 60}
@@ -112,7 +116,7 @@ def test_past_max_variants_a_503_naming_the_renderings_served():
             assert same.status == 200
             other_camera = await client.get("/stream/back_depth?width=100")
             assert other_camera.status == 200  # the cap is per camera
-            assert metrics.requests_refused.labels(reason="max_variants")._value.get() == 1
+            assert counted(metrics, REFUSED, reason="max_variants") == 1
             for r in [*kept, same, other_camera]:
                 r.close()
 
@@ -121,14 +125,15 @@ def test_past_max_variants_a_503_naming_the_renderings_served():
 
 def test_a_snapshot_flood_waits_on_its_own_renderer_and_streams_go_on():
     async def scenario():
-        async with relay_app(gated_snapshots=True) as (client, hub, metrics):
+        renderer = GatedExecutor(open_=False)
+        async with relay_app(snapshot_executor=renderer) as (client, hub, metrics):
             stream = await client.get("/stream/back_fisheye_image?width=320")
             floods = [
                 asyncio.ensure_future(client.get("/snapshot/back_fisheye_image?width=100"))
                 for _ in range(12)
             ]
             refused = await async_wait_until(
-                lambda: metrics.requests_refused.labels(reason="snapshots_busy")._value.get() >= 4,
+                lambda: counted(metrics, REFUSED, reason="snapshots_busy") >= 4,
                 what="snapshots past the queue refused",
             )
             assert refused
@@ -137,11 +142,11 @@ def test_a_snapshot_flood_waits_on_its_own_renderer_and_streams_go_on():
                 hub.publish(make_frame("back_fisheye_image", seq))
                 await async_wait_until(
                     lambda s=seq: any(
-                        c.frames_sent >= s - 1 for c in hub.clients.values() if c.kind == "mjpeg"
+                        c.frames_sent >= s - 1 for c in hub.viewers() if c.kind == "mjpeg"
                     ),
                     what=f"frame {seq} streamed",
                 )
-            hub.snapshot_executor.gate.set()
+            renderer.gate.set()
             statuses = sorted([(await f).status for f in floods])
             assert statuses.count(200) == 8 and statuses.count(503) == 4
             stream.close()
@@ -168,15 +173,15 @@ def test_a_viewer_that_never_reads_is_dropped_and_counted(path, upgrade):
         async with relay_app(client_timeout=0.5) as (client, hub, metrics):
             sock = _stalled_socket(client.port, path + "back_fisheye_image", upgrade)
             try:
-                await async_wait_until(lambda: hub.clients, what="the viewer registered")
+                await async_wait_until(lambda: hub.viewers(), what="the viewer registered")
                 seq = 1
-                while hub.clients:  # frames keep coming; its buffers fill, then it is dropped
+                while hub.viewers():  # frames keep coming; its buffers fill, then it is dropped
                     seq += 1
                     hub.publish(make_frame("back_fisheye_image", seq, noise=True))
                     await asyncio.sleep(0.01)
                     assert seq < 1000, "never dropped"
                 assert hub.watched("back_fisheye_image") == 0  # its camera is idle again
-                assert metrics.clients_dropped.labels(reason="stalled")._value.get() == 1
+                assert counted(metrics, "spotrelay_clients_dropped_total", reason="stalled") == 1
             finally:
                 sock.close()
 
@@ -218,7 +223,7 @@ def test_viewer_addresses_are_only_shown_behind_the_token():
             async with relay_app(token=token) as (client, hub, _):
                 q = "?token=t" if token else ""
                 stream = await client.get(f"/stream/back_fisheye_image{q}")
-                await async_wait_until(lambda h=hub: h.clients)
+                await async_wait_until(lambda h=hub: h.viewers())
                 state = await (await client.get(f"/api/state{q}")).json()
                 assert ("peer" in state["clients"][0]) is bool(token)
                 stream.close()
@@ -237,8 +242,14 @@ def test_a_background_task_that_fails_is_logged_counted_and_restarted(caplog):
             if calls < 3:
                 raise RuntimeError("unexpected")
 
-        await supervise("connection", flaky, metrics, pause=0.0)
-        assert metrics.task_restarts.labels(task="connection")._value.get() == 2
+        restarted = metrics.task_restarts.labels
+        await supervise("connection", flaky, lambda task: restarted(task=task).inc(), pause=0.0)
+        assert (
+            metrics.registry.get_sample_value(
+                "spotrelay_task_restarts_total", {"task": "connection"}
+            )
+            == 2
+        )
         return calls
 
     with caplog.at_level(logging.ERROR, logger="spotrelay"):
@@ -260,4 +271,4 @@ def test_sdk_loggers_are_not_the_relays():
             root.removeHandler(h)
         root.setLevel(logging.WARNING)
         logging.getLogger("bosdyn").setLevel(logging.NOTSET)
-    assert connection.SDK_LOGGER == logs.SDK_LOGGER  # the name the connection gives the SDK
+    assert session.SDK_LOGGER == logs.SDK_LOGGER  # the name the session gives the SDK

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.inproc import SOURCES, relay_app
+from tests.inproc import SOURCES, counted, relay_app
 
 TOKEN = "t0k3n-for-tests"
 
@@ -63,7 +63,7 @@ def test_bad_parameter_is_a_json_400_naming_it(query, param):
                 assert resp.status == 400
                 data = await resp.json()
                 assert data["parameter"] == param and data["allowed"] and data["error"]
-            assert not hub.clients
+            assert not hub.viewers()
 
     run(scenario())
 
@@ -101,7 +101,7 @@ def test_stream_serves_the_robots_bytes_then_planned_sizes():
         async with relay_app() as (client, hub, metrics):
             resp = await client.get("/stream/back_fisheye_image")
             headers, body = await first_part(resp)
-            assert body == hub.latest["back_fisheye_image"].image.data  # passthrough
+            assert body == hub.frame("back_fisheye_image").image.data  # passthrough
             assert float(headers["x-timestamp"]) == 1001.0
             resp.close()
             # the viewer's "upright" toggle: 300 wide after the quarter-ish turn (was 187x225)
@@ -109,7 +109,9 @@ def test_stream_serves_the_robots_bytes_then_planned_sizes():
             _, body = await first_part(resp)
             assert shape_of(body) == (300, 362)
             resp.close()
-            served = metrics.frames_served.labels(source="frontleft_fisheye_image")._value.get()
+            served = counted(
+                metrics, "spotrelay_frames_served_total", source="frontleft_fisheye_image"
+            )
             assert served == 1
 
     run(scenario())
@@ -122,7 +124,7 @@ def test_head_answers_headers_without_becoming_a_viewer():
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("multipart/x-mixed-replace")
             assert await resp.read() == b""
-            assert not hub.clients and hub.watched("back_fisheye_image") == 0
+            assert not hub.viewers() and hub.watched("back_fisheye_image") == 0
 
     run(scenario())
 
@@ -149,7 +151,7 @@ def test_websocket_sends_metadata_then_the_picture():
                 pic = (await sock.receive(timeout=5)).data
                 assert meta["seq"] == 1 and meta["bytes"] == len(pic) and not meta["stale"]
                 assert shape_of(pic) == (320, 240)
-                assert len(hub.clients) == 1
+                assert len(hub.viewers()) == 1
             await asyncio.sleep(0)  # the server notices the close
 
     run(scenario())

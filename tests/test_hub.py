@@ -62,9 +62,9 @@ def test_a_client_joining_mid_render_does_not_make_others_see_a_frame_twice():
             other = hub.frames(SOURCE, RenderSpec(width=160), client())
             joined = asyncio.ensure_future(take(other, 2))
             # the joiner asks for #2 while it is still being rendered
-            await async_wait_until(lambda: len(hub.clients) == 2, what="the joiner subscribed")
+            await async_wait_until(lambda: len(hub.viewers()) == 2, what="the joiner subscribed")
             executor.gate.set()
-            await async_wait_until(lambda: hub.latest[SOURCE].seq == 2 and not hub._rendering)
+            await async_wait_until(lambda: hub.frame(SOURCE).seq == 2 and not hub._rendering)
             hub.publish(frame(3))
             rest = await reading
             return [e.seq for e in first + rest], [e.seq for e in await joined]
@@ -119,7 +119,7 @@ def test_no_viewer_is_always_served_last():
                         order.setdefault(enc.seq, []).append(k)
 
             tasks = [asyncio.ensure_future(viewer(k)) for k in range(4)]
-            await async_wait_until(lambda: len(hub.clients) == 4, what="four viewers")
+            await async_wait_until(lambda: len(hub.viewers()) == 4, what="four viewers")
             for seq in range(1, 9):
                 hub.publish(frame(seq))
                 await async_wait_until(lambda s=seq: len(order.get(s, ())) == 4, what=f"#{seq}")
@@ -161,7 +161,7 @@ def test_watching_is_reported_once_per_source_and_undone_on_close():
             assert hub.watched(SOURCE) == 2
             await a.aclose()
             await b.aclose()
-            assert hub.watched(SOURCE) == 0 and not hub.clients
+            assert hub.watched(SOURCE) == 0 and not hub.viewers()
             return hub.watch_log  # type: ignore[attr-defined]
 
     assert run(scenario()) == [(SOURCE, True), (SOURCE, False)]

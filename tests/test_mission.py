@@ -35,12 +35,14 @@ from bosdyn.client.exceptions import CustomParamError
 from bosdyn.client.service_customization_helpers import validate_dict_spec
 from bosdyn.mission.remote_client import InvalidSessionId, RemoteClient
 
-from spotrelay import captures, config
-from spotrelay.connection import Target
+from spotrelay import config
+from spotrelay.autowalk import store as captures
+from spotrelay.autowalk.service import AUTHORITY, SERVICE_NAME, SERVICE_TYPE
 from spotrelay.frames import JPEG, RAW
-from spotrelay.main import EventLoop, Relay
+from spotrelay.main import Relay
 from spotrelay.metrics import Metrics
-from spotrelay.mission import AUTHORITY, SERVICE_NAME, SERVICE_TYPE
+from spotrelay.process import EventLoop
+from spotrelay.robot import Target
 from spotrelay.sim import SimRobot
 from tests.browser import CHROMIUM, Page, chromium
 from tests.mjpeg import collect, distinct_fps

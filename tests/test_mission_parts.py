@@ -13,12 +13,14 @@ from bosdyn.api import service_customization_pb2 as sc
 from bosdyn.api.mission import remote_pb2, util_pb2
 from bosdyn.client.exceptions import UnableToConnectToRobotError
 
-from spotrelay import config, mission, registration
-from spotrelay.connection import Target
-from spotrelay.http import build_app
+from spotrelay import config
+from spotrelay.autowalk import registration
+from spotrelay.autowalk import routes as captures_out
+from spotrelay.autowalk import service as mission
+from spotrelay.http.app import build_app
 from spotrelay.main import Relay
 from spotrelay.metrics import Metrics
-from spotrelay.outputs import captures as captures_out
+from spotrelay.robot import Target
 from tests.relay import free_port
 from tests.wait import async_wait_until
 
@@ -59,7 +61,7 @@ def test_inputs_become_plain_json():
 
 def test_sessions_are_bounded(monkeypatch):
     monkeypatch.setattr(mission, "MAX_SESSIONS", 2)
-    service = mission.MissionService(None, None, Metrics(), None)  # type: ignore[arg-type]
+    service = mission.MissionService(None, None, Metrics(), None, None)  # type: ignore[arg-type]
 
     async def scenario():
         ids = []
@@ -138,7 +140,7 @@ def test_the_captures_api_says_how_to_turn_it_on():
 
 @pytest.mark.parametrize("query", ["kind=video", "limit=0", "limit=x", "until=noon"])
 def test_bad_listing_parameters_are_named(query, tmp_path):
-    from spotrelay.captures import Store
+    from spotrelay.autowalk.store import Store
 
     store = Store(tmp_path, 10**6)
     store.open()

@@ -12,6 +12,7 @@ from bosdyn.client import image as sdk_image
 from spotrelay.frames import Frame, SourceInfo
 from spotrelay.metrics import Metrics
 from spotrelay.poller import Poller, status_name
+from tests.inproc import counted
 
 STATUS = image_pb2.ImageResponse
 SOURCES = {
@@ -62,7 +63,7 @@ async def poll_once(statuses: dict[str, int], header_code=header_pb2.CommonError
         frames.append,
         clock=lambda: 1000.0,
     )
-    poller.set_sources(SOURCES, ("image",))
+    poller.set_sources(SOURCES, {"image": True})
     task = asyncio.create_task(poller.run())
     for _ in range(100):
         await asyncio.sleep(0)
@@ -84,7 +85,7 @@ def test_a_bad_image_does_not_cost_the_good_ones_nor_the_connection(status):
     assert [f.source for f in frames] == ["good"]
     assert reports == [None]  # the call worked: no connection failure
     for source, label in (("bad", status_name(status)), ("worse", "unrecognized")):
-        count = metrics.image_errors.labels(source=source, status=label)._value.get()
+        count = counted(metrics, "spotrelay_image_errors_total", source=source, status=label)
         assert count == 1, (source, label)
 
 
@@ -95,7 +96,7 @@ def test_a_failed_call_is_a_connection_failure():
     )
     assert frames == []
     assert len(reports) == 1 and reports[0] is not None
-    assert metrics.rpc_errors.labels(service="image", kind="other")._value.get() == 1
+    assert counted(metrics, "spotrelay_rpc_errors_total", service="image", kind="other") == 1
 
 
 def test_status_names_are_bounded():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from bosdyn.api import image_pb2
 
-from spotrelay.connection import AuthLimiter
+from spotrelay.robot.connection import AuthLimiter
 from spotrelay.sim import SimRobot
 from tests.mjpeg import collect, distinct_fps, parts
 from tests.relay import Relay

@@ -1,4 +1,7 @@
-"""Codec: what the robot sent -> the bytes a plan asks for. Pure functions, safe in threads.
+"""Codec: every decode and encode of the relay. Pure functions, safe in threads.
+
+What the robot sent -> the bytes a plan asks for (``render``, ``render_many``), and the few
+pictures the relay draws itself: the STALE banner over a stream's last picture and thumbnails.
 
 What to do is decided beforehand by ``plan.plan``; this module only does it. Decode once, render
 many: a frame watched at several sizes is decoded once per JPEG reduction factor, not once per
@@ -272,3 +275,39 @@ def render_many(
         except CodecError as exc:
             out[plan] = exc
     return out
+
+
+# -- pictures of the relay's own -----------------------------------------------------------------
+
+
+def stale_picture(jpeg: bytes | None, size: tuple[int, int], quality: int, text: str) -> bytes:
+    """The last picture darkened under a banner (``text``), or a grey placeholder of ``size``
+    (width, height) if there never was one or it does not decode."""
+    img = None
+    if jpeg is not None:
+        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        w, h = size
+        img = np.full((h, w, 3), 48, np.uint8)
+    else:
+        img = (img * 0.5).astype(np.uint8)
+    h, w = img.shape[:2]
+    scale = max(0.4, w / 640)
+    thick = max(1, round(2 * scale))
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    x, y = max(0, (w - tw) // 2), (h + th) // 2
+    cv2.rectangle(img, (x - 8, y - th - 8), (x + tw + 8, y + 8), (0, 0, 160), -1)
+    cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick)
+    return encode_jpeg(img, quality)
+
+
+def thumbnail_of_jpeg(jpeg: bytes, width: int, quality: int = 70) -> bytes:
+    """A JPEG at most ``width`` wide; a grey picture if it cannot be decoded (a thumbnail never
+    fails what it illustrates)."""
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+    if img is None:
+        img = np.full((width * 3 // 4, width, 3), 48, np.uint8)
+    h, w = img.shape[:2]
+    if w > width:
+        img = resize(img, width, max(1, round(h * width / w)))
+    return encode_jpeg(img, quality)

@@ -60,11 +60,12 @@ class Config:
     log_level: str = "INFO"
 
     @property
-    def auth_mode(self) -> str:
-        """Which way we log in; decided here so the connection never guesses."""
+    def login(self) -> str:
+        """Which way we log in, "payload" or "user"; decided here so the connection never
+        guesses."""
         if self.guid and self.secret:
             return "payload"
-        return "password"
+        return "user"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -307,7 +308,7 @@ def load(argv: list[str] | None = None) -> Config:
         return cfg
     if not cfg.robot:
         raise ConfigError("no robot: give --robot HOST (or SPOTRELAY_ROBOT), or --sim")
-    if cfg.auth_mode == "password" and not (cfg.username and cfg.password):
+    if cfg.login == "user" and not (cfg.username and cfg.password):
         raise ConfigError(
             "no robot login: set BOSDYN_CLIENT_USERNAME and BOSDYN_CLIENT_PASSWORD, "
             "or give --payload-credentials-file / --guid and --secret"

@@ -13,7 +13,9 @@ a program sees the repeated ``X-Timestamp``. When a camera changes resolution, i
 retired and their clients move to variants planned for the new shape.
 
 The hub also keeps the client records behind ``/api/state``, and tells whoever polls the robot
-(``on_watch``) which sources somebody is watching.
+(``on_watch``) which sources somebody is watching. It only fans out: what a picture looks like is
+``codec``'s business, one-off renderings (snapshots) are the outputs' own, and what it shows
+the API is read-only.
 """
 
 from __future__ import annotations
@@ -23,23 +25,19 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-
-import cv2
-import numpy as np
+from types import MappingProxyType
 
 from spotrelay import codec
-from spotrelay.frames import JPEG, Frame, RenderSpec, SourceInfo
+from spotrelay.frames import JPEG, Frame, RenderSpec, Shape, SourceInfo
 from spotrelay.metrics import Metrics, RateWindow
 from spotrelay.plan import DEFAULT_QUALITY, Plan, plan
 
 log = logging.getLogger("spotrelay.hub")
 
 STALE_REPEAT = 1.0  # seconds between repeats of a stale frame
-FRESH_ENOUGH = 0.2  # a snapshot may reuse a frame this young instead of waiting for the next
-SNAPSHOT_QUEUE = 8  # snapshots waiting for their own renderer before more are refused
 
 
 class TooManyVariants(Exception):
@@ -48,10 +46,6 @@ class TooManyVariants(Exception):
     def __init__(self, source: str, existing: list[Plan]):
         super().__init__(source)
         self.existing = existing
-
-
-class SnapshotsBusy(Exception):
-    """More snapshots are waiting to be rendered than the relay queues."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,24 +166,17 @@ class Hub:
         on_watch: Callable[[str, bool], None] = lambda source, watched: None,
         clock: Callable[[], float] = time.monotonic,
         max_variants: int = 8,
-        client_timeout: float = 10.0,
-        snapshot_executor: Executor | None = None,
     ):
         self.executor = executor
-        # Snapshots render apart from streams, one at a time: a flood of them costs its senders
-        # a wait or a 503, never the streams their frames.
-        self.snapshot_executor = snapshot_executor or executor
         self.max_variants = max_variants
-        self.client_timeout = client_timeout  # a viewer stalled this long is dropped
-        self._snapshots_waiting = 0
         self.metrics = metrics
         self.stale_after = stale_after
         self.idle_interval = idle_interval  # how often sources nobody watches are refreshed
         self.on_watch = on_watch
         self.clock = clock
-        self.sources: dict[str, SourceInfo] = {}
-        self.latest: dict[str, Frame] = {}
-        self.clients: dict[int, Client] = {}
+        self._sources: dict[str, SourceInfo] = {}
+        self._latest: dict[str, Frame] = {}
+        self._clients: dict[int, Client] = {}
         self._received_at: dict[str, float] = {}  # hub clock, newest frame per source
         self._rates: dict[str, RateWindow] = {}
         self._variants: dict[tuple[str, Plan], Variant] = {}
@@ -205,13 +192,29 @@ class Hub:
 
     def set_sources(self, sources: Iterable[SourceInfo]) -> None:
         """What the robot offers now; frames already held are kept across a reconnect."""
-        self.sources = {s.name: s for s in sources}
+        self._sources = {s.name: s for s in sources}
+
+    @property
+    def sources(self) -> Mapping[str, SourceInfo]:
+        """The sources the robot offers now (read-only)."""
+        return MappingProxyType(self._sources)
+
+    def frame(self, source: str) -> Frame | None:
+        """The newest frame of ``source``, None before the first."""
+        return self._latest.get(source)
+
+    def viewers(self) -> list[Client]:
+        """Every connected stream client (records the hub keeps; read them, do not change them)."""
+        return list(self._clients.values())
+
+    def shape(self, source: str) -> Shape:
+        """The shape this source's frames have now (or are expected to have before the first)."""
+        frame = self._latest.get(source)
+        return frame.image.shape if frame is not None else self._sources[source].shape
 
     def plan(self, source: str, spec: RenderSpec) -> Plan:
-        """Plan ``spec`` for the shape this source's frames have now (or are expected to have)."""
-        frame = self.latest.get(source)
-        shape = frame.image.shape if frame is not None else self.sources[source].shape
-        return plan(source, shape, spec)
+        """Plan ``spec`` for the shape this source's frames have now."""
+        return plan(source, self.shape(source), spec)
 
     def fps(self, source: str) -> float:
         rate = self._rates.get(source)
@@ -223,18 +226,19 @@ class Hub:
         return None if at is None else self.clock() - at
 
     def is_stale(self, source: str) -> bool:
-        """The one definition of stale: no new frame for ``stale_after`` seconds, or for three
-        refresh intervals when nobody watches (then it is only polled every idle interval)."""
-        age = self.age(source)
-        if age is None:
-            return True
-        horizon = self.stale_after
-        if not self.watched(source):
-            horizon = max(horizon, 3 * self.idle_interval)
-        return age > horizon
+        """A source's newest frame is older than the staleness rule allows (``_stale``)."""
+        at = self._received_at.get(source)
+        return at is None or self._stale(at, bool(self.watched(source)))
 
-    def _stale_since(self, at: float) -> bool:
-        return self.clock() - at >= self.stale_after
+    def _stale(self, fresh_at: float, watched: bool) -> bool:
+        """The one definition of stale: no new frame for ``stale_after`` seconds, or for three
+        refresh intervals when nobody watches (then it is only polled every idle interval).
+        Judged per source for the API and snapshots, and per variant for streams (on what its
+        clients actually got: frames that arrive but cannot be rendered are as stale to them)."""
+        horizon = self.stale_after
+        if not watched:
+            horizon = max(horizon, 3 * self.idle_interval)
+        return self.clock() - fresh_at >= horizon
 
     # -- frames in ----------------------------------------------------------------------------
 
@@ -243,8 +247,8 @@ class Hub:
         if frame.image.format == JPEG and not codec.looks_like_jpeg(frame.image.data):
             self.metrics.frames_dropped.labels(source=frame.source, reason="decode_error").inc()
             return  # truncated in transit or by the camera: not worth a decode to find out
-        previous = self.latest.get(frame.source)
-        self.latest[frame.source] = frame
+        previous = self._latest.get(frame.source)
+        self._latest[frame.source] = frame
         now = self.clock()
         self._received_at[frame.source] = now
         rate = self._rates.setdefault(frame.source, RateWindow())
@@ -349,7 +353,7 @@ class Hub:
         if variant is None:
             variant = self._variants[key] = Variant(key[1], self.clock())
         variant.subscribers += 1
-        if variant.latest is None and (frame := self.latest.get(source)) is not None:
+        if variant.latest is None and (frame := self._latest.get(source)) is not None:
             self._publish_to(frame, [variant])  # a first picture now, not at the next capture
         return variant
 
@@ -367,7 +371,7 @@ class Hub:
         choice, not a drop. Close it (``contextlib.aclosing``) to unsubscribe at once.
         """
         client.id = next(self._ids)
-        self.clients[client.id] = client
+        self._clients[client.id] = client
         self._watch(source, +1)
         self.metrics.clients.labels(source=source).inc()
         min_gap = 1.0 / client.max_fps if client.max_fps else 0.0
@@ -407,7 +411,7 @@ class Hub:
                     self._unsubscribe(source, variant)
         finally:
             client.variant = None
-            self.clients.pop(client.id, None)
+            self._clients.pop(client.id, None)
             self._watch(source, -1)
             self.metrics.clients.labels(source=source).dec()
 
@@ -443,7 +447,7 @@ class Hub:
         Raises LookupError if none arrives within ``timeout``."""
         at = self._received_at.get(source)
         if at is not None and at > after:
-            return self.latest[source]
+            return self._latest[source]
         self._watch(source, +1)
         try:
             deadline = self.clock() + timeout
@@ -457,41 +461,9 @@ class Hub:
                         await event.wait()
                 at = self._received_at.get(source)
                 if at is not None and at > after:
-                    return self.latest[source]
+                    return self._latest[source]
         finally:
             self._watch(source, -1)
-
-    async def snapshot(
-        self, source: str, spec: RenderSpec, timeout: float = 2.0
-    ) -> tuple[bytes, Frame]:
-        """Render one fresh frame: reuse a very recent one, else poll now and wait for the next.
-
-        Raises LookupError if no frame arrives in time, CodecError if it cannot be rendered."""
-        try:
-            frame = await self.next_frame(
-                source, after=self.clock() - FRESH_ENOUGH, timeout=timeout
-            )
-        except LookupError:
-            frame = self.latest.get(source)  # an old frame (marked stale) beats none
-            if frame is None:
-                raise
-        the_plan = plan(source, frame.image.shape, spec)
-        if the_plan.passthrough:
-            return frame.image.data, frame
-        if self._snapshots_waiting >= SNAPSHOT_QUEUE:
-            raise SnapshotsBusy()
-        self._snapshots_waiting += 1
-        try:
-            data = await asyncio.get_running_loop().run_in_executor(
-                self.snapshot_executor,
-                codec.render,
-                frame.image,
-                the_plan,
-                self.metrics.observe_codec,
-            )
-        finally:
-            self._snapshots_waiting -= 1
-        return data, frame
 
     # -- staleness ----------------------------------------------------------------------------
 
@@ -506,7 +478,7 @@ class Hub:
         frames arrive but cannot be decoded is as stale to a viewer as one that stopped."""
         loop = asyncio.get_running_loop()
         for variant in list(self._variants.values()):
-            if not variant.subscribers or not self._stale_since(variant.fresh_at):
+            if not variant.subscribers or not self._stale(variant.fresh_at, watched=True):
                 continue
             if self.clock() - variant.published_at < STALE_REPEAT:
                 continue
@@ -516,7 +488,12 @@ class Hub:
             else:
                 text = "WAITING FOR ROBOT"
             data = await loop.run_in_executor(
-                self.executor, _stale_image, enc.data if enc else None, variant.plan, text
+                self.executor,
+                codec.stale_picture,
+                enc.data if enc else None,
+                variant.plan.out_size,
+                variant.plan.quality or DEFAULT_QUALITY,
+                text,
             )
             if variant.subscribers:
                 variant.publish(
@@ -529,23 +506,3 @@ class Hub:
         self._closed = True
         for variant in list(self._variants.values()):
             variant.wake()
-
-
-def _stale_image(jpeg: bytes | None, plan: Plan, text: str) -> bytes:
-    """The last picture darkened with a banner, or a grey placeholder if there never was one."""
-    img = None
-    if jpeg is not None:
-        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        w, h = plan.out_size
-        img = np.full((h, w, 3), 48, np.uint8)
-    else:
-        img = (img * 0.5).astype(np.uint8)
-    h, w = img.shape[:2]
-    scale = max(0.4, w / 640)
-    thick = max(1, round(2 * scale))
-    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-    x, y = max(0, (w - tw) // 2), (h + th) // 2
-    cv2.rectangle(img, (x - 8, y - th - 8), (x + tw + 8, y + 8), (0, 0, 160), -1)
-    cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick)
-    return codec.encode_jpeg(img, plan.quality or DEFAULT_QUALITY)

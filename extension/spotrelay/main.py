@@ -1,7 +1,8 @@
 """Entry point: build every stage, wire them together here and only here, serve until SIGTERM.
 
-The data flows one way: connection -> poller -> hub -> outputs. Each stage is handed, in its
-constructor, the callbacks it calls; none of them knows who is on the other end.
+The data flows one way: robot connection -> poller -> hub -> outputs. Each stage is handed, in its
+constructor, what it needs and the callbacks it calls; none of them knows who is on the other end.
+Operating-system details (event loop, limits, the user we run as) are in ``process.py``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,10 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import asyncio
-import contextlib
-import ctypes
-import ctypes.util
 import logging
-import resource
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -27,95 +24,43 @@ from typing import Any
 import cv2
 from aiohttp import web
 
-from spotrelay import __version__, logs
-from spotrelay.captures import Store
+from spotrelay import __version__, logs, process
+from spotrelay.autowalk import routes as captures_routes
+from spotrelay.autowalk.service import MissionServer
+from spotrelay.autowalk.store import Store
 from spotrelay.config import Config, load_or_exit
-from spotrelay.connection import RobotConnection, Target
-from spotrelay.frames import SourceInfo
-from spotrelay.http import build_app
+from spotrelay.http.app import build_app
+from spotrelay.http.outputs import api, mjpeg, snapshot, viewer, ws
+from spotrelay.http.outputs.common import Streams
 from spotrelay.hub import Hub
 from spotrelay.metrics import Metrics
-from spotrelay.mission import MissionServer
-from spotrelay.outputs import api, captures, mjpeg, snapshot, viewer, ws
 from spotrelay.poller import Poller
+from spotrelay.robot import RobotConnection, Target
+from spotrelay.stills import Stills
 
 log = logging.getLogger("spotrelay")
+
+SNAPSHOTS_WAITING = 8  # snapshots queued for rendering before more are refused (503)
+EVIDENCE_WAITING = 32  # Autowalk pictures queued for encoding before a tick is refused
 
 
 def target_for(cfg: Config) -> Target:
     assert cfg.robot
     return Target(
-        cfg.robot, cfg.robot_port, cfg.robot_cert, cfg.username, cfg.password, cfg.guid, cfg.secret
+        cfg.robot,
+        cfg.robot_port,
+        cfg.robot_cert,
+        cfg.username,
+        cfg.password,
+        cfg.guid,
+        cfg.secret,
+        login=cfg.login,
     )
 
 
-async def supervise(
-    name: str, run: Callable[[], Awaitable[None]], metrics: Metrics, pause: float = 1.0
-) -> None:
-    """Run a background task for ever: an unexpected error is logged with its traceback,
-    counted, and the task started again after a pause, instead of ending it silently while the
-    relay looks healthy."""
-    while True:
-        try:
-            await run()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            metrics.task_restarts.labels(task=name).inc()
-            log.exception("%s stopped on an unexpected error; restarting in %.0f s", name, pause)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 30.0)
-
-
-class EventLoop(asyncio.SelectorEventLoop):
-    """asyncio's loop, accepting one connection per turn of the loop.
-
-    When descriptors run out, CPython 3.11's accept loop (selector_events._accept_connection)
-    goes on calling accept() for the rest of its batch after EMFILE, logging a traceback and
-    scheduling one more retry each time; the retries compound every second until the process
-    spends all its time logging. One accept per turn stops at the first EMFILE: one log line
-    and one retry a second, and the listening socket, still readable, is served again on the
-    very next turn when descriptors are free.
-    """
-
-    def _accept_connection(self, protocol_factory, sock, sslcontext=None, server=None, *args):
-        rest = args[1:]  # the batch size is the first of the remaining arguments
-        super()._accept_connection(protocol_factory, sock, sslcontext, server, 1, *rest)
-
-
-def _loop_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """Running out of descriptors is a state, not a bug: one line, no traceback."""
-    exc = context.get("exception")
-    if isinstance(exc, OSError) and "accept" in context.get("message", ""):
-        log.warning("cannot accept connections: %s; retrying each second", exc.strerror)
-        return
-    loop.default_exception_handler(context)
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives every thread that allocates under contention an arena of its own and seldom
-    returns their memory; with codec, gRPC and SDK threads all handling frames, RSS grew from
-    135 to 250 MB in a soak without any leak. Two arenas keep it flat (measured in
-    tests/soak.py). Must run before the threads start; a no-op where libc has no mallopt."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-
-
-def raise_file_limit(wanted: int = 65536) -> None:
-    """Up to the hard limit: every viewer is a socket, and running out of descriptors is what
-    made the accept loop spin before."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 def build_relay_app(
-    hub: Hub,
-    metrics: Metrics,
+    streams: Streams,
+    snapshots: Stills,
     robot_status: Callable[[], dict[str, Any]],
     *,
     token: str | None,
@@ -126,22 +71,23 @@ def build_relay_app(
     store: Store | None = None,
 ) -> web.Application:
     """Every output on one app: the relay's route table, which the in-process tests use too."""
+    metrics = streams.metrics
     return build_app(
         [
             viewer.add_routes,
-            partial(mjpeg.add_routes, hub=hub),
-            partial(ws.add_routes, hub=hub),
-            partial(snapshot.add_routes, hub=hub),
+            partial(mjpeg.add_routes, streams=streams),
+            partial(ws.add_routes, streams=streams),
+            partial(snapshot.add_routes, streams=streams, stills=snapshots),
             partial(
                 api.add_routes,
-                hub=hub,
+                hub=streams.hub,
                 robot_status=robot_status,
                 registry=metrics.registry,
                 show_peers=bool(token),
                 timing=timing,
                 mission=mission,
             ),
-            partial(captures.add_routes, store=store),
+            partial(captures_routes.add_routes, store=store),
         ],
         token=token,
         allow_origin=allow_origin,
@@ -165,7 +111,7 @@ class Relay:
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
         )
-        self.snapshot_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        self.snapshots = Stills("snapshot", SNAPSHOTS_WAITING)
         # how often the poller refreshes unwatched sources, and so when the hub calls them stale
         idle_interval = 1 / cfg.idle_fps if cfg.idle_fps > 0 else 3600.0
         self.conn = RobotConnection(
@@ -182,10 +128,8 @@ class Relay:
             metrics,
             stale_after=cfg.stale_after,
             idle_interval=idle_interval,
-            on_watch=self._watch_changed,
+            on_watch=lambda source, watched: self.poller.set_watched(source, watched),
             max_variants=cfg.max_variants,
-            client_timeout=cfg.client_timeout,
-            snapshot_executor=self.snapshot_executor,
         )
         self.poller = Poller(
             self.conn.get_images,
@@ -198,6 +142,7 @@ class Relay:
         )
         # The Autowalk callback: stills and clips from the hub into the captures folder.
         self.mission: MissionServer | None = None
+        self.evidence: Stills | None = None
         store = None
         if cfg.mission:
             store = Store(
@@ -205,10 +150,12 @@ class Relay:
                 int(cfg.captures_max_mb * 1e6),
                 on_deleted=metrics.captures_deleted.inc,
             )
+            self.evidence = Stills("evidence", EVIDENCE_WAITING)
             self.mission = MissionServer(
                 self.hub,
                 store,
                 metrics,
+                self.evidence,
                 bind=cfg.bind,
                 port=cfg.mission_port,
                 host=cfg.mission_host,
@@ -220,8 +167,8 @@ class Relay:
         metrics.time_sync_skew.set_function(lambda: self.conn.skew)
         metrics.build_info.labels(version=__version__).set(1)
         self.app = build_relay_app(
-            self.hub,
-            metrics,
+            Streams(self.hub, metrics, cfg.client_timeout),
+            self.snapshots,
             self.conn.status,
             token=cfg.token,
             allow_origin=cfg.allow_origin,
@@ -231,20 +178,14 @@ class Relay:
             store=store,
         )
 
-    def _sources_changed(self, sources: dict[str, SourceInfo], healthy: tuple[str, ...]) -> None:
-        self.metrics.register_sources((s.name, s.service, s.image_type) for s in sources.values())
-        self.metrics.register_services({s.service for s in sources.values()} | set(healthy))
-        for service in self.conn.state:
-            self.metrics.service_ok.labels(service=service).set(1 if service in healthy else 0)
+    def _sources_changed(self, sources: dict, services: dict[str, bool]) -> None:
+        self.metrics.sources_changed(sources, services)
         self.hub.set_sources(sources.values())
-        self.poller.set_sources({n: s for n, s in sources.items() if s.service in healthy}, healthy)
+        self.poller.set_sources(sources, services)
 
     def _session_changed(self, robot) -> None:
         if self.mission is not None:
             self.mission.registration.on_session(robot)
-
-    def _watch_changed(self, source: str, watched: bool) -> None:
-        self.poller.set_watched(source, watched)
 
     async def serve(self, bind: str, port: int, stop: asyncio.Event) -> int:
         # keepalive_timeout is also how long a connection may take to send its request (aiohttp
@@ -272,8 +213,11 @@ class Relay:
                 log.error("cannot start the Autowalk callback: %s", exc)
                 await runner.cleanup()
                 return 1
+        restarted = self.metrics.task_restarts.labels
         tasks = [
-            asyncio.create_task(supervise(name, run, self.metrics), name=name)
+            asyncio.create_task(
+                process.supervise(name, run, lambda task: restarted(task=task).inc()), name=name
+            )
             for name, run in (
                 ("connection", self.conn.run),
                 ("poller", self.poller.run),
@@ -291,7 +235,9 @@ class Relay:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.conn.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.snapshot_executor.shutdown(wait=False, cancel_futures=True)
+        self.snapshots.close()
+        if self.evidence is not None:
+            self.evidence.close()
         return 0
 
 
@@ -308,7 +254,6 @@ async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
     relay = Relay(cfg, target, Metrics(process=True), redactor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_loop_errors)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -318,29 +263,6 @@ async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
             sim.stop()
 
 
-def drop_privileges(uid: int, gid: int) -> None:
-    """Become an unprivileged user for good (the container starts as root only so that the
-    payload credentials, root's 0600 file on a CORE I/O, can be read first)."""
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return
-    raise SystemExit("spotrelay: error: could not drop root privileges")
-
-
-def own_folder(path: str, uid: int, gid: int) -> None:
-    """Create the captures folder and give it (and what it holds) to the user the relay goes on
-    as: a fresh volume is root's, and the relay no longer is once it has read the credentials."""
-    with contextlib.suppress(OSError):  # if this fails, opening the store says why
-        os.makedirs(path, exist_ok=True)
-        for root, _, files in os.walk(path):
-            for name in (root, *(os.path.join(root, f) for f in files)):
-                os.chown(name, uid, gid)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["site-config"]:  # the base station's config generator, not the relay
@@ -348,15 +270,15 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(site.main(argv[1:]))
     cfg = load_or_exit(argv)  # reads the credentials file: still as whoever started us
-    limit_malloc_arenas()
-    raise_file_limit()
+    process.limit_malloc_arenas()
+    process.raise_file_limit()
     if cfg.run_as and os.geteuid() == 0:
         if cfg.mission:
-            own_folder(cfg.captures_dir, *cfg.run_as)
-        drop_privileges(*cfg.run_as)
+            process.own_folder(cfg.captures_dir, *cfg.run_as)
+        process.drop_privileges(*cfg.run_as)
     redactor = logs.setup(cfg.log_level, [cfg.password, cfg.secret, cfg.token, cfg.guid])
     cv2.setNumThreads(1)  # parallelism comes from rendering sources in separate threads
-    with asyncio.Runner(loop_factory=EventLoop) as runner:
+    with asyncio.Runner(loop_factory=process.EventLoop) as runner:
         sys.exit(runner.run(serve(cfg, redactor)))
 
 

@@ -13,9 +13,11 @@ of a small payload computer ask about), or a fresh one per test, so tests never 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from spotrelay.frames import SourceInfo
 
 # Fine where frames land (a capture becomes available 20-60 ms after it is taken), then around
 # Spot's frame period (66.7 ms): on time, one or two periods late, or stalled.
@@ -221,6 +223,7 @@ class Metrics:
             "Captures deleted, oldest first, to stay under --captures-max-mb.",
             registry=r,
         )
+        self._services: set[str] = set()
         for action in MISSION_ACTIONS:
             for result in MISSION_RESULTS:
                 self.mission_callbacks.labels(action=action, result=result)
@@ -248,6 +251,18 @@ class Metrics:
             self.clients.labels(source=source)
             self.last_frame_ts.labels(source=source)
             self.source_info.labels(source=source, service=service, image_type=image_type).set(1)
+
+    def sources_changed(
+        self, sources: Mapping[str, SourceInfo], services: Mapping[str, bool]
+    ) -> None:
+        """The robot's offer changed: every series of a new source or service exists at zero,
+        and each service's ``image_service_ok`` says whether it answers now (a service the robot
+        no longer lists, or every service of a robot that was lost, reads 0)."""
+        self.register_sources((s.name, s.service, s.image_type) for s in sources.values())
+        self._services |= {s.service for s in sources.values()} | set(services)
+        self.register_services(self._services)
+        for service in self._services:
+            self.service_ok.labels(service=service).set(1 if services.get(service) else 0)
 
     def register_services(self, services: Iterable[str]) -> None:
         for service in services:

@@ -18,15 +18,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from bosdyn.api import header_pb2, image_pb2
 from bosdyn.client.exceptions import ResponseError
 from bosdyn.client.image import build_image_request
 
-from spotrelay.connection import classify
 from spotrelay.frames import Frame, ImageData, SourceInfo
 from spotrelay.metrics import Metrics
+from spotrelay.robot.errors import classify
 from spotrelay.schedule import Ask, Outcome, Schedule
 
 log = logging.getLogger("spotrelay.poller")
@@ -92,11 +92,15 @@ class Poller:
 
     # -- what to poll -------------------------------------------------------------------------
 
-    def set_sources(self, sources: dict[str, SourceInfo], services: tuple[str, ...]) -> None:
-        """The sources the robot offers and the services that answer now."""
+    def set_sources(self, sources: Mapping[str, SourceInfo], services: Mapping[str, bool]) -> None:
+        """The sources the robot offers, and every service with whether it answers now: the
+        sources of services that do not answer are not polled until they do."""
         old = self.sources
         self.sources = {}
+        answering = tuple(name for name, ok in services.items() if ok)
         for name, info in sources.items():
+            if info.service not in answering:
+                continue
             state = old.get(name)
             if state is None or state.info != info:
                 fresh = _Source(info, self.quality)
@@ -107,9 +111,9 @@ class Poller:
             if name in self._watched and not state.schedule.watched:
                 state.schedule.watch(True, self.clock())
             self.sources[name] = state
-        self._services = services
+        self._services = answering
         self._changed.set()
-        for service in services:
+        for service in answering:
             self._wake_service(service)
 
     def set_watched(self, source: str, watched: bool) -> None:

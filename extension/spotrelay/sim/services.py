@@ -7,11 +7,9 @@ reads the timestamps back (bosdyn/client/time_sync.py, get_new_estimate).
 
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from bosdyn.api import (
     auth_pb2,
@@ -31,24 +29,13 @@ from bosdyn.api import robot_id_service_pb2_grpc as robot_id_grpc
 from bosdyn.api import time_sync_service_pb2_grpc as time_sync_grpc
 
 from spotrelay.sim.cameras import Camera, Image
-
-if TYPE_CHECKING:
-    from spotrelay.sim.robot import SimRobot
+from spotrelay.sim.state import RobotState, secs, ts
 
 _Status = image_pb2.ImageResponse
 
 
-def ts(proto, seconds: float) -> None:
-    proto.seconds = math.floor(seconds)
-    proto.nanos = int((seconds - math.floor(seconds)) * 1e9)
-
-
-def secs(proto) -> float:
-    return proto.seconds + proto.nanos * 1e-9
-
-
 class Auth(auth_grpc.AuthServiceServicer):
-    def __init__(self, sim: SimRobot):
+    def __init__(self, sim: RobotState):
         self.sim = sim
 
     def GetAuthToken(self, request, context):
@@ -71,7 +58,7 @@ class Auth(auth_grpc.AuthServiceServicer):
 
 
 class Payload(payload_grpc.PayloadRegistrationServiceServicer):
-    def __init__(self, sim: SimRobot):
+    def __init__(self, sim: RobotState):
         self.sim = sim
 
     def GetPayloadAuthToken(self, request, context):
@@ -92,7 +79,7 @@ class Payload(payload_grpc.PayloadRegistrationServiceServicer):
 
 
 class Directory(directory_grpc.DirectoryServiceServicer):
-    def __init__(self, sim: SimRobot):
+    def __init__(self, sim: RobotState):
         self.sim = sim
 
     def ListServiceEntries(self, request, context):
@@ -115,7 +102,7 @@ class Directory(directory_grpc.DirectoryServiceServicer):
 class DirectoryRegistration(dir_reg_grpc.DirectoryRegistrationServiceServicer):
     """Payload services register here (the mission callback does); entries show in the list."""
 
-    def __init__(self, sim: SimRobot):
+    def __init__(self, sim: RobotState):
         self.sim = sim
 
     def RegisterService(self, request, context):
@@ -146,7 +133,7 @@ class DirectoryRegistration(dir_reg_grpc.DirectoryRegistrationServiceServicer):
 
 
 class RobotId(robot_id_grpc.RobotIdServiceServicer):
-    def __init__(self, sim: SimRobot):
+    def __init__(self, sim: RobotState):
         self.sim = sim
 
     def GetRobotId(self, request, context):
@@ -162,7 +149,7 @@ class RobotId(robot_id_grpc.RobotIdServiceServicer):
 class TimeSync(time_sync_grpc.TimeSyncServiceServicer):
     """NTP-style estimate from the client's previous round trip, as the robot does."""
 
-    def __init__(self, sim: SimRobot):
+    def __init__(self, sim: RobotState):
         self.sim = sim
         self._lock = threading.Lock()
         self._samples: dict[str, list[tuple[float, float]]] = {}
@@ -195,7 +182,7 @@ class TimeSync(time_sync_grpc.TimeSyncServiceServicer):
 class ImageService(image_grpc.ImageServiceServicer):
     """One image service: the robot's ``image``, or a Spot CAM's, or a payload's."""
 
-    def __init__(self, sim: SimRobot, name: str, cameras: list[Camera]):
+    def __init__(self, sim: RobotState, name: str, cameras: list[Camera]):
         self.sim, self.name = sim, name
         self.cameras = {c.name: c for c in cameras}
 

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from spotrelay import __version__
+from spotrelay.http.outputs.common import json_response
 from spotrelay.hub import Hub
-from spotrelay.outputs.common import json_response
 
 RobotStatus = Callable[[], dict[str, Any]]
 # /readyz is open: it says what kind of trouble the robot link has (credentials or network),
@@ -39,9 +39,8 @@ def add_routes(
     async def api_sources(request: web.Request) -> web.Response:
         now = time.time()
         out = []
-        for name in sorted(hub.sources):
-            info = hub.sources[name]
-            frame = hub.latest.get(name)
+        for name, info in sorted(hub.sources.items()):
+            frame = hub.frame(name)
             out.append(
                 {
                     "name": name,
@@ -65,7 +64,7 @@ def add_routes(
     async def api_state(request: web.Request) -> web.Response:
         now = time.time()
         clients = []
-        for c in hub.clients.values():
+        for c in hub.viewers():
             entry = {
                 "id": c.id,
                 "kind": c.kind,

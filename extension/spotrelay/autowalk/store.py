@@ -33,9 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from spotrelay.avi import AviWriter, frame_bytes
+from spotrelay.autowalk.avi import AviWriter, frame_bytes
 
-log = logging.getLogger("spotrelay.captures")
+log = logging.getLogger("spotrelay.autowalk")
 
 SIDECAR, THUMB, TMP = ".json", ".thumb.jpg", ".tmp"
 DATA_SUFFIXES = (".jpg", ".png", ".avi")

@@ -1,4 +1,5 @@
-"""What every output shares: query parsing, JSON errors, the source check, socket tuning.
+"""What every output shares: what main gives them, query parsing, JSON errors, the source
+check, socket tuning.
 
 Query parameters are validated before any stream starts: a bad one is a 400 whose JSON names the
 parameter and the allowed values. Numbers are plain ASCII digits only (``+320``, `` 320``,
@@ -13,6 +14,7 @@ import json
 import re
 import socket
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -20,12 +22,23 @@ from aiohttp import web
 from spotrelay import codec
 from spotrelay.frames import RenderSpec
 from spotrelay.hub import Client, Hub, TooManyVariants
+from spotrelay.metrics import Metrics
 from spotrelay.plan import ROTATIONS
 
 MAX_SIDE = 4096
 SEND_BUFFER = 256 * 1024  # a few frames at most sit in the kernel for a slow client
 _INT = re.compile(r"[0-9]{1,9}")
 _DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+
+
+@dataclass(frozen=True)
+class Streams:
+    """What main gives the stream outputs: the hub to take frames from, the metrics to count
+    refusals and drops in, and how long a viewer may make no progress before it is dropped."""
+
+    hub: Hub
+    metrics: Metrics
+    client_timeout: float = 10.0
 
 
 class BadParam(Exception):
@@ -98,12 +111,12 @@ def source_or_error(request: web.Request, hub: Hub) -> str:
     return name
 
 
-def admit(hub: Hub, source: str, spec: RenderSpec) -> None:
+def admit(streams: Streams, source: str, spec: RenderSpec) -> None:
     """A 503 naming the renderings already served when one more would pass --max-variants."""
     try:
-        hub.admit(source, spec)
+        streams.hub.admit(source, spec)
     except TooManyVariants as exc:
-        hub.metrics.requests_refused.labels(reason="max_variants").inc()
+        streams.metrics.requests_refused.labels(reason="max_variants").inc()
         served = [
             {"width": p.out_size[0], "height": p.out_size[1], "quality": p.quality}
             for p in exc.existing
@@ -121,16 +134,16 @@ def admit(hub: Hub, source: str, spec: RenderSpec) -> None:
 
 
 async def write_or_drop(
-    hub: Hub, client: Client, request: web.Request, write: Awaitable[None]
+    streams: Streams, client: Client, request: web.Request, write: Awaitable[None]
 ) -> bool:
     """Write within --client-timeout, or drop the client: a viewer that takes no frame for that
     long would otherwise stay registered, keep its camera polled and hold a slot for ever. The
     connection is aborted, not closed: a close would wait on the same full buffer."""
     try:
-        async with asyncio.timeout(hub.client_timeout):
+        async with asyncio.timeout(streams.client_timeout):
             await write
     except TimeoutError:
-        hub.dropped(client, "stalled")
+        streams.hub.dropped(client, "stalled")
         if request.transport is not None:
             request.transport.abort()
         return False

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from spotrelay.outputs.common import BadParam, json_response
+from spotrelay.http.outputs.common import BadParam, json_response
 
 log = logging.getLogger("spotrelay.http")
 

@@ -29,10 +29,11 @@ from bosdyn.client.directory_registration import (
     DirectoryRegistrationKeepAlive,
 )
 
-from spotrelay.connection import describe_error, in_daemon_thread
 from spotrelay.logs import SDK_LOGGER
+from spotrelay.robot.errors import describe_error
+from spotrelay.robot.threads import in_daemon_thread
 
-log = logging.getLogger("spotrelay.mission")
+log = logging.getLogger("spotrelay.autowalk")
 
 RETRY_MAX = 30.0
 

@@ -70,13 +70,14 @@ from bosdyn.mission.util import get_value_from_constant_value_message
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from spotrelay.captures import Store
-from spotrelay.evidence import CAPTURE, FRAME_DEADLINE, RECORD, Evidence, Job, JobFailed
+from spotrelay.autowalk.jobs import CAPTURE, FRAME_DEADLINE, RECORD, Evidence, Job, JobFailed
+from spotrelay.autowalk.registration import Registration
+from spotrelay.autowalk.store import Store
 from spotrelay.hub import Hub
 from spotrelay.metrics import Metrics
-from spotrelay.registration import Registration
+from spotrelay.stills import Stills
 
-log = logging.getLogger("spotrelay.mission")
+log = logging.getLogger("spotrelay.autowalk")
 
 # Recorded missions name the callback by its directory name: never change it.
 SERVICE_NAME = "spotrelay-camera-capture"
@@ -234,12 +235,13 @@ class MissionService(remote_service_pb2_grpc.RemoteMissionServiceServicer):
         store: Store,
         metrics: Metrics,
         io: Executor,
+        stills: Stills,
         *,
         robot_clock: Callable[[float], float] = lambda local: local,
         deadline: float = FRAME_DEADLINE,
     ):
         self.hub, self.metrics = hub, metrics
-        self.evidence = Evidence(hub, store, io, robot_clock=robot_clock, deadline=deadline)
+        self.evidence = Evidence(hub, store, io, stills, robot_clock=robot_clock, deadline=deadline)
         self.sessions: dict[str, Session] = {}
         self.jobs: set[asyncio.Task] = set()
 
@@ -424,6 +426,7 @@ class MissionServer:
         hub: Hub,
         store: Store,
         metrics: Metrics,
+        stills: Stills,
         *,
         bind: str,
         port: int,
@@ -433,7 +436,7 @@ class MissionServer:
     ):
         self.store, self.bind, self.port = store, bind, port
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="captures")
-        self.service = MissionService(hub, store, metrics, self.io, robot_clock=robot_clock)
+        self.service = MissionService(hub, store, metrics, self.io, stills, robot_clock=robot_clock)
         self.registration = Registration(
             SERVICE_NAME, SERVICE_TYPE, AUTHORITY, port, host, robot_host
         )

@@ -11,8 +11,8 @@ import contextlib
 
 from aiohttp import web
 
-from spotrelay.hub import Client, Encoded, Hub
-from spotrelay.outputs.common import (
+from spotrelay.http.outputs.common import (
+    Streams,
     admit,
     parse_request,
     peer,
@@ -20,6 +20,7 @@ from spotrelay.outputs.common import (
     source_or_error,
     write_or_drop,
 )
+from spotrelay.hub import Client, Encoded
 
 BOUNDARY = "spotrelayframe"
 HEADERS = {
@@ -39,13 +40,15 @@ def part(enc: Encoded) -> bytes:
     return b"".join((head, enc.data, b"\r\n"))
 
 
-def add_routes(app: web.Application, hub: Hub) -> None:
+def add_routes(app: web.Application, streams: Streams) -> None:
+    hub = streams.hub
+
     async def stream(request: web.Request) -> web.StreamResponse:
         source = source_or_error(request, hub)
         spec, fps = parse_request(request.query, snapshot=False)
         if request.method == "HEAD":  # what a GET would answer, without holding a viewer slot
             return web.Response(headers=HEADERS)
-        admit(hub, source, spec)
+        admit(streams, source, spec)
         resp = web.StreamResponse(headers=HEADERS)
         await resp.prepare(request)
         small_send_buffer(request)
@@ -55,7 +58,7 @@ def add_routes(app: web.Application, hub: Hub) -> None:
                 async for enc in frames:
                     hub.sent(client, enc, len(enc.data))
                     written = resp.write(enc.framed("mjpeg", part))
-                    if not await write_or_drop(hub, client, request, written):
+                    if not await write_or_drop(streams, client, request, written):
                         break
         return resp
 

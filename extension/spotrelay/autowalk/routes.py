@@ -25,10 +25,10 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from spotrelay.captures import MEDIA_TYPES, SIDECAR, THUMB, UNSAFE, Capture, Store, runs
-from spotrelay.outputs.common import BadParam, int_param, json_error, json_response
+from spotrelay.autowalk.store import MEDIA_TYPES, SIDECAR, THUMB, UNSAFE, Capture, Store, runs
+from spotrelay.http.outputs.common import BadParam, int_param, json_error, json_response
 
-log = logging.getLogger("spotrelay.captures")
+log = logging.getLogger("spotrelay.autowalk")
 MAX_LIMIT = 10000
 _NUMBER = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _ZIP_CHUNK = 256 * 1024

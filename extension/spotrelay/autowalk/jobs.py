@@ -5,7 +5,8 @@ delivered after the tick began (``Hub.next_frame``, which polls the camera at fu
 waits); ``record`` follows a camera's stream like a viewer (``Hub.frames``) and appends the
 robot's JPEG bytes to an MJPEG AVI as they come. Nothing is re-encoded but depth (lossless 16-bit
 PNG for stills, colour-mapped JPEG in clips) and the thumbnails. Disk work runs in the ``io``
-threads, rendering in the hub's snapshot thread; the event loop only waits.
+threads, rendering on the evidence's own bounded pool (``stills``, apart from snapshots); the
+event loop only waits.
 
 A failure raises ``JobFailed`` with the sentence the operator reads on the tablet.
 """
@@ -20,12 +21,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
-import numpy as np
-
 from spotrelay import codec
-from spotrelay.avi import ClipError
-from spotrelay.captures import (
+from spotrelay.autowalk.avi import ClipError
+from spotrelay.autowalk.store import (
     MEDIA_TYPES,
     Capture,
     Clip,
@@ -37,6 +35,7 @@ from spotrelay.captures import (
 from spotrelay.frames import GREY16, JPEG, Frame, RenderSpec
 from spotrelay.hub import Client, Hub
 from spotrelay.plan import plan
+from spotrelay.stills import Busy, Stills
 
 CAPTURE, RECORD = "capture", "record"
 FRAME_DEADLINE = 5.0  # seconds a camera may take to deliver a frame before the run fails
@@ -66,11 +65,12 @@ class Evidence:
         hub: Hub,
         store: Store,
         io: Executor,
+        stills: Stills,
         *,
         robot_clock: Callable[[float], float] = lambda local: local,
         deadline: float = FRAME_DEADLINE,
     ):
-        self.hub, self.store, self.io = hub, store, io
+        self.hub, self.store, self.io, self.stills = hub, store, io, stills
         self.robot_clock = robot_clock  # local epoch seconds -> robot clock
         self.deadline = deadline
 
@@ -106,14 +106,17 @@ class Evidence:
                 f"no frame from {', '.join(silent)} within {self.deadline:g} s "
                 "(camera stopped, or the robot is not connected)"
             )
-        loop = asyncio.get_running_loop()
         pictures = []
         for frame in frames:
             assert isinstance(frame, Frame)
             try:
-                picture = await loop.run_in_executor(self.hub.snapshot_executor, _still, frame)
+                picture = await self.stills.run(_still, frame)
             except codec.CodecError as exc:
                 raise JobFailed(f"cannot decode the frame of {frame.source}: {exc}") from exc
+            except Busy:
+                raise JobFailed(
+                    "too many pictures waiting to be encoded (other missions' captures); try again"
+                ) from None
             picture.meta = {**self._meta(job, context, frame.source), **picture.meta}
             pictures.append((frame, picture))
         items = [(self.store.new_stem(f.acquired, f.source), p) for f, p in pictures]
@@ -237,10 +240,10 @@ class Evidence:
             return
         assert state.first is not None and state.first_jpeg is not None
         meta = self._meta(job, context, source)
-        loop = asyncio.get_running_loop()
-        thumb = await loop.run_in_executor(
-            self.hub.snapshot_executor, _thumbnail_of_jpeg, state.first_jpeg
-        )
+        try:
+            thumb = await self.stills.run(codec.thumbnail_of_jpeg, state.first_jpeg, THUMB_WIDTH)
+        except Busy:  # a thumbnail never fails a clip
+            thumb = codec.stale_picture(None, (THUMB_WIDTH, THUMB_WIDTH * 3 // 4), 70, "")
         width, height = clip.avi.size or (0, 0)
         meta.update(
             kind="clip",
@@ -320,15 +323,3 @@ def _still(frame: Frame) -> Picture:
     if image.is_depth:
         meta["depth_scale"] = image.depth_scale  # PNG value / depth_scale = metres
     return Picture(suffix, data, thumb, meta)
-
-
-def _thumbnail_of_jpeg(jpeg: bytes) -> bytes:
-    """The clip's first frame, small; a grey picture if it cannot be decoded (the clip is kept
-    as the robot sent it either way)."""
-    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
-    if img is None:
-        img = np.full((THUMB_WIDTH * 3 // 4, THUMB_WIDTH, 3), 48, np.uint8)
-    h, w = img.shape[:2]
-    if w > THUMB_WIDTH:
-        img = codec.resize(img, THUMB_WIDTH, max(1, round(h * THUMB_WIDTH / w)))
-    return codec.encode_jpeg(img, 70)

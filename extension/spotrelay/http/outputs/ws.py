@@ -13,8 +13,8 @@ import json
 
 from aiohttp import WSMsgType, web
 
-from spotrelay.hub import Client, Hub
-from spotrelay.outputs.common import (
+from spotrelay.http.outputs.common import (
+    Streams,
     admit,
     parse_request,
     peer,
@@ -22,6 +22,7 @@ from spotrelay.outputs.common import (
     source_or_error,
     write_or_drop,
 )
+from spotrelay.hub import Client
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:
@@ -36,11 +37,13 @@ async def _send(ws: web.WebSocketResponse, meta: str, picture: bytes) -> None:
     await ws.send_bytes(picture)
 
 
-def add_routes(app: web.Application, hub: Hub) -> None:
+def add_routes(app: web.Application, streams: Streams) -> None:
+    hub = streams.hub
+
     async def websocket(request: web.Request) -> web.WebSocketResponse:
         source = source_or_error(request, hub)
         spec, fps = parse_request(request.query, snapshot=False)
-        admit(hub, source, spec)
+        admit(streams, source, spec)
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1024)
         await ws.prepare(request)
         small_send_buffer(request)
@@ -60,7 +63,7 @@ def add_routes(app: web.Application, hub: Hub) -> None:
                         }
                         hub.sent(client, enc, len(enc.data))
                         sent = _send(ws, json.dumps(meta), enc.data)
-                        if not await write_or_drop(hub, client, request, sent):
+                        if not await write_or_drop(streams, client, request, sent):
                             break
         finally:
             reader.cancel()

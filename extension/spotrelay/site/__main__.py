@@ -1,0 +1,5 @@
+import sys
+
+from spotrelay.site.cli import main
+
+sys.exit(main())
