@@ -50,6 +50,24 @@ class Page:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
+    async def until(self, expression: str, condition: str, timeout: float = 15.0):
+        """Wait, in the page, until ``condition`` (JavaScript, ``v`` being the value of
+        ``expression``) holds; the value of ``expression`` then, or its last value if it never
+        did within ``timeout`` seconds (for the test's assertion to show)."""
+        js = f"""new Promise(resolve => {{
+          const end = Date.now() + {timeout * 1000:.0f};
+          const check = () => {{
+            let v = null, ok = false;
+            try {{ v = ({expression}); ok = Boolean({condition}); }} catch (e) {{}}
+            if (ok || Date.now() > end) resolve(v); else setTimeout(check, 50);
+          }};
+          check();
+        }})"""
+        result = await self.call(
+            "Runtime.evaluate", expression=js, awaitPromise=True, returnByValue=True
+        )
+        return result["result"].get("value")
+
 
 def _page_ws_url(port: int) -> str | None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:

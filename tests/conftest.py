@@ -13,6 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no GOAWAY
 
 import shutil
 import tempfile
+from typing import Any
 
 import pytest
 
@@ -86,11 +87,52 @@ def leaves_nothing_behind():
     assert not left, f"the tests left behind: {left}"
 
 
+class Robots:
+    """Makes simulated robots (each with its own CA in a folder of the run's) and stops every
+    one it made. The one way tests get a robot: ``robots(**options)`` takes SimRobot's options;
+    ``start=False`` for one that only answers to its knobs."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory):
+        self._tmp = tmp_path_factory
+        self._made: list[SimRobot] = []
+
+    def __call__(self, *, start: bool = True, **options: Any) -> SimRobot:
+        robot = SimRobot(cert_dir=str(self._tmp.mktemp("sim")), **options)
+        self._made.append(robot)
+        return robot.start() if start else robot
+
+    def stop_all(self) -> None:
+        for robot in self._made:
+            robot.stop()
+
+
+@pytest.fixture
+def robots(tmp_path_factory):
+    """Robots for one test, stopped when it ends."""
+    made = Robots(tmp_path_factory)
+    yield made
+    made.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_robots(tmp_path_factory):
+    """Robots shared by a module's tests (a module that restarts or stalls its robot)."""
+    made = Robots(tmp_path_factory)
+    yield made
+    made.stop_all()
+
+
 @pytest.fixture(scope="session")
-def sim(tmp_path_factory):
-    robot = SimRobot(cert_dir=str(tmp_path_factory.mktemp("sim-certs"))).start()
-    yield robot
-    robot.stop()
+def session_robots(tmp_path_factory):
+    made = Robots(tmp_path_factory)
+    yield made
+    made.stop_all()
+
+
+@pytest.fixture(scope="session")
+def sim(session_robots):
+    """The robot most tests share; ``clean_sim`` for tests that change it."""
+    return session_robots()
 
 
 @pytest.fixture

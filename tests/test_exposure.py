@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from spotrelay.sim import SimRobot
 from tests.mjpeg import parts
 from tests.procs import cpu_seconds
 from tests.relay import Relay
@@ -25,14 +24,8 @@ TOKEN = "MARKER-token-5e8a41"
 
 
 @pytest.fixture(scope="module")
-def marked_sim(tmp_path_factory):
-    sim = SimRobot(
-        cert_dir=str(tmp_path_factory.mktemp("marked")),
-        password=PASSWORD,
-        payload_secret=PAYLOAD_SECRET,
-    ).start()
-    yield sim
-    sim.stop()
+def marked_sim(module_robots):
+    return module_robots(password=PASSWORD, payload_secret=PAYLOAD_SECRET)
 
 
 def raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:

@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from spotrelay.sim import SimRobot
 from tests.mjpeg import parts
 from tests.relay import Relay, free_port
 from tests.wait import wait_until
@@ -20,10 +19,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def robot(tmp_path_factory):
-    sim = SimRobot(cert_dir=str(tmp_path_factory.mktemp("fault-certs"))).start()
-    yield sim
-    sim.stop()
+def robot(module_robots):
+    return module_robots()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from spotrelay import metrics
-from spotrelay.sim import SimRobot
 from spotrelay.sim.cameras import spot_cameras
 from tests.mjpeg import parts
 from tests.procs import spawn
@@ -209,12 +208,11 @@ def test_prometheus_rate_matches_what_clients_received(relay, prometheus_server)
 # -- latency: time sync applied -------------------------------------------------------------------
 
 
-def test_received_latency_is_the_rpc_delay_despite_clock_skew(tmp_path):
+def test_received_latency_is_the_rpc_delay_despite_clock_skew(robots):
     """Robot clock 7.3 s ahead, captures available at once and without jitter, a 150 ms round
     trip: a capture is fetched as soon as it exists, so capture-to-received is the way back,
     ~75 ms; that only holds if time sync is applied."""
-    sim = SimRobot(clock_skew=7.3, available_after=0.0, jitter=0.0, cert_dir=str(tmp_path))
-    sim.start()
+    sim = robots(clock_skew=7.3, available_after=0.0, jitter=0.0)
     relay = Relay.for_sim(sim)
     try:
         relay.wait_ready()
@@ -229,7 +227,6 @@ def test_received_latency_is_the_rpc_delay_despite_clock_skew(tmp_path):
         stream.close()
     finally:
         relay.stop()
-        sim.stop()
     labels = {"source": "back_depth", "stage": "received"}
     n = sample(after, "spotrelay_frame_latency_seconds_count", **labels) - sample(
         before, "spotrelay_frame_latency_seconds_count", **labels

@@ -43,7 +43,6 @@ from spotrelay.main import Relay
 from spotrelay.metrics import Metrics
 from spotrelay.process import EventLoop
 from spotrelay.robot import Target
-from spotrelay.sim import SimRobot
 from tests.browser import CHROMIUM, Page, chromium
 from tests.mjpeg import collect, distinct_fps
 from tests.procs import spawn
@@ -108,11 +107,9 @@ class InProcessRelay:
 
 
 @pytest.fixture(scope="module")
-def robot(tmp_path_factory):
+def robot(module_robots):
     """The module's own robot: one test restarts it, others stall its cameras."""
-    sim = SimRobot(cert_dir=str(tmp_path_factory.mktemp("mission-sim"))).start()
-    yield sim
-    sim.stop()
+    return module_robots()
 
 
 @pytest.fixture(scope="module")
@@ -470,7 +467,7 @@ def test_captures_are_listed_downloaded_and_zipped_per_run(captured, relay, fold
     assert relay.get("/api/captures.zip?run=nope")[0] == 404
 
 
-CAPTURES_JS = """JSON.stringify({
+CAPTURES_JS = """({
   runs: [...document.querySelectorAll('#caplist .run')].map(r => r.dataset.run),
   cards: document.querySelectorAll('#caplist .cap').length,
   thumbs: [...document.querySelectorAll('#caplist .cap img')].map(i => i.naturalWidth),
@@ -492,14 +489,8 @@ def test_the_viewer_shows_the_captures_with_thumbnails(captured, relay):
 
 async def _captures_view(ws_url: str) -> dict:
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
-        page = Page(ws)
-        shown: dict = {}
-        for _ in range(60):  # up to ~15 s for the list and every thumbnail
-            await asyncio.sleep(0.25)
-            shown = json.loads(await page.eval(CAPTURES_JS) or "{}")
-            if shown.get("thumbs") and all(shown["thumbs"]):
-                break
-        return shown
+        page = Page(ws)  # the list and every thumbnail
+        return await page.until(CAPTURES_JS, "v.thumbs.length && v.thumbs.every(w => w)")
 
 
 def test_registration_comes_back_after_a_robot_restart(relay, robot):
@@ -512,9 +503,9 @@ def test_registration_comes_back_after_a_robot_restart(relay, robot):
     wait_until(lambda: relay.json("/api/state")["mission"]["registered"], 10, "state says so")
 
 
-def test_make_run_registers_the_callback_with_the_simulated_robot(tmp_path):
+def test_make_run_registers_the_callback_with_the_simulated_robot(robots, tmp_path):
     """The command line as ``make run`` has it: --sim --mission, the log says where."""
-    sim = SimRobot(cert_dir=str(tmp_path)).start()
+    sim = robots()
     mission_port = free_port()
     r = RelayProcess.for_sim(
         sim,
@@ -537,6 +528,5 @@ def test_make_run_registers_the_callback_with_the_simulated_robot(tmp_path):
         c.channel.close()
     finally:
         r.stop()
-        sim.stop()
     assert SERVICE_NAME not in sim.registered  # it left the directory on SIGTERM
     assert f"127.0.0.1:{mission_port}" in r.log()

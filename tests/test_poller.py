@@ -54,10 +54,16 @@ async def poll_once(statuses: dict[str, int], header_code=header_pb2.CommonError
             fut.set_result(whole)
         return fut
 
+    reported = asyncio.Event()
+
+    def report(service, exc):
+        reports.append(exc)
+        reported.set()
+
     metrics = Metrics()
     poller = Poller(
         fetch,
-        lambda service, exc: reports.append(exc),
+        report,
         lambda robot_t: robot_t,
         metrics,
         frames.append,
@@ -65,10 +71,8 @@ async def poll_once(statuses: dict[str, int], header_code=header_pb2.CommonError
     )
     poller.set_sources(SOURCES, {"image": True})
     task = asyncio.create_task(poller.run())
-    for _ in range(100):
-        await asyncio.sleep(0)
-        if reports:
-            break
+    async with asyncio.timeout(5):  # the first batch's reply has been handled
+        await reported.wait()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return frames, reports, batches, metrics

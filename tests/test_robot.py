@@ -13,7 +13,6 @@ import pytest
 from bosdyn.api import image_pb2
 
 from spotrelay.robot.connection import AuthLimiter
-from spotrelay.sim import SimRobot
 from tests.mjpeg import collect, distinct_fps, parts
 from tests.relay import Relay
 from tests.wait import wait_until
@@ -28,12 +27,10 @@ def size_of(jpeg: bytes) -> tuple[int, int]:
 
 
 @pytest.fixture
-def own_sim(request, tmp_path):
+def own_sim(request, robots):
     """A robot for one test, configured by the test's ``sim_options`` marker."""
     marker = request.node.get_closest_marker("sim_options")
-    sim = SimRobot(cert_dir=str(tmp_path), **(marker.kwargs if marker else {})).start()
-    yield sim
-    sim.stop()
+    return robots(**(marker.kwargs if marker else {}))
 
 
 def services(relay: Relay) -> dict:

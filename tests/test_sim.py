@@ -34,7 +34,6 @@ from bosdyn.client.payload_registration import (
 
 from spotrelay import codec
 from spotrelay.frames import ImageData
-from spotrelay.sim import SimRobot
 from spotrelay.sim.cameras import spot_cameras
 from tests.sdk import sdk_robot as robot_for_sim
 from tests.wait import wait_until
@@ -228,8 +227,8 @@ def test_a_camera_changes_rate_and_resolution_at_run_time(robot, clean_sim):
     assert (sources["hand_color_image"].cols, sources["hand_color_image"].rows) == (1280, 720)
 
 
-def test_clearing_faults_puts_every_camera_back_in_the_mode_it_started_in(tmp_path):
-    sim = SimRobot(cert_dir=str(tmp_path), hand_rate=30.0)  # not started: modes only
+def test_clearing_faults_puts_every_camera_back_in_the_mode_it_started_in(robots):
+    sim = robots(start=False, hand_rate=30.0)  # not started: modes only
     sim.set_rate("hand_color_image", 60.0)
     sim.set_resolution("hand_color_image", 1280, 720)
     sim.clear_faults()
@@ -241,16 +240,8 @@ def test_clearing_faults_puts_every_camera_back_in_the_mode_it_started_in(tmp_pa
 
 
 @pytest.fixture
-def busy_robot(tmp_path):
-    sim = SimRobot(
-        cert_dir=str(tmp_path),
-        spot_cam=True,
-        payload_camera="ok",
-        payload_authorised=False,
-        lockout_seconds=2.0,
-    ).start()
-    yield sim
-    sim.stop()
+def busy_robot(robots):
+    return robots(spot_cam=True, payload_camera="ok", payload_authorised=False, lockout_seconds=2.0)
 
 
 def test_expired_tokens_are_refused(busy_robot):

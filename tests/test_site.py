@@ -454,9 +454,9 @@ def test_rtsp_and_hls_play_a_camera_of_each_robot(station):
         assert found.get(key) == {"codec_name": "h264", "width": 640, "height": 480}, (key, found)
 
 
-VIDEOS_JS = """JSON.stringify([...document.querySelectorAll('video-stream')].map(v => ({
+VIDEOS_JS = """[...document.querySelectorAll('video-stream')].map(v => ({
   w: v.video ? v.video.videoWidth : 0, t: v.video ? v.video.currentTime : 0,
-  webrtc: !!v.pc})))"""
+  webrtc: !!v.pc}))"""
 
 
 async def _videos(ws_url: str, count: int) -> list[dict[str, float]]:
@@ -464,13 +464,9 @@ async def _videos(ws_url: str, count: int) -> list[dict[str, float]]:
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
         page = Page(ws)
         await page.call("Runtime.enable")
-        videos: list[dict[str, float]] = []
-        for _ in range(120):
-            await asyncio.sleep(0.25)
-            videos = json.loads(await page.eval(VIDEOS_JS) or "[]")
-            if len(videos) == count and all(v["w"] and v["t"] > 1 for v in videos):
-                break
-        return videos
+        return await page.until(
+            VIDEOS_JS, f"v.length == {count} && v.every(x => x.w && x.t > 1)", timeout=30
+        )
 
 
 @e2e
@@ -518,12 +514,24 @@ def test_ten_rtsp_readers_are_one_client_of_the_relay(station):
         cons = get_json(station.api + "/api/streams")[name]["consumers"] or []
         return sum(1 for c in cons if c.get("protocol", "").startswith("rtsp") and c["bytes_send"])
 
+    def sent() -> int:
+        cons = get_json(station.api + "/api/streams")[name]["consumers"] or []
+        return sum(c["bytes_send"] for c in cons if c.get("protocol", "").startswith("rtsp"))
+
+    def one_relay_client() -> bool:
+        assert relay_state(relay, camera)["clients"] == 1
+        assert relay_metric(relay, "spotrelay_clients", camera) == 1
+        return True
+
     try:
         wait_until(lambda: rtsp_consumers_receiving() == 10, 30, "10 RTSP readers receiving")
-        for _ in range(5):  # and it stays that way
-            assert relay_state(relay, camera)["clients"] == 1
-            assert relay_metric(relay, "spotrelay_clients", camera) == 1
-            time.sleep(0.2)
+        before = sent()
+        # and it stays that way while the readers get another megabyte between them
+        wait_until(
+            lambda: one_relay_client() and sent() > before + 1_000_000,
+            30,
+            "the readers 1 MB further, the relay serving one client all along",
+        )
         assert all(r.poll() is None for r in readers)
     finally:
         for r in readers:

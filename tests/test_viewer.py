@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import aiohttp
 import pytest
@@ -16,14 +15,17 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run does)"),
 ]
 
-TILES_JS = """JSON.stringify([...document.querySelectorAll('.tile')].map(t => ({
-  name: t.dataset.source, w: parseInt(t.querySelector('img').dataset.size || '0'),
-  info: t.querySelector('.info').textContent, stale: t.classList.contains('stale')})))"""
-
-
-def _fps(tile: dict) -> float:
-    """The rate the viewer itself shows under a tile ("12.3 fps · 40 ms"), 0 before any picture."""
-    return float(tile["info"].split(" fps")[0]) if tile["w"] > 0 and "fps" in tile["info"] else 0.0
+# Each tile, with the rate the viewer itself shows under it ("12.3 fps · 40 ms"), 0 before
+# any picture.
+TILES_JS = """[...document.querySelectorAll('.tile')].map(t => {
+  const w = parseInt(t.querySelector('img').dataset.size || '0');
+  const info = t.querySelector('.info').textContent;
+  return {name: t.dataset.source, w, info, stale: t.classList.contains('stale'),
+          fps: w > 0 && info.includes(' fps') ? parseFloat(info) : 0};
+})"""
+BIG_JS = """({open: document.getElementById('big').classList.contains('open'),
+  w: parseInt(document.getElementById('bigimg').dataset.size || '0'),
+  links: [...document.querySelectorAll('#bigbar a')].map(a => a.getAttribute('href'))})"""
 
 
 # A tile stuck behind the browser's six connections per host shows 0 fps; the full rate is the
@@ -35,26 +37,13 @@ async def _drive(ws_url: str, count: int) -> tuple[list[dict], dict]:
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
         page = Page(ws)
         await page.call("Runtime.enable")
-        tiles: list[dict] = []
-        for _ in range(60):  # up to ~15 s for every tile to show pictures at a live rate
-            await asyncio.sleep(0.25)
-            tiles = json.loads(await page.eval(TILES_JS) or "[]")
-            if len(tiles) == count and all(_fps(t) > LIVE_FPS for t in tiles):
-                break
+        tiles = await page.until(
+            TILES_JS, f"v.length == {count} && v.every(t => t.fps > {LIVE_FPS})", timeout=30
+        )
         await page.eval(
             "document.querySelector('.tile[data-source=\"back_fisheye_image\"]').click()"
         )
-        big = {}
-        for _ in range(20):
-            await asyncio.sleep(0.25)
-            big = await page.eval(
-                "({open: document.getElementById('big').classList.contains('open'),"
-                " w: parseInt(document.getElementById('bigimg').dataset.size || '0'),"
-                " links: [...document.querySelectorAll('#bigbar a')]"
-                ".map(a => a.getAttribute('href'))})"
-            )
-            if big.get("w"):
-                break
+        big = await page.until(BIG_JS, "v.w > 0", timeout=5)
         # MJPEG straight into an <img>, as integrators embed it in their own pages
         mjpeg = await page.call(
             "Runtime.evaluate",
@@ -100,7 +89,7 @@ def test_viewer_shows_every_camera_live_and_a_large_view(relay):
     # 320-wide tiles, never upscaled (the hand's 224x171 cameras stay as they are)
     assert all(t["w"] == min(320, sources[t["name"]]["cols"]) for t in tiles), tiles
     # every camera live at once in one browser: far beyond 6 HTTP/1.1 connections per host
-    fps = {t["name"]: _fps(t) for t in tiles}
+    fps = {t["name"]: t["fps"] for t in tiles}
     assert min(fps.values()) > LIVE_FPS, fps
     assert big["open"] and big["w"] == 640, big
     assert any(link.startswith("/stream/back_fisheye_image") for link in big["links"])
