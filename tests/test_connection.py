@@ -1,35 +1,313 @@
-"""The robot connection's account of why it is down, in-process: what the open /readyz may say
-(the kind of trouble) follows what ended the session."""
+"""The robot connection's state machine, in-process, against a fake robot in fake time: what it
+does when a login is refused or locked out, a token expires, the robot goes away, one service
+fails alone, or a payload's service registers late. (The same cases against the simulated robot
+over real gRPC are in test_faults.py and test_robot.py; these run in milliseconds.)"""
 
 from __future__ import annotations
 
-from bosdyn.client.exceptions import UnableToConnectToRobotError, UnauthenticatedError
+import asyncio
+import contextlib
+import itertools
+from dataclasses import dataclass, field
 
+import grpc
+import pytest
+from bosdyn.client.auth import InvalidLoginError, TemporarilyLockedOutError
+from bosdyn.client.exceptions import (
+    TimedOutError,
+    TooManyRequestsError,
+    UnableToConnectToRobotError,
+    UnauthenticatedError,
+)
+
+from spotrelay.frames import SourceInfo
 from spotrelay.robot.connection import (
+    AUTH_BURST,
+    AUTH_WINDOW,
     FAILURES_BEFORE_RECONNECT,
     RobotConnection,
     ServiceState,
     Target,
 )
+from spotrelay.robot.errors import BACKOFF_MAX, PAYLOAD_WAIT, PayloadNotAuthorised, describe_error
+from tests.wait import async_wait_until
 
 
-def connected() -> RobotConnection:
-    conn = RobotConnection(Target("robot.example"), ["image"])
-    conn.state = {"image": ServiceState("image", ok=True)}
-    conn.connected.set()
-    return conn
+def source(name: str, service: str = "image") -> SourceInfo:
+    return SourceInfo(name, service, 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG",))
+
+
+class FakeTime:
+    """A clock the connection's sleeps move forward; real time barely passes."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+        await asyncio.sleep(0.001)  # let the test and the connection's other tasks run
+
+
+@dataclass
+class FakeRobot:
+    """The robot as the connection sees it through its sessions."""
+
+    time: FakeTime
+    services: dict[str, list[SourceInfo]] = field(
+        default_factory=lambda: {"image": [source("front"), source("back")]}
+    )
+    listed: list[str] = field(default_factory=lambda: ["image"])  # in the directory
+    login_error: BaseException | None = None
+    failing: dict[str, BaseException] = field(default_factory=dict)  # ListImageSources raises
+    logins: list[float] = field(default_factory=list)  # fake times of every login attempt
+    asked: list[tuple[str, float]] = field(default_factory=list)  # ListImageSources calls
+    sessions: list[FakeSession] = field(default_factory=list)
+
+    def connect(self, target: Target) -> FakeSession:
+        self.logins.append(self.time())
+        if self.login_error is not None:
+            raise self.login_error
+        session = FakeSession(self, f"token-{len(self.logins)}")
+        self.sessions.append(session)
+        return session
+
+
+class FakeSession:
+    def __init__(self, robot: FakeRobot, token: str):
+        self.fake, self.user_token, self.closed = robot, token, False
+        self.robot = object()  # what on_session hands on (the SDK Robot)
+
+    def image_services(self) -> list[str]:
+        return list(self.fake.listed)
+
+    def discover(self, service: str) -> list[SourceInfo]:
+        self.fake.asked.append((service, self.fake.time()))
+        if service in self.fake.failing:
+            raise self.fake.failing[service]
+        return list(self.fake.services[service])
+
+    def get_images(self, service, requests):
+        return None
+
+    def skew_seconds(self) -> float:
+        return 2.5
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Seen:
+    """What the connection told the rest of the relay."""
+
+    changes: list[tuple[set[str], dict[str, bool]]] = field(default_factory=list)
+    sessions: list[object | None] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def sources(self) -> set[str]:
+        return self.changes[-1][0] if self.changes else set()
+
+    @property
+    def services(self) -> dict[str, bool]:
+        return self.changes[-1][1] if self.changes else {}
+
+
+@contextlib.asynccontextmanager
+async def running(robot: FakeRobot, services=("image",), **kw):
+    seen = Seen()
+    conn = RobotConnection(
+        Target("robot.example"),
+        services,
+        on_change=lambda src, svc: seen.changes.append((set(src), dict(svc))),
+        on_session=seen.sessions.append,
+        on_token=seen.tokens.append,
+        connect=robot.connect,
+        clock=robot.time,
+        sleep=robot.time.sleep,
+        **kw,
+    )
+    task = asyncio.create_task(conn.run())
+    try:
+        yield conn, seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def scenario(fn):
+    """Run ``fn(robot)`` (a coroutine function) on a fresh fake robot."""
+
+    def test():
+        asyncio.run(fn(FakeRobot(FakeTime())))
+
+    test.__name__ = fn.__name__
+    test.__doc__ = fn.__doc__
+    return test
+
+
+@scenario
+async def test_connects_lists_sources_and_masks_the_token(robot):
+    async with running(robot) as (conn, seen):
+        await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="connected")
+        assert seen.sources == {"front", "back"} and seen.services == {"image": True}
+        assert seen.tokens == ["token-1"] and seen.sessions == [robot.sessions[0].robot]
+        assert conn.skew == 2.5 and conn.robot_to_local(102.5) == 100.0
+        assert conn.status()["problem"] is None
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [InvalidLoginError(None, "wrong password"), TemporarilyLockedOutError(None, "locked out")],
+)
+def test_refused_logins_stay_below_the_robots_lockout(refusal):
+    """A wrong password (or a lockout) is retried slowly and never more than five times a
+    minute: six refusals in a row would lock the robot's logins for everyone."""
+
+    async def body(robot: FakeRobot) -> None:
+        robot.login_error = refusal
+        async with running(robot) as (conn, _):
+            await async_wait_until(lambda: len(robot.logins) >= 12, what="twelve attempts")
+            status = conn.status()
+            assert not status["connected"] and status["problem"] == "login"
+            assert type(refusal).__name__ in status["last_error"]
+        times = robot.logins
+        for t in times:
+            assert sum(1 for u in times if t <= u < t + AUTH_WINDOW) <= AUTH_BURST, times
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= BACKOFF_MAX * 0.8, gaps
+
+    asyncio.run(body(FakeRobot(FakeTime())))
+
+
+@scenario
+async def test_a_payload_not_yet_authorised_is_asked_again_every_few_seconds(robot):
+    robot.login_error = PayloadNotAuthorised("payload not authorised yet: authorise it ...")
+    async with running(robot) as (conn, _):
+        await async_wait_until(lambda: len(robot.logins) >= 4, what="four asks")
+        assert conn.status()["last_error"].startswith("payload not authorised yet")
+        assert conn.status()["problem"] == "login"
+        robot.login_error = None  # an operator authorises it
+        await async_wait_until(lambda: conn.connected.is_set(), what="connected once authorised")
+    gaps = [b - a for a, b in zip(robot.logins, robot.logins[1:], strict=False)]
+    assert all(PAYLOAD_WAIT * 0.8 <= g <= BACKOFF_MAX * 1.2 for g in gaps), gaps
+
+
+@scenario
+async def test_logins_refused_for_rate_are_retried_within_seconds(robot):
+    robot.login_error = TooManyRequestsError(None, "429")
+    async with running(robot) as (conn, _):
+        await async_wait_until(lambda: len(robot.logins) >= 2, what="a second try")
+        robot.login_error = None
+        await async_wait_until(lambda: conn.connected.is_set(), what="connected")
+    assert robot.logins[1] - robot.logins[0] < 2.0
+
+
+@scenario
+async def test_an_expired_token_means_a_new_login_at_once(robot):
+    async with running(robot) as (conn, seen):
+        await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
+        first, expired = robot.sessions[0], robot.time()
+        conn.report("image", UnauthenticatedError(None, "token expired"))  # from a GetImage
+        await async_wait_until(lambda: len(robot.sessions) == 2, what="a second login")
+        assert robot.logins[1] - expired < 1.0  # no backoff: the robot is there
+        await async_wait_until(lambda: conn.connected.is_set(), what="connected again")
+        assert first.closed and seen.sessions == [first.robot, None, robot.sessions[1].robot]
+        assert seen.tokens == ["token-1", "token-2"]
+
+
+@scenario
+async def test_a_lost_robot_is_retried_with_backoff_and_sources_stay_known(robot):
+    async with running(robot) as (conn, seen):
+        await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
+        robot.login_error = UnableToConnectToRobotError(None, "no route to host")
+        for _ in range(FAILURES_BEFORE_RECONNECT):
+            conn.report("image", UnableToConnectToRobotError(None, "no route to host"))
+        await async_wait_until(lambda: not conn.connected.is_set(), what="lost")
+        # streams keep their sources (the hub shows them STALE); no service answers
+        assert seen.sources == {"front", "back"} and seen.services == {}
+        assert conn.status()["problem"] == "unreachable"
+        await async_wait_until(lambda: len(robot.logins) >= 6, what="retries")
+        gaps = [b - a for a, b in zip(robot.logins[1:], robot.logins[2:], strict=False)]
+        assert gaps[0] < 1.0 and gaps[-1] > 4 * gaps[0], gaps  # soon at first, then backing off
+        assert max(gaps) <= BACKOFF_MAX * 1.2, gaps
+        robot.login_error = None  # it comes back
+        await async_wait_until(lambda: conn.connected.is_set(), what="back")
+        assert conn.status()["problem"] is None
+
+
+@scenario
+async def test_one_failing_service_is_retried_alone_while_the_others_serve(robot):
+    robot.services["spot-cam-image"] = [source("ptz", "spot-cam-image")]
+    async with running(robot, services=("image", "spot-cam-image")) as (conn, seen):
+        await async_wait_until(lambda: len(seen.sources) == 3, what="both services")
+        for _ in range(FAILURES_BEFORE_RECONNECT):
+            conn.report("image", None)  # the robot answers ...
+            conn.report("spot-cam-image", TimedOutError(None, "too slow"))  # ... one service not
+        assert conn.connected.is_set()  # the robot is not lost for one service
+        assert seen.services == {"image": True, "spot-cam-image": False}
+        assert "TimedOutError" in conn.status()["services"]["spot-cam-image"]["error"]
+        await async_wait_until(
+            lambda: seen.services.get("spot-cam-image"), what="the service retried and back"
+        )
+        assert len(robot.logins) == 1
+
+
+@scenario
+async def test_a_service_that_cannot_be_listed_at_first_is_retried_with_backoff(robot):
+    robot.services["payload-camera"] = [source("thermal", "payload-camera")]
+    robot.failing["payload-camera"] = UnableToConnectToRobotError(None, "502 from the proxy")
+    async with running(robot, services=("image", "payload-camera")) as (_, seen):
+        await async_wait_until(lambda: seen.services.get("image"), what="image up")
+        assert seen.services["payload-camera"] is False and "thermal" not in seen.sources
+
+        def asks() -> list[float]:
+            return [t for service, t in robot.asked if service == "payload-camera"]
+
+        await async_wait_until(lambda: len(asks()) >= 6, what="six tries")
+        gaps = [b - a for a, b in itertools.pairwise(asks())]
+        assert gaps[-1] > gaps[0] and max(gaps) <= BACKOFF_MAX * 1.2 + 1, gaps  # backing off
+        assert [s for s, _ in robot.asked].count("image") == 1  # the others are left alone
+        del robot.failing["payload-camera"]
+        await async_wait_until(lambda: "thermal" in seen.sources, what="the payload's camera")
+        assert seen.services == {"image": True, "payload-camera": True}
+
+
+@scenario
+async def test_auto_finds_a_service_that_registers_late_and_forgets_one_that_left(robot):
+    robot.services["payload-camera"] = [source("thermal", "payload-camera")]
+    async with running(robot, services=("auto",), rediscover=10.0) as (_, seen):
+        await async_wait_until(lambda: seen.sources == {"front", "back"}, what="image only")
+        robot.listed.append("payload-camera")  # the payload registers
+        start = robot.time()
+        await async_wait_until(lambda: "thermal" in seen.sources, what="found by rediscovery")
+        assert robot.time() - start <= 10.0 + 1.0
+        robot.listed.remove("payload-camera")  # and leaves
+        await async_wait_until(lambda: "thermal" not in seen.sources, what="forgotten")
+        assert "payload-camera" not in seen.services
 
 
 def test_a_rejected_token_is_a_login_problem_not_a_network_one():
-    conn = connected()
+    conn = RobotConnection(Target("robot.example"), ["image"])
+    conn.state = {"image": ServiceState("image", ok=True)}
+    conn.connected.set()
     conn.report("image", UnauthenticatedError(None, "token expired"))
     status = conn.status()
     assert status["problem"] == "login" and "UnauthenticatedError" in status["last_error"]
 
 
-def test_a_robot_that_stops_answering_is_unreachable():
-    conn = connected()
-    for _ in range(FAILURES_BEFORE_RECONNECT):
-        assert conn.status()["problem"] is None
-        conn.report("image", UnableToConnectToRobotError(None, "no route"))
-    assert conn.status()["problem"] == "unreachable"
+class _TlsError(grpc.RpcError):
+    def details(self) -> str:
+        return (
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.3:443: Tls "
+            "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED"
+        )
+
+
+def test_a_certificate_we_do_not_trust_is_reported_as_tls_not_as_a_robot_offline():
+    said = describe_error(UnableToConnectToRobotError(_TlsError(), "robot may be offline"))
+    assert "TLS" in said and "--robot-cert" in said and "offline" not in said
