@@ -3,11 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-setup
+# The ports `make run` uses: PORT for HTTP, PORT+1 for the Autowalk callback (and PORT+2 for
+# RTSP), so one PORT=N moves them all. ARGS: more options (see README, Configuration).
 PORT ?= 21080
-MISSION_PORT ?= 21081
+MISSION_PORT ?= $(shell expr $(PORT) + 1)
 ARGS ?=
+CAPTURES ?= .cache/captures
 
-.PHONY: setup run test test-fast lint fmt bench soak lock clean
+.PHONY: setup run mission-demo test test-fast lint fmt bench soak lock clean
 SOAK_SECONDS ?= 600
 
 setup: $(STAMP)
@@ -21,10 +24,16 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 
 ## Live cameras from the built-in simulated robot at http://127.0.0.1:$(PORT)/, with the Autowalk
 ## callback registered in the simulated robot's directory (gRPC on $(MISSION_PORT), captures in
-## .cache/captures).
+## $(CAPTURES)). The command is not echoed: ARGS may hold a token.
+RUN = $(BIN)/spotrelay --sim --bind 127.0.0.1 --port $(PORT) --mission \
+  --mission-port $(MISSION_PORT) --captures-dir $(CAPTURES)
 run: setup
-	$(BIN)/spotrelay --sim --bind 127.0.0.1 --port $(PORT) --mission --mission-port $(MISSION_PORT) \
-	  --captures-dir .cache/captures $(ARGS)
+	@echo "spotrelay on http://127.0.0.1:$(PORT)/ (Autowalk callback on $(MISSION_PORT))$(if $(ARGS), with ARGS)"
+	@$(RUN) $(ARGS)
+
+## What an Autowalk mission does at a waypoint, against `make run` (same PORT): stills, a clip.
+mission-demo: setup
+	@$(BIN)/spotrelay mission-demo --relay http://127.0.0.1:$(PORT) --callback 127.0.0.1:$(MISSION_PORT) $(ARGS)
 
 ## Everything: ruff, then in-process and end-to-end tests, with coverage (fails under 85 %).
 test: lint

@@ -15,9 +15,9 @@ SITE_ARGS ?=
 ## Write go2rtc and Prometheus configs for ROBOTS into SITE_DIR; re-run after a change (no restart).
 site-config: setup
 	@test -n "$(ROBOTS)" || { echo 'usage: make site-config ROBOTS="NAME=http://HOST:21080 ..." [CAMERAS=a,b] [TOKEN_FILE=path] [H264=1]' >&2; exit 2; }
-	$(BIN)/spotrelay site-config --out $(SITE_DIR) $(foreach r,$(ROBOTS),--robot $(r)) \
+	$(strip $(BIN)/spotrelay site-config --out $(SITE_DIR) $(foreach r,$(ROBOTS),--robot $(r)) \
 	  $(if $(CAMERAS),--cameras $(CAMERAS)) $(if $(TOKEN_FILE),--token-file $(TOKEN_FILE)) \
-	  $(if $(H264),--h264) $(SITE_ARGS)
+	  $(if $(H264),--h264) $(SITE_ARGS))
 
 ## Run go2rtc and Prometheus from SITE_DIR in the foreground (Ctrl-C stops both).
 site: go2rtc

@@ -63,10 +63,16 @@ class Page:
           }};
           check();
         }})"""
-        result = await self.call(
-            "Runtime.evaluate", expression=js, awaitPromise=True, returnByValue=True
-        )
-        return result["result"].get("value")
+        for _ in range(5):  # the page may still be navigating (from about:blank, or reloading)
+            try:
+                result = await self.call(
+                    "Runtime.evaluate", expression=js, awaitPromise=True, returnByValue=True
+                )
+                return result["result"].get("value")
+            except AssertionError as exc:
+                if "context was destroyed" not in str(exc):
+                    raise
+        raise AssertionError(f"the page kept navigating while waiting for {condition}")
 
 
 def _page_ws_url(port: int) -> str | None:

@@ -196,7 +196,15 @@ def test_token_header_or_parameter_and_any_bytes_are_a_401_not_a_500():
                 assert resp.headers["WWW-Authenticate"].startswith("Bearer")
             assert (await client.get("/healthz")).status == 200
             assert (await client.get("/readyz")).status == 200
-            for path in ("/metrics", "/stream/back_depth", "/snapshot/back_depth", "/"):
+            for path in (
+                "/metrics",
+                "/stream/back_depth",
+                "/snapshot/back_depth",
+                "/ws/back_depth",
+            ):
                 assert (await client.get(path)).status == 401, path
+            # the viewer page is open (static, no camera data) and asks for the token
+            page = await client.get("/")
+            assert page.status == 200 and 'id="loginform"' in await page.text()
 
     run(scenario())

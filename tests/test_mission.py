@@ -43,11 +43,12 @@ from spotrelay.main import Relay
 from spotrelay.metrics import Metrics
 from spotrelay.process import EventLoop
 from spotrelay.robot import Target
+from tests import procs
 from tests.browser import CHROMIUM, Page, chromium
 from tests.mjpeg import collect, distinct_fps
 from tests.procs import spawn
 from tests.relay import Relay as RelayProcess
-from tests.relay import free_port, sample
+from tests.relay import free_port, port_free, sample
 from tests.sdk import sdk_robot
 from tests.wait import wait_until
 
@@ -530,3 +531,44 @@ def test_make_run_registers_the_callback_with_the_simulated_robot(robots, tmp_pa
         r.stop()
     assert SERVICE_NAME not in sim.registered  # it left the directory on SIGTERM
     assert f"127.0.0.1:{mission_port}" in r.log()
+
+
+def test_make_run_on_another_port_then_the_mission_demo(tmp_path):
+    """The quick start as a newcomer types it, on a port of their choosing and with a token:
+    the callback moves with PORT, the demo drives a capture and a clip, the token is never
+    printed."""
+    token = "make-run-token-71c2"
+    port = free_port()
+    while not port_free(port + 1):
+        port = free_port()
+    repo = Path(__file__).resolve().parent.parent
+    common = [f"PORT={port}", f"CAPTURES={tmp_path}"]
+    out = tmp_path / "run.log"
+    with out.open("w") as log:
+        run = procs.start(
+            ["make", "-s", "run", *common, f"ARGS=--token {token}"],
+            cwd=repo,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2),
+            60,
+            "make run ready",
+            ignore=(OSError,),
+        )
+        demo = subprocess.run(
+            ["make", "-s", "mission-demo", *common, f"ARGS=--token {token}"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        procs.end_group(run)
+    printed = out.read_text() + demo.stdout + demo.stderr
+    assert demo.returncode == 0, printed
+    assert f"Autowalk callback on {port + 1}" in printed
+    assert demo.stdout.count("SUCCESS") == 2 and ".avi" in demo.stdout, demo.stdout
+    assert token not in printed

@@ -5,6 +5,7 @@ already taken, the captures API when the callback is off."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import pytest
@@ -108,7 +109,8 @@ def test_registration_is_retried_until_the_session_ends():
     assert "UnableToConnectToRobotError" in asyncio.run(scenario())
 
 
-def test_a_second_relay_cannot_take_the_callbacks_port(tmp_path):
+def test_a_second_relay_cannot_take_the_callbacks_port(tmp_path, caplog, capfd):
+    """It says which option to change, and gRPC's own C-core error line never shows."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -122,9 +124,13 @@ def test_a_second_relay_cannot_take_the_callbacks_port(tmp_path):
         return await relay.serve(cfg.bind, cfg.port, asyncio.Event())
 
     try:
-        assert asyncio.run(scenario()) == 1
+        with caplog.at_level(logging.ERROR, logger="spotrelay"):
+            assert asyncio.run(scenario()) == 1
     finally:
         busy.close()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"cannot listen on 127.0.0.1:{port}" in said and "--mission-port" in said, said
+    assert "add_port" not in capfd.readouterr().err
 
 
 def test_the_captures_api_says_how_to_turn_it_on():
@@ -153,3 +159,14 @@ def test_bad_listing_parameters_are_named(query, tmp_path):
             assert (await resp.json())["parameter"] == query.split("=")[0]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        mission.Job("capture", ("a", "b"), mission.DURATION_DEFAULT, "gauge 3"),
+        mission.Job("record", ("b",), 42.5, ""),
+    ],
+)
+def test_job_params_are_what_parse_params_reads_back(job):
+    assert mission.parse_params(mission.job_params(job), ["a", "b"]) == job

@@ -320,7 +320,7 @@ def test_configs_without_token_or_h264(relay_url, tmp_path, capsys):
         capsys, f"--robot=spot-1={relay_url}", f"--out={out}", "--cameras=hand_color_image"
     )
     assert code == 0, err
-    assert "1 streams from 1 robots" in stdout and "not running" in stdout
+    assert "1 stream from 1 robot (spot-1)" in stdout and "not running" in stdout
     yml = (out / "go2rtc.yaml").read_text()
     assert f'"spot-1_hand_color_image":\n    - "{relay_url}/stream/hand_color_image"\n' in yml
     assert "ffmpeg" not in yml and "password" not in yml and "default_query" not in yml

@@ -94,3 +94,60 @@ def test_viewer_shows_every_camera_live_and_a_large_view(relay):
     assert big["open"] and big["w"] == 640, big
     assert any(link.startswith("/stream/back_fisheye_image") for link in big["links"])
     assert big["mjpeg_img"] == [320, 240], big
+
+
+TOKEN = "viewer-token-3f9c"
+
+
+@pytest.fixture(scope="module")
+def token_relay(sim):
+    r = Relay.for_sim(sim, "--sources", ",".join(SHOWN[:3]), "--token", TOKEN).wait_ready()
+    yield r
+    r.stop()
+
+
+def test_with_a_token_the_page_asks_for_it_and_keeps_it(token_relay):
+    """No JSON 401 for a person: a form; the token kept in local storage; the large view follows
+    *upright*; *Captures* closes it."""
+    with chromium(token_relay.url + "/", "--disable-quic") as ws_url:
+        seen = asyncio.run(_log_in(ws_url))
+    assert seen["asked"] and seen["kept"] == TOKEN, seen
+    assert len(seen["tiles"]) == 3 and all(t["fps"] > LIVE_FPS for t in seen["tiles"]), seen
+    assert "rotate=auto" not in seen["before"] and "rotate=auto" in seen["upright"], seen
+    assert seen["upright_size"] != seen["before_size"], seen  # the picture itself re-rendered
+    assert seen["after_captures"] is False, seen
+
+
+async def _log_in(ws_url: str) -> dict:
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        page = Page(ws)
+        seen: dict = {}
+        seen["asked"] = await page.until(
+            "document.body.classList.contains('login')", "v", timeout=15
+        )
+        await page.eval(
+            f"document.getElementById('tokeninput').value = '{TOKEN}';"
+            "document.getElementById('loginform').requestSubmit()"
+        )
+        seen["tiles"] = await page.until(
+            TILES_JS, f"v.length == 3 && v.every(t => t.fps > {LIVE_FPS})"
+        )
+        seen["kept"] = await page.eval("localStorage.getItem('spotrelay.token')")
+        await page.eval(
+            "document.querySelector('.tile[data-source=\"frontleft_fisheye_image\"]').click()"
+        )
+        big = await page.until(BIG_JS, "v.w > 0", timeout=10)
+        seen["before"], seen["before_size"] = " ".join(big["links"]), big["w"]
+        await page.eval(
+            "const u = document.getElementById('upright'); u.checked = true;"
+            "u.dispatchEvent(new Event('change'))"
+        )
+        big = await page.until(
+            BIG_JS, "v.w > 0 && v.links.some(l => l.includes('rotate=auto'))", timeout=10
+        )
+        seen["upright"], seen["upright_size"] = " ".join(big["links"]), big["w"]
+        await page.eval("document.getElementById('capbtn').click()")
+        seen["after_captures"] = await page.eval(
+            "document.getElementById('big').classList.contains('open')"
+        )
+        return seen

@@ -202,7 +202,12 @@ class Relay:
         try:
             await site.start()
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", bind, port, exc.strerror or exc)
+            log.error(
+                "cannot listen on %s:%d: %s; give another with --port",
+                bind,
+                port,
+                exc.strerror or exc,
+            )
             await runner.cleanup()
             return 1
         log.info("spotrelay %s serving http://%s:%d/", __version__, bind, port)
@@ -269,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
         from spotrelay import site
 
         sys.exit(site.main(argv[1:]))
+    if argv[:1] == ["mission-demo"]:  # an Autowalk mission's calls, without a tablet
+        from spotrelay.autowalk import demo
+
+        sys.exit(demo.main(argv[1:]))
     cfg = load_or_exit(argv)  # reads the credentials file: still as whoever started us
     process.limit_malloc_arenas()
     process.raise_file_limit()

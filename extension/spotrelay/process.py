@@ -10,6 +10,7 @@ import ctypes.util
 import logging
 import os
 import resource
+import socket
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("spotrelay")
@@ -113,3 +114,19 @@ def own_folder(path: str, uid: int, gid: int) -> None:
             for name in (root, *(os.path.join(root, f) for f in (*files, *dirs))):
                 with contextlib.suppress(OSError):
                     os.chown(name, uid, gid, follow_symlinks=False)
+
+
+def check_port(host: str, port: int, option: str) -> None:
+    """Raise OSError with a sentence naming ``option`` if ``host:port`` cannot be listened on.
+
+    For servers whose own failure is unhelpful: gRPC prints a C-core error line of its own
+    (``E... add_port.cc``) and raises a bare RuntimeError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise OSError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; give another with {option}"
+        ) from None

@@ -75,6 +75,7 @@ from spotrelay.autowalk.registration import Registration
 from spotrelay.autowalk.store import Store
 from spotrelay.hub import Hub
 from spotrelay.metrics import Metrics
+from spotrelay.process import check_port
 from spotrelay.stills import Stills
 
 log = logging.getLogger("spotrelay.autowalk")
@@ -189,6 +190,20 @@ def parse_params(params: sc.DictParam, cameras: list[str]) -> Job | sc.CustomPar
         return _params_error("choose at least one camera")
     label = values["label"].string_value.value if "label" in values else ""
     return Job(action, tuple(dict.fromkeys(names)), duration, label)
+
+
+def job_params(job: Job) -> sc.DictParam:
+    """The parameters a tablet action sends for ``job``: what ``parse_params`` reads back."""
+    p = sc.DictParam()
+    p.values["action"].one_of_value.key = job.action
+    if job.action == RECORD:
+        record = p.values["action"].one_of_value.values[RECORD]
+        record.values["duration"].double_value.value = job.duration
+    cameras = p.values["cameras"].list_value
+    for camera in job.cameras:
+        cameras.values.add().string_value.value = camera
+    p.values["label"].string_value.value = job.label
+    return p
 
 
 def _json_value(value: Any) -> Any:
@@ -447,6 +462,7 @@ class MissionServer:
     async def start(self) -> None:
         """Open the store (deleting what a crash left), then listen. Raises OSError."""
         await asyncio.get_running_loop().run_in_executor(self.io, self.store.open)
+        check_port(self.bind, self.port, "--mission-port")
         # SO_REUSEPORT off: a second relay must fail to bind, not share the port silently.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         remote_service_pb2_grpc.add_RemoteMissionServiceServicer_to_server(self.service, server)
@@ -454,7 +470,9 @@ class MissionServer:
             server.add_insecure_port(f"{self.bind}:{self.port}")
         except RuntimeError as exc:
             await server.stop(None)
-            raise OSError(f"cannot listen on {self.bind}:{self.port} (in use?)") from exc
+            raise OSError(
+                f"cannot listen on {self.bind}:{self.port}; give another with --mission-port"
+            ) from exc
         await server.start()
         self._server = server
         log.info("Autowalk callback listening on %s:%d (plaintext gRPC)", self.bind, self.port)

@@ -5,7 +5,8 @@ Every output adds its own routes; this module only decides what applies to all o
 * With a token, a request is let in if its ``Authorization: Bearer`` header *or* its ``?token=``
   parameter carries it (players that cannot set headers use the parameter; a stale header a
   browser keeps sending does not lock out a correct parameter). Tokens are compared as bytes in
-  constant time, whatever bytes the client sent. ``/healthz`` and ``/readyz`` stay open.
+  constant time, whatever bytes the client sent. ``/healthz`` and ``/readyz`` stay open, and so
+  does the viewer page itself (static, no camera data): it asks for the token.
 * Every error is JSON, the router's own 404 and 405 included.
 * Cross-origin reads are opt-in (``--allow-origin``): by default no CORS header is sent and a
   WebSocket opened by a page from another origin is refused, so a web page from elsewhere cannot
@@ -26,7 +27,7 @@ from spotrelay.http.outputs.common import BadParam, json_response
 
 log = logging.getLogger("spotrelay.http")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 ALWAYS_SERVED = frozenset({"/healthz", "/metrics"})
 
 

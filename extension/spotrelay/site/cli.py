@@ -350,8 +350,16 @@ def generate(args: argparse.Namespace) -> str:
             notes.append("token, ports, --h264 or interval changed: restart `make site` for them")
     total = sum(len(c) for c in cameras.values())
     return "\n".join(
-        [f"wrote {out}/: {total} streams from {len(relays)} robots ({', '.join(relays)})", *notes]
+        [
+            f"wrote {out}/: {_count(total, 'stream')} from {_count(len(relays), 'robot')} "
+            f"({', '.join(relays)})",
+            *notes,
+        ]
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def main(argv: list[str] | None = None) -> int:
