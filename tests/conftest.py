@@ -106,27 +106,17 @@ class Robots:
             robot.stop()
 
 
-@pytest.fixture
-def robots(tmp_path_factory):
-    """Robots for one test, stopped when it ends."""
+def _robots(tmp_path_factory):
     made = Robots(tmp_path_factory)
     yield made
     made.stop_all()
 
 
-@pytest.fixture(scope="module")
-def module_robots(tmp_path_factory):
-    """Robots shared by a module's tests (a module that restarts or stalls its robot)."""
-    made = Robots(tmp_path_factory)
-    yield made
-    made.stop_all()
-
-
-@pytest.fixture(scope="session")
-def session_robots(tmp_path_factory):
-    made = Robots(tmp_path_factory)
-    yield made
-    made.stop_all()
+# The same factory for one test, for a module's tests (a module that restarts or stalls its
+# robot), and for the whole session.
+robots = pytest.fixture(name="robots")(_robots)
+module_robots = pytest.fixture(name="module_robots", scope="module")(_robots)
+session_robots = pytest.fixture(name="session_robots", scope="session")(_robots)
 
 
 @pytest.fixture(scope="session")
