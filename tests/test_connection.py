@@ -285,7 +285,8 @@ async def test_auto_finds_a_service_that_registers_late_and_forgets_one_that_lef
         robot.listed.append("payload-camera")  # the payload registers
         start = robot.time()
         await async_wait_until(lambda: "thermal" in seen.sources, what="found by rediscovery")
-        assert robot.time() - start <= 10.0 + 1.0
+        found = min(t for service, t in robot.asked if service == "payload-camera")
+        assert found - start <= 10.0 + 1.0  # at the next listing
         robot.listed.remove("payload-camera")  # and leaves
         await async_wait_until(lambda: "thermal" not in seen.sources, what="forgotten")
         assert "payload-camera" not in seen.services

@@ -53,13 +53,13 @@ def run(coro):
 def test_a_client_joining_mid_render_does_not_make_others_see_a_frame_twice():
     async def scenario() -> tuple[list, list]:
         async with hub_for_test() as (hub, executor):
-            small = hub.frames(SOURCE, RenderSpec(width=320), client())
+            small = hub.frames(client(RenderSpec(width=320)))
             hub.publish(frame(1))
             first = await take(small, 1)
             executor.gate.clear()
             hub.publish(frame(2))  # rendering of #2 is now held in the pool
             reading = asyncio.ensure_future(take(small, 2))  # the first client keeps reading
-            other = hub.frames(SOURCE, RenderSpec(width=160), client())
+            other = hub.frames(client(RenderSpec(width=160)))
             joined = asyncio.ensure_future(take(other, 2))
             # the joiner asks for #2 while it is still being rendered
             await async_wait_until(lambda: len(hub.viewers()) == 2, what="the joiner subscribed")
@@ -78,7 +78,7 @@ def test_slow_client_gets_the_newest_frame_and_counts_what_it_skipped():
     async def scenario() -> tuple[list[int], int]:
         async with hub_for_test() as (hub, _):
             c = client()
-            frames = hub.frames(SOURCE, RenderSpec(), c)  # passthrough: published at once
+            frames = hub.frames(c)  # passthrough: published at once
             hub.publish(frame(1))
             got = await take(frames, 1)
             for seq in range(2, 7):  # five frames while the client is busy elsewhere
@@ -94,7 +94,7 @@ def test_slow_client_gets_the_newest_frame_and_counts_what_it_skipped():
 def test_passthrough_hands_every_client_the_same_bytes_and_renders_nothing():
     async def scenario() -> tuple[list[bytes], bytes, int]:
         async with hub_for_test() as (hub, executor):
-            its = [hub.frames(SOURCE, RenderSpec(), client()) for _ in range(3)]
+            its = [hub.frames(client()) for _ in range(3)]
             f = frame(1)
             hub.publish(f)
             out = [(await take(it, 1))[0].data for it in its]
@@ -114,7 +114,7 @@ def test_no_viewer_is_always_served_last():
             order: dict[int, list[int]] = {}
 
             async def viewer(k: int) -> None:
-                async with contextlib.aclosing(hub.frames(SOURCE, RenderSpec(), client())) as it:
+                async with contextlib.aclosing(hub.frames(client())) as it:
                     async for enc in it:
                         order.setdefault(enc.seq, []).append(k)
 
@@ -138,7 +138,7 @@ def test_requests_that_render_alike_share_one_render_per_frame():
     async def scenario() -> tuple[int, set[int]]:
         async with hub_for_test() as (hub, executor):
             specs = [RenderSpec(width=320), RenderSpec(height=240), RenderSpec(width=320)] * 4
-            its = [hub.frames(SOURCE, s, client(s)) for s in specs]
+            its = [hub.frames(client(s)) for s in specs]
             for seq in (1, 2, 3):
                 hub.publish(frame(seq))
                 got = [await take(it, 1) for it in its]
@@ -153,8 +153,8 @@ def test_requests_that_render_alike_share_one_render_per_frame():
 def test_watching_is_reported_once_per_source_and_undone_on_close():
     async def scenario() -> list:
         async with hub_for_test() as (hub, _):
-            a = hub.frames(SOURCE, RenderSpec(), client())
-            b = hub.frames(SOURCE, RenderSpec(width=100), client())
+            a = hub.frames(client())
+            b = hub.frames(client(RenderSpec(width=100)))
             hub.publish(frame(1))
             await take(a, 1)
             await take(b, 1)
@@ -171,7 +171,7 @@ def test_stalled_stream_repeats_its_last_picture_marked_stale():
     async def scenario() -> list:
         clock = FakeClock()
         async with hub_for_test(clock=clock, stale_after=2.0) as (hub, _):
-            it = hub.frames(SOURCE, RenderSpec(width=320), client())
+            it = hub.frames(client(RenderSpec(width=320)))
             hub.publish(frame(1))
             first = await take(it, 1)
             clock.now += 1.0
@@ -199,8 +199,8 @@ def test_stalled_stream_repeats_its_last_picture_marked_stale():
 def test_a_camera_that_changes_resolution_is_replanned_for_its_clients():
     async def scenario() -> list[tuple[int, int]]:
         async with hub_for_test() as (hub, _):
-            it = hub.frames(SOURCE, RenderSpec(width=320), client())
-            native = hub.frames(SOURCE, RenderSpec(), client())
+            it = hub.frames(client(RenderSpec(width=320)))
+            native = hub.frames(client())
             sizes = []
             for seq, (w, h) in enumerate([(640, 480), (1280, 720), (1280, 720)], start=1):
                 hub.publish(frame(seq, w, h))

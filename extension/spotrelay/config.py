@@ -51,6 +51,7 @@ class Config:
     client_timeout: float = 10.0
     idle_timeout: float = 10.0
     max_variants: int = 8
+    no_queue_control: bool = False
     mission: bool = False
     mission_port: int = 21081
     mission_host: str | None = None
@@ -227,6 +228,11 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
 _SWITCHES: list[tuple[str, str]] = [
     ("--sim", "use the built-in simulated robot"),
     ("--mission", "serve the Autowalk camera callback and register it in the robot's directory"),
+    (
+        "--no-queue-control",
+        "write viewers' frames as fast as their sockets take them, without waiting for their "
+        "links to deliver each (only to compare: make bench-link's baseline)",
+    ),
 ]
 
 

@@ -145,6 +145,8 @@ class Client:
     rate: RateWindow = field(default_factory=RateWindow)
     variant: Variant | None = None
     writing: int = 0  # version being written, 0 when waiting for the next
+    # given how long the newest rendering has waited (s), how long to wait for a newer one
+    hold: Callable[[float], float] | None = None
 
     @property
     def dropped(self) -> int:
@@ -363,13 +365,19 @@ class Hub:
         if variant.subscribers == 0 and self._variants.get(key) is variant:
             del self._variants[key]
 
-    async def frames(self, source: str, spec: RenderSpec, client: Client) -> AsyncIterator[Encoded]:
-        """Yield the newest rendering whenever there is a newer one, at most ``client.max_fps``.
+    async def frames(self, client: Client) -> AsyncIterator[Encoded]:
+        """Yield the newest rendering of ``client.spec`` whenever there is a newer one, at most
+        ``client.max_fps``.
 
-        Renderings published while the caller was still writing the previous one are skipped and
-        counted as dropped for a slow client; those skipped to honour max_fps are the client's
-        choice, not a drop. Close it (``contextlib.aclosing``) to unsubscribe at once.
+        Renderings published while the caller was still busy with the previous one (writing it,
+        or waiting for the viewer's link to take it) are skipped and counted as dropped for a
+        slow link; those skipped to honour max_fps are the client's choice, not a drop. When
+        ``client.hold`` says so, a rendering already waiting is passed over for the next one (a
+        link slower than the camera gets fresh frames, not ones that aged while it was busy).
+        A change of ``client.spec`` (adaptation) moves the client to that rendering at its next
+        frame. Close it (``contextlib.aclosing``) to unsubscribe at once.
         """
+        source = client.source
         client.id = next(self._ids)
         self._clients[client.id] = client
         self._watch(source, +1)
@@ -378,10 +386,11 @@ class Hub:
         next_at = 0.0
         try:
             while not self._closed:
+                spec = client.spec
                 variant = client.variant = self._subscribe(source, spec)
                 seen = 0
                 try:
-                    while not self._closed:
+                    while not self._closed and client.spec is spec:
                         while not variant.retired and (
                             variant.version == seen or variant.latest is None
                         ):
@@ -395,6 +404,8 @@ class Hub:
                             if delay > 0:
                                 await asyncio.sleep(delay)
                             next_at = max(next_at + min_gap, time.monotonic())
+                        elif seen and client.hold is not None:
+                            await self._hold(variant, client.hold)
                         enc, taken = variant.latest, variant.version
                         assert enc is not None
                         client.writing = taken
@@ -404,7 +415,7 @@ class Hub:
                             skipped = variant.version - taken - 1
                             client.frames_dropped += skipped
                             self.metrics.frames_dropped.labels(
-                                source=source, reason="slow_client"
+                                source=source, reason="slow_link"
                             ).inc(skipped)
                         seen = taken
                 finally:
@@ -414,6 +425,17 @@ class Hub:
             self._clients.pop(client.id, None)
             self._watch(source, -1)
             self.metrics.clients.labels(source=source).dec()
+
+    async def _hold(self, variant: Variant, hold: Callable[[float], float]) -> None:
+        """Wait (briefly) for a rendering newer than the one waiting, if ``hold`` asks to."""
+        wait = hold(self.clock() - variant.published_at)
+        if wait <= 0 or variant.latest is None or variant.latest.stale:
+            return
+        version = variant.version
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while variant.version == version and not variant.retired and not self._closed:
+                    await variant.changed()
 
     def sent(self, client: Client, enc: Encoded, nbytes: int) -> None:
         """An output is about to write ``enc`` (``nbytes`` on the wire) to ``client``."""

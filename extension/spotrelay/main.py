@@ -167,7 +167,7 @@ class Relay:
         metrics.time_sync_skew.set_function(lambda: self.conn.skew)
         metrics.build_info.labels(version=__version__).set(1)
         self.app = build_relay_app(
-            Streams(self.hub, metrics, cfg.client_timeout),
+            Streams(self.hub, metrics, cfg.client_timeout, not cfg.no_queue_control),
             self.snapshots,
             self.conn.status,
             token=cfg.token,

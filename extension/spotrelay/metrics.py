@@ -44,8 +44,9 @@ LATENCY_BUCKETS = (
 # Decoding or encoding one 640x480 frame takes about a millisecond; thumbnails less.
 CODEC_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
-DROP_REASONS = ("slow_client", "decode_error", "stale", "image_error", "encoder_busy")
-"""slow_client: a client skipped renderings while still writing an earlier one.
+DROP_REASONS = ("slow_link", "decode_error", "stale", "image_error", "encoder_busy")
+"""slow_link: a viewer's link (or the viewer) had not taken the previous frame yet, so the newest
+replaced the waiting one (queue control: skipped at the relay, never queued).
 decode_error: a frame from the robot could not be decoded or rendered.
 stale: a reply older than the newest frame already held (pipelined replies can overtake).
 image_error: the robot answered with an error status for that image.

@@ -187,7 +187,7 @@ class Evidence:
     ) -> str | None:
         """Queue the camera's frames for the clip; why it ended early, or None."""
         spec = RenderSpec()
-        frames = self.hub.frames(source, spec, Client("record", source, spec, "mission", None))
+        frames = self.hub.frames(Client("record", source, spec, "mission", None))
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.deadline  # for the first frame
         async with contextlib.aclosing(frames):

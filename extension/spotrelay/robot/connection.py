@@ -18,7 +18,6 @@ tests against a fake robot in fake time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -323,11 +322,9 @@ class RobotConnection:
         nap = asyncio.ensure_future(self.sleep(seconds))
         try:
             await asyncio.wait((lost, nap), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (lost, nap):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(lost, nap, return_exceptions=True)
+        finally:  # nothing awaited here: a cancellation arriving now must not be swallowed
+            lost.cancel()
+            nap.cancel()
 
     async def _discover(self, session: RobotSession, *, initial: bool, relist: bool = True) -> None:
         """List the services (auto mode) and the sources of every service due for a try."""

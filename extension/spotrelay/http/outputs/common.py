@@ -8,12 +8,9 @@ parameter and the allowed values. Numbers are plain ASCII digits only (``+320``,
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
-import socket
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -21,12 +18,11 @@ from aiohttp import web
 
 from spotrelay import codec
 from spotrelay.frames import RenderSpec
-from spotrelay.hub import Client, Hub, TooManyVariants
+from spotrelay.hub import Hub, TooManyVariants
 from spotrelay.metrics import Metrics
 from spotrelay.plan import ROTATIONS
 
 MAX_SIDE = 4096
-SEND_BUFFER = 256 * 1024  # a few frames at most sit in the kernel for a slow client
 _INT = re.compile(r"[0-9]{1,9}")
 _DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
 
@@ -39,6 +35,7 @@ class Streams:
     hub: Hub
     metrics: Metrics
     client_timeout: float = 10.0
+    queue_control: bool = True  # off: write as fast as the socket takes (the bench's baseline)
 
 
 class BadParam(Exception):
@@ -133,31 +130,6 @@ def admit(streams: Streams, source: str, spec: RenderSpec) -> None:
         )
 
 
-async def write_or_drop(
-    streams: Streams, client: Client, request: web.Request, write: Awaitable[None]
-) -> bool:
-    """Write within --client-timeout, or drop the client: a viewer that takes no frame for that
-    long would otherwise stay registered, keep its camera polled and hold a slot for ever. The
-    connection is aborted, not closed: a close would wait on the same full buffer."""
-    try:
-        async with asyncio.timeout(streams.client_timeout):
-            await write
-    except TimeoutError:
-        streams.hub.dropped(client, "stalled")
-        if request.transport is not None:
-            request.transport.abort()
-        return False
-    return True
-
-
 def peer(request: web.Request) -> str:
     addr = request.transport.get_extra_info("peername") if request.transport else None
     return f"{addr[0]}:{addr[1]}" if addr else "?"
-
-
-def small_send_buffer(request: web.Request) -> None:
-    """Keep at most a few frames in the kernel for a slow client, so 'newest wins' holds."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)

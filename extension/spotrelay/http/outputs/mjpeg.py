@@ -7,19 +7,10 @@ capture time in ``X-Timestamp``, so a program can measure latency and spot stale
 
 from __future__ import annotations
 
-import contextlib
-
 from aiohttp import web
 
-from spotrelay.http.outputs.common import (
-    Streams,
-    admit,
-    parse_request,
-    peer,
-    small_send_buffer,
-    source_or_error,
-    write_or_drop,
-)
+from spotrelay.http.outputs import stream
+from spotrelay.http.outputs.common import Streams, admit, parse_request, peer, source_or_error
 from spotrelay.hub import Client, Encoded
 
 BOUNDARY = "spotrelayframe"
@@ -43,7 +34,7 @@ def part(enc: Encoded) -> bytes:
 def add_routes(app: web.Application, streams: Streams) -> None:
     hub = streams.hub
 
-    async def stream(request: web.Request) -> web.StreamResponse:
+    async def stream_parts(request: web.Request) -> web.StreamResponse:
         source = source_or_error(request, hub)
         spec, fps = parse_request(request.query, snapshot=False)
         if request.method == "HEAD":  # what a GET would answer, without holding a viewer slot
@@ -51,15 +42,14 @@ def add_routes(app: web.Application, streams: Streams) -> None:
         admit(streams, source, spec)
         resp = web.StreamResponse(headers=HEADERS)
         await resp.prepare(request)
-        small_send_buffer(request)
+
+        async def send(enc: Encoded) -> int:
+            data = enc.framed("mjpeg", part)
+            await resp.write(data)
+            return len(data)
+
         client = Client("mjpeg", source, spec, peer(request), fps)
-        with contextlib.suppress(ConnectionError):
-            async with contextlib.aclosing(hub.frames(source, spec, client)) as frames:
-                async for enc in frames:
-                    hub.sent(client, enc, len(enc.data))
-                    written = resp.write(enc.framed("mjpeg", part))
-                    if not await write_or_drop(streams, client, request, written):
-                        break
+        await stream.serve(streams, request, client, send)
         return resp
 
-    app.router.add_get("/stream/{source}", stream)
+    app.router.add_get("/stream/{source}", stream_parts)

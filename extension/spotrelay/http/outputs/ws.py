@@ -13,16 +13,11 @@ import json
 
 from aiohttp import WSMsgType, web
 
-from spotrelay.http.outputs.common import (
-    Streams,
-    admit,
-    parse_request,
-    peer,
-    small_send_buffer,
-    source_or_error,
-    write_or_drop,
-)
-from spotrelay.hub import Client
+from spotrelay.http.outputs import stream
+from spotrelay.http.outputs.common import Streams, admit, parse_request, peer, source_or_error
+from spotrelay.hub import Client, Encoded
+
+WS_OVERHEAD = 14  # framing of the two messages a frame takes
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:
@@ -30,11 +25,6 @@ async def _drain(ws: web.WebSocketResponse) -> None:
     async for msg in ws:
         if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
             break
-
-
-async def _send(ws: web.WebSocketResponse, meta: str, picture: bytes) -> None:
-    await ws.send_str(meta)
-    await ws.send_bytes(picture)
 
 
 def add_routes(app: web.Application, streams: Streams) -> None:
@@ -46,25 +36,21 @@ def add_routes(app: web.Application, streams: Streams) -> None:
         admit(streams, source, spec)
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1024)
         await ws.prepare(request)
-        small_send_buffer(request)
-        client = Client("ws", source, spec, peer(request), fps)
         reader = asyncio.create_task(_drain(ws))
+
+        async def send(enc: Encoded) -> int:
+            meta = json.dumps(
+                {"t": enc.acquired, "seq": enc.seq, "stale": enc.stale, "bytes": len(enc.data)}
+            )
+            await ws.send_str(meta)
+            await ws.send_bytes(enc.data)
+            return len(meta) + len(enc.data) + WS_OVERHEAD
+
+        client = Client("ws", source, spec, peer(request), fps)
         try:
-            with contextlib.suppress(ConnectionError):
-                async with contextlib.aclosing(hub.frames(source, spec, client)) as frames:
-                    async for enc in frames:
-                        if ws.closed or reader.done():
-                            break
-                        meta = {
-                            "t": enc.acquired,
-                            "seq": enc.seq,
-                            "stale": enc.stale,
-                            "bytes": len(enc.data),
-                        }
-                        hub.sent(client, enc, len(enc.data))
-                        sent = _send(ws, json.dumps(meta), enc.data)
-                        if not await write_or_drop(streams, client, request, sent):
-                            break
+            await stream.serve(
+                streams, request, client, send, stop=lambda: ws.closed or reader.done()
+            )
         finally:
             reader.cancel()
             with contextlib.suppress(ConnectionError):
