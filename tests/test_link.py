@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from spotrelay.http import link as link_mod
 from spotrelay.http.link import Link, QueueControl, Reading, hold_for_fresh, tcp_info
+from tests.mjpeg import Part, collect, distinct_fps
+from tests.shaper import Shaper
 
 
 class Clock:
@@ -172,3 +176,53 @@ def test_a_unix_or_unknown_socket_falls_back_to_the_transport_buffer():
     transport.sock = Unix()
     transport.buffered = 123
     assert Link(transport).reading() == Reading(123, 0.0)  # type: ignore[arg-type]
+
+
+# -- end to end: the real relay behind a shaped link ----------------------------------------------
+
+THREE = ("frontleft_fisheye_image", "frontright_fisheye_image", "back_fisheye_image")
+
+
+def _watch(url: str, seconds: float, warmup: float) -> list[Part]:
+    """The parts fully received in ``seconds`` after ``warmup`` (the link's queue, if any, fills
+    during the warm-up: that is what a viewer watches)."""
+    start = time.time()
+    got = collect(url, warmup + seconds, timeout=15)
+    return [p for p in got if p.received >= start + warmup + 0.5]
+
+
+def _latencies(parts_: list[Part]) -> list[float]:
+    return sorted(p.received - p.timestamp for p in parts_ if not p.stale)
+
+
+@pytest.mark.e2e
+def test_three_viewers_behind_a_slow_link_watch_the_present(relay):
+    """10 Mbit/s shared by three passthrough viewers (~5 fps each fits): each frame is received
+    well under a second after capture. Without queue control the frames waited in socket
+    buffers and were watched ~1.3 s late."""
+    with Shaper("127.0.0.1", relay.port, mbit=10) as link, ThreadPoolExecutor(3) as pool:
+        runs = [
+            pool.submit(_watch, f"http://127.0.0.1:{link.port}/stream/{s}", 6, 4) for s in THREE
+        ]
+        seen = [r.result() for r in runs]
+    for parts_ in seen:
+        lat = _latencies(parts_)
+        assert len(parts_) >= 4 * 5, len(parts_)  # at least 4 fps each
+        assert lat[int(0.95 * (len(lat) - 1))] < 0.5, lat
+
+
+@pytest.mark.e2e
+def test_an_adaptive_viewer_behind_a_slow_link_gets_every_frame_smaller(relay):
+    """2 Mbit/s cannot carry one passthrough camera (~9 Mbit/s): with adapt=1 the viewer gets
+    a smaller rendering at the camera's rate, told in each part, and the relay says so."""
+    with Shaper("127.0.0.1", relay.port, mbit=2) as link:
+        url = f"http://127.0.0.1:{link.port}/stream/left_fisheye_image?adapt=1"
+        got = _watch(url, 5, 5)
+    assert distinct_fps(got) >= 12, distinct_fps(got)
+    lat = _latencies(got)
+    assert lat[int(0.95 * (len(lat) - 1))] < 0.4, lat
+    steps = {p.headers["x-adapt-step"] for p in got}
+    assert "0" not in steps, steps  # never the full picture on this link
+    for shown in {p.headers["x-rendering"] for p in got}:  # e.g. "320x240 q50"
+        size, quality = shown.split(" ")
+        assert size != "640x480" or int(quality[1:]) <= 50, shown

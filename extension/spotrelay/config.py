@@ -50,7 +50,7 @@ class Config:
     max_clients: int = 200
     client_timeout: float = 10.0
     idle_timeout: float = 10.0
-    max_variants: int = 8
+    max_variants: int = 16
     no_queue_control: bool = False
     mission: bool = False
     mission_port: int = 21081
@@ -193,8 +193,9 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     (
         "--max-variants",
         _number_in("--max-variants", int, 1, 1000),
-        8,
-        "different renderings (size, quality, rotation...) served at once per camera",
+        16,
+        "different renderings (size, quality, rotation...) served or reserved at once per camera "
+        "(an adaptive viewer reserves its ladder, up to 6)",
     ),
     (
         "--mission-port",

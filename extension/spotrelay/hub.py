@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -147,6 +147,10 @@ class Client:
     writing: int = 0  # version being written, 0 when waiting for the next
     # given how long the newest rendering has waited (s), how long to wait for a newer one
     hold: Callable[[float], float] | None = None
+    # adaptive viewers (adapt=1): every rendering it may be moved to (``spec`` is one of them)
+    ladder: tuple[RenderSpec, ...] = ()
+    step: int = 0  # where ``spec`` is on the ladder; 0: what the viewer asked for
+    link_rate: float | None = None  # bytes/s its link delivered while carrying frames
 
     @property
     def dropped(self) -> int:
@@ -167,7 +171,7 @@ class Hub:
         idle_interval: float = 1.0,
         on_watch: Callable[[str, bool], None] = lambda source, watched: None,
         clock: Callable[[], float] = time.monotonic,
-        max_variants: int = 8,
+        max_variants: int = 16,
     ):
         self.executor = executor
         self.max_variants = max_variants
@@ -335,22 +339,35 @@ class Hub:
     def watched(self, source: str) -> int:
         return self._watchers.get(source, 0)
 
-    def admit(self, source: str, spec: RenderSpec) -> tuple[str, Plan]:
-        """The variant key ``spec`` renders to; raise TooManyVariants if serving it would need
-        one rendering too many: forty qualities of one camera would cost forty encodes a frame."""
-        key = (source, self.plan(source, spec))
-        existing = [p for (s, p), v in self._variants.items() if s == source and v.subscribers]
-        if key not in self._variants and len(existing) >= self.max_variants:
-            raise TooManyVariants(source, existing)
-        return key
+    def admit(self, source: str, specs: Sequence[RenderSpec]) -> None:
+        """Raise TooManyVariants if serving ``specs`` (one rendering, or an adaptive viewer's
+        whole ladder) would pass ``max_variants`` renderings of the camera in use or reserved:
+        forty qualities of one camera would cost forty encodes a frame. A ladder is reserved
+        whole at admission, so an adaptive viewer's step changes never meet the limit."""
+        shape = self.shape(source)
+        wanted = {plan(source, shape, s) for s in specs}
+        taken = self._in_use(source, shape)
+        if not wanted <= taken and len(taken | wanted) > self.max_variants:
+            raise TooManyVariants(source, sorted(taken, key=lambda p: p.out_size, reverse=True))
+
+    def _in_use(self, source: str, shape: Shape) -> set[Plan]:
+        """Renderings of ``source`` watched now, or reserved by adaptive viewers' ladders."""
+        used = {p for (s, p), v in self._variants.items() if s == source and v.subscribers}
+        for c in self._clients.values():
+            if c.source == source:
+                used.update(plan(source, shape, s) for s in c.ladder)
+        return used
 
     def dropped(self, client: Client, reason: str) -> None:
         """An output hung up on a client (it made no progress): counted, then forgotten."""
         self.metrics.clients_dropped.labels(reason=reason).inc()
         log.info("dropped %s viewer of %s: %s", client.kind, client.source, reason)
 
-    def _subscribe(self, source: str, spec: RenderSpec) -> Variant:
-        key = self.admit(source, spec)
+    def _subscribe(self, source: str, spec: RenderSpec, reserved: bool) -> Variant:
+        """``reserved``: a step of the client's own ladder, counted at its admission."""
+        if not reserved:
+            self.admit(source, [spec])
+        key = (source, self.plan(source, spec))
         variant = self._variants.get(key)
         if variant is None:
             variant = self._variants[key] = Variant(key[1], self.clock())
@@ -382,12 +399,14 @@ class Hub:
         self._clients[client.id] = client
         self._watch(source, +1)
         self.metrics.clients.labels(source=source).inc()
+        if client.ladder:
+            self.metrics.adapt_step_clients.labels(source=source, step=str(client.step)).inc()
         min_gap = 1.0 / client.max_fps if client.max_fps else 0.0
         next_at = 0.0
         try:
             while not self._closed:
                 spec = client.spec
-                variant = client.variant = self._subscribe(source, spec)
+                variant = client.variant = self._subscribe(source, spec, spec in client.ladder)
                 seen = 0
                 try:
                     while not self._closed and client.spec is spec:
@@ -425,6 +444,8 @@ class Hub:
             self._clients.pop(client.id, None)
             self._watch(source, -1)
             self.metrics.clients.labels(source=source).dec()
+            if client.ladder:
+                self.metrics.adapt_step_clients.labels(source=source, step=str(client.step)).dec()
 
     async def _hold(self, variant: Variant, hold: Callable[[float], float]) -> None:
         """Wait (briefly) for a rendering newer than the one waiting, if ``hold`` asks to."""
@@ -436,6 +457,15 @@ class Hub:
             async with asyncio.timeout(wait):
                 while variant.version == version and not variant.retired and not self._closed:
                     await variant.changed()
+
+    def move(self, client: Client, step: int) -> None:
+        """Put an adaptive viewer on ``step`` of its ladder (from its next frame on)."""
+        if step == client.step:
+            return
+        gauge = self.metrics.adapt_step_clients
+        gauge.labels(source=client.source, step=str(client.step)).dec()
+        gauge.labels(source=client.source, step=str(step)).inc()
+        client.step, client.spec = step, client.ladder[step]
 
     def sent(self, client: Client, enc: Encoded, nbytes: int) -> None:
         """An output is about to write ``enc`` (``nbytes`` on the wire) to ``client``."""

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from spotrelay.adapt import STEPS
 from spotrelay.frames import SourceInfo
 
 # Fine where frames land (a capture becomes available 20-60 ms after it is taken), then around
@@ -68,6 +69,7 @@ MISSION_RESULTS = ("success", "failure", "stopped", "invalid")
 """success / failure: the job's outcome as the mission saw it; stopped: the mission stopped the
 node first; invalid: parameters refused (STATUS_CUSTOM_PARAMS_ERROR), the job never started."""
 DECODE_KINDS = ("jpeg", "raw", "rle")
+ADAPT_STEPS = tuple(str(step) for step in range(len(STEPS)))  # an adaptive ladder's steps
 ENCODE_KINDS = ("jpeg", "png")
 
 
@@ -161,6 +163,13 @@ class Metrics:
         self.clients = Gauge(
             "spotrelay_clients", "Connected stream clients.", ["source"], registry=r
         )
+        self.adapt_step_clients = Gauge(
+            "spotrelay_adapt_step_clients",
+            "Adaptive viewers (adapt=1) at each step of their ladder: 0 is what they asked for, "
+            "higher steps are smaller renderings for a slower link.",
+            ["source", "step"],
+            registry=r,
+        )
         self.last_frame_ts = Gauge(
             "spotrelay_last_frame_timestamp_seconds",
             "Capture time (local epoch) of the newest frame received.",
@@ -250,6 +259,8 @@ class Metrics:
             for stage in STAGES:
                 self.frame_latency.labels(source=source, stage=stage)
             self.clients.labels(source=source)
+            for step in ADAPT_STEPS:
+                self.adapt_step_clients.labels(source=source, step=step)
             self.last_frame_ts.labels(source=source)
             self.source_info.labels(source=source, service=service, image_type=image_type).set(1)
 

@@ -88,7 +88,7 @@ class QueueControl:
         if self._sent_at is not None:
             self.transfer = self.clock() - self._sent_at
             busy = self.transfer - reading.min_rtt  # what the link spent carrying the bytes
-            if self._bytes >= 4 * reading.mss and busy > 0.002:
+            if self._bytes >= reading.mss and busy > 0.001:
                 self._samples.append(self._bytes / busy)
             self._sent_at = None
         return True

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from spotrelay import __version__
+from spotrelay.adapt import describe
 from spotrelay.http.outputs.common import json_response
 from spotrelay.hub import Hub
 
@@ -82,7 +83,15 @@ def add_routes(
                 "bytes_sent": c.bytes_sent,
                 "frames_dropped": c.dropped,
                 "connected_for": round(now - c.started, 1),
+                "link_mbit": round(c.link_rate * 8e-6, 3) if c.link_rate else None,
             }
+            if c.ladder and c.variant is not None:  # adapt=1: where it is on its ladder
+                w, h = c.variant.plan.out_size
+                entry["adapt"] = {
+                    "step": c.step,
+                    "steps": len(c.ladder),
+                    "rendering": describe(w, h, c.variant.plan.quality),
+                }
             if show_peers:
                 entry["peer"] = c.peer
             clients.append(entry)

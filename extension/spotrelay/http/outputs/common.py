@@ -73,8 +73,18 @@ def _choice(q: Mapping[str, str], name: str, allowed: tuple[str, ...], default: 
     return value
 
 
-def parse_request(q: Mapping[str, str], *, snapshot: bool) -> tuple[RenderSpec, float | None]:
-    """Query string -> (RenderSpec, max fps). Raises BadParam naming the first bad parameter."""
+@dataclass(frozen=True)
+class Ask:
+    """What a request asks for: the rendering (for an adaptive stream, the best it may get), at
+    most how many frames a second, and whether to adapt to the viewer's link (``adapt=1``)."""
+
+    spec: RenderSpec
+    fps: float | None = None
+    adapt: bool = False
+
+
+def parse_request(q: Mapping[str, str], *, snapshot: bool) -> Ask:
+    """Query string -> Ask. Raises BadParam naming the first bad parameter."""
     width = int_param(q, "width", 16, MAX_SIDE)
     height = int_param(q, "height", 16, MAX_SIDE)
     quality = int_param(q, "quality", 1, 100)
@@ -88,7 +98,10 @@ def parse_request(q: Mapping[str, str], *, snapshot: bool) -> tuple[RenderSpec, 
         fps = float(q["fps"])
         if not 0.1 <= fps <= 30:
             raise BadParam("fps", f"fps={fps:g} is out of range", "0.1..30")
-    return RenderSpec(width, height, quality, rotate, colormap, fmt), fps
+    adapt = False
+    if not snapshot:
+        adapt = _choice(q, "adapt", ("0", "1"), "0") == "1"
+    return Ask(RenderSpec(width, height, quality, rotate, colormap, fmt), fps, adapt)
 
 
 def source_or_error(request: web.Request, hub: Hub) -> str:
@@ -108,10 +121,10 @@ def source_or_error(request: web.Request, hub: Hub) -> str:
     return name
 
 
-def admit(streams: Streams, source: str, spec: RenderSpec) -> None:
-    """A 503 naming the renderings already served when one more would pass --max-variants."""
+def admit(streams: Streams, source: str, specs: list[RenderSpec]) -> None:
+    """A 503 naming the renderings already served when these would pass --max-variants."""
     try:
-        streams.hub.admit(source, spec)
+        streams.hub.admit(source, specs)
     except TooManyVariants as exc:
         streams.metrics.requests_refused.labels(reason="max_variants").inc()
         served = [

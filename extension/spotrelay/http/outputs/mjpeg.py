@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from spotrelay.http.outputs import stream
-from spotrelay.http.outputs.common import Streams, admit, parse_request, peer, source_or_error
+from spotrelay.http.outputs.common import Streams, parse_request, source_or_error
 from spotrelay.hub import Client, Encoded
 
 BOUNDARY = "spotrelayframe"
@@ -22,11 +22,14 @@ HEADERS = {
 }
 
 
-def part(enc: Encoded) -> bytes:
+def part(enc: Encoded, extra: str = "") -> bytes:
     """One multipart part: boundary, headers, the JPEG, CRLF; one write, shared by all clients."""
     head = (
         f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(enc.data)}\r\n"
-        f"X-Timestamp: {enc.acquired:.6f}\r\n" + ("X-Stale: 1\r\n" if enc.stale else "") + "\r\n"
+        f"X-Timestamp: {enc.acquired:.6f}\r\n"
+        + ("X-Stale: 1\r\n" if enc.stale else "")
+        + extra
+        + "\r\n"
     ).encode()
     return b"".join((head, enc.data, b"\r\n"))
 
@@ -36,19 +39,23 @@ def add_routes(app: web.Application, streams: Streams) -> None:
 
     async def stream_parts(request: web.Request) -> web.StreamResponse:
         source = source_or_error(request, hub)
-        spec, fps = parse_request(request.query, snapshot=False)
+        ask = parse_request(request.query, snapshot=False)
         if request.method == "HEAD":  # what a GET would answer, without holding a viewer slot
             return web.Response(headers=HEADERS)
-        admit(streams, source, spec)
+        client = stream.viewer(streams, request, "mjpeg", source, ask)
         resp = web.StreamResponse(headers=HEADERS)
         await resp.prepare(request)
 
-        async def send(enc: Encoded) -> int:
-            data = enc.framed("mjpeg", part)
+        async def send(enc: Encoded, client: Client) -> int:
+            if client.ladder:  # adaptive: says which rendering (the same for all its viewers)
+                now = stream.rendering(client)
+                extra = f"X-Rendering: {now['rendering']}\r\nX-Adapt-Step: {now['step']}\r\n"
+                data = enc.framed("mjpeg-adapt", lambda e: part(e, extra))
+            else:
+                data = enc.framed("mjpeg", part)
             await resp.write(data)
             return len(data)
 
-        client = Client("mjpeg", source, spec, peer(request), fps)
         await stream.serve(streams, request, client, send)
         return resp
 

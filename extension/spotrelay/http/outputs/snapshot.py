@@ -23,7 +23,7 @@ def add_routes(app: web.Application, streams: Streams, stills: Stills) -> None:
 
     async def snapshot(request: web.Request) -> web.Response:
         source = source_or_error(request, hub)
-        spec, _ = parse_request(request.query, snapshot=True)
+        spec = parse_request(request.query, snapshot=True).spec
         try:
             frame = await hub.next_frame(source, after=hub.clock() - FRESH_ENOUGH)
         except LookupError:
