@@ -9,6 +9,7 @@ import pytest
 
 from tests.browser import CHROMIUM, Page, chromium
 from tests.relay import Relay
+from tests.shaper import Shaper
 
 pytestmark = [
     pytest.mark.e2e,
@@ -151,3 +152,41 @@ async def _log_in(ws_url: str) -> dict:
             "document.getElementById('big').classList.contains('open')"
         )
         return seen
+
+
+SKEW_JS = "const realNow = Date.now; Date.now = () => realNow() + 3600 * 1000;"
+AGES_JS = """[...document.querySelectorAll('.tile')].map(t => ({
+  name: t.dataset.source, info: t.querySelector('.info').textContent,
+  degraded: t.classList.contains('degraded'),
+  fps: parseFloat(t.querySelector('.info').textContent) || 0,
+  age: parseFloat((t.querySelector('.info').textContent.split(' · ')[1] || '').replace(' ms', ''))
+}))"""
+
+
+def test_over_a_slow_link_the_page_stays_live_says_so_and_ages_are_right(relay):
+    """Nine tiles over 2 Mbit/s, from a browser whose clock is an hour ahead of the relay's:
+    every tile live, the degraded ones marked, and the age shown is the frame's (its clock
+    taken from the relay), not an hour."""
+    with (
+        Shaper("127.0.0.1", relay.port, mbit=2) as link,
+        chromium(f"http://127.0.0.1:{link.port}/", "--disable-quic") as ws_url,
+    ):
+        tiles = asyncio.run(_skewed(ws_url))
+    assert len(tiles) == len(SHOWN), tiles
+    assert all(t["fps"] > LIVE_FPS for t in tiles), tiles
+    assert any(t["degraded"] for t in tiles), tiles  # 2 Mbit/s cannot carry nine 320 px tiles
+    assert all(0 <= t["age"] < 1000 for t in tiles), tiles
+
+
+async def _skewed(ws_url: str) -> list[dict]:
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        page = Page(ws)
+        await page.call("Page.enable")
+        await page.call("Page.addScriptToEvaluateOnNewDocument", source=SKEW_JS)
+        await page.call("Page.reload", ignoreCache=True)
+        return await page.until(
+            AGES_JS,
+            f"v.length == {len(SHOWN)} && v.every(t => t.fps > {LIVE_FPS} && t.age < 1000)"
+            " && v.some(t => t.degraded)",
+            timeout=40,
+        )
