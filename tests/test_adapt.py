@@ -141,3 +141,24 @@ def test_an_adaptive_viewers_ladder_is_reserved_so_its_steps_never_meet_the_limi
 
     steps, n = asyncio.run(scenario())
     assert steps == {s: (1.0 if s == n - 1 else 0.0) for s in range(n)}
+
+
+def test_a_step_that_did_not_hold_is_tried_again_ever_more_rarely():
+    """A link shared with others looks free between their frames, so the step above looks fine
+    until it is taken: each failed try doubles the wait before the next (a flapping viewer
+    would make everyone's frames late)."""
+    clock = Clock()
+    adapter = adapt.Adapter(STEPS, clock)
+    roomy, crowded = 10_000_000, 300_000  # what step 3 measures; what step 2 then finds
+    tries = []
+    for _ in range(15 * 200):  # 200 s
+        step = adapter.step
+        rate = crowded if step <= 2 else roomy
+        adapter.delivered(step, SIZES[step], rate, 15.0)
+        if adapter.step == 2 and step == 3:
+            tries.append(clock.now)
+        clock.now += 1 / 15
+    gaps = [b - a for a, b in itertools.pairwise(tries)]
+    assert len(tries) >= 3, tries
+    assert all(b > min(1.5 * a, adapt.UP_AFTER_MAX) for a, b in itertools.pairwise(gaps)), gaps
+    assert len(tries) <= 7  # not every 4 s: 50 tries in 200 s

@@ -28,8 +28,10 @@ STEPS = ((1.0, None), (1.0, 50), (0.7, 50), (0.5, 50), (0.35, 45), (0.25, 40))
 MIN_WIDTH = 80  # smaller is no picture at all
 FIT = 0.7  # a step fits while its frames use at most this share of the link at the frame rate
 UP_FIT = 0.45  # ... and the next step up must fit this well ...
-UP_AFTER = 4.0  # ... for this long (seconds) before going up
+UP_AFTER = 4.0  # ... for this long (seconds) before going up; doubled for a step that did not
+UP_AFTER_MAX = 64.0  # hold last time (a link shared with others looks free between their frames)
 DOWN_AFTER = 2  # frames in a row that do not fit before going down
+KEPT = 10.0  # seconds at a step after going up that count as success
 
 
 def ladder(ceiling: RenderSpec, width: int, height: int) -> list[RenderSpec]:
@@ -86,6 +88,8 @@ class Adapter:
         self._sizes = _Sizes({})
         self._misfits = 0
         self._up_since: float | None = None
+        self._failed: dict[int, int] = {}  # step -> times it was gone up to and left again
+        self._went_up: tuple[int, float] | None = None  # (step, when): a probe under way
 
     def delivered(self, step: int, nbytes: int, rate: float | None, fps: float) -> int:
         """A frame of ``nbytes`` at ``step`` reached the viewer; the link carries ``rate``
@@ -95,11 +99,18 @@ class Adapter:
         if step != self.step or not rate or fps <= 0:
             return self.step
         budget = rate / fps  # bytes a frame may take for the link to keep up with the camera
+        now = self.clock()
+        if self._went_up is not None and now - self._went_up[1] >= KEPT:
+            self._failed.pop(self._went_up[0], None)  # it held: that step is fine again
+            self._went_up = None
         if self._sizes.measured[step] > FIT * budget:
             self._misfits += 1
             self._up_since = None
             if self._misfits >= DOWN_AFTER:
                 self._misfits = 0
+                if self._went_up is not None and self._went_up[0] == step:
+                    self._failed[step] = self._failed.get(step, 0) + 1  # a probe that failed
+                self._went_up = None
                 self.step = self._fitting(budget, below=step)
             return self.step
         self._misfits = 0
@@ -107,12 +118,13 @@ class Adapter:
         if above is None or above > UP_FIT * budget:
             self._up_since = None
             return self.step
-        now = self.clock()
+        wait = min(UP_AFTER_MAX, UP_AFTER * 2 ** self._failed.get(step - 1, 0))
         if self._up_since is None:
             self._up_since = now
-        elif now - self._up_since >= UP_AFTER:
+        elif now - self._up_since >= wait:
             self._up_since = None
             self.step = step - 1
+            self._went_up = (self.step, now)
         return self.step
 
     def _fitting(self, budget: float, below: int) -> int:
