@@ -125,11 +125,10 @@ def test_the_backlog_is_what_the_transport_and_the_kernel_still_hold():
     transport = FakeTransport()
     transport.buffered = 1000
     transport.sock.info = _tcp_info(
-        snd_mss=MSS, notsent_bytes=2000, bytes_sent=90_000, bytes_retrans=5_000,
-        bytes_acked=80_000, min_rtt=4000,
-    )  # fmt: skip
+        snd_mss=MSS, notsent_bytes=2000, unacked=3, bytes_acked=80_000, min_rtt=4000
+    )
     reading = Link(transport).reading()  # type: ignore[arg-type]
-    assert reading == Reading(1000 + 2000 + (90_000 - 5_000 - 80_000), 0.004, MSS)
+    assert reading == Reading(1000 + 2000 + 3 * MSS, 0.004, MSS, 80_000)
     assert tcp_info(transport.sock) is not None
 
 
@@ -138,7 +137,7 @@ def test_taken_waits_on_the_fake_link_until_it_delivered():
         transport = FakeTransport()
         clock = Clock()
         link = Link(transport, clock=clock)  # type: ignore[arg-type]
-        transport.sock.info = _tcp_info(snd_mss=MSS, bytes_sent=50_000, bytes_acked=0)
+        transport.sock.info = _tcp_info(snd_mss=MSS, unacked=35, bytes_acked=0)
         link.wrote(50_000)
         looks = 0
 
@@ -148,9 +147,10 @@ def test_taken_waits_on_the_fake_link_until_it_delivered():
                 looks += 1
                 await asyncio.sleep(0.002)
                 acked = min(50_000, looks * 10_000)
-                transport.sock.info = _tcp_info(snd_mss=MSS, bytes_sent=50_000, bytes_acked=acked)
+                left = -(-(50_000 - acked) // MSS)  # segments not yet acknowledged
+                transport.sock.info = _tcp_info(snd_mss=MSS, unacked=left, bytes_acked=acked)
 
-        await asyncio.gather(link.taken(), deliver())
+        await asyncio.gather(link.taken(stall_after=5), deliver())
         return looks
 
     assert asyncio.run(scenario()) >= 4  # it did wait for the acknowledgements
@@ -163,7 +163,7 @@ def test_without_queue_control_the_link_is_never_waited_for():
         link = Link(transport, enabled=False)  # type: ignore[arg-type]
         link.wrote(10**6)
         async with asyncio.timeout(1):
-            await link.taken()
+            await link.taken(stall_after=5)
 
     asyncio.run(scenario())
 
@@ -226,3 +226,17 @@ def test_an_adaptive_viewer_behind_a_slow_link_gets_every_frame_smaller(relay):
     for shown in {p.headers["x-rendering"] for p in got}:  # e.g. "320x240 q50"
         size, quality = shown.split(" ")
         assert size != "640x480" or int(quality[1:]) <= 50, shown
+
+
+def test_a_slow_link_that_progresses_is_not_stalled_one_that_takes_nothing_is():
+    clock = Clock()
+    qc = QueueControl(clock)
+    qc.wrote(500_000)
+    backlog = 500_000
+    for _ in range(20):  # 20 KB a second: a 500 KB frame takes 25 s, but it moves
+        clock.now += 1.0
+        backlog -= 20_000
+        assert qc.stalled(Reading(backlog, 0.0, MSS)) == 0.0
+    for waited in range(1, 12):  # the viewer stops reading: nothing more is acknowledged
+        clock.now += 1.0
+        assert qc.stalled(Reading(backlog, 0.0, MSS)) == waited

@@ -6,7 +6,8 @@ socket waits in buffers the relay does not see (asyncio's transport buffer, the 
 queue, the bottleneck's queue further on), and frames queued there are watched seconds late.
 So an output writes a viewer's next frame only once the link has *taken* the previous one: its
 bytes left the transport and the kernel's queue, and the other end acknowledged them (TCP_INFO:
-``tcpi_notsent_bytes``, ``tcpi_bytes_sent`` - ``tcpi_bytes_retrans`` - ``tcpi_bytes_acked``).
+``tcpi_notsent_bytes`` and ``tcpi_unacked``, the segments sent and not yet acknowledged; not
+``bytes_sent - bytes_retrans - bytes_acked``, which tail-loss probes leave off after losses).
 Meanwhile the hub keeps replacing the waiting frame with the newest one, so a slow link skips
 frames at the relay, where skipping is cheap, and a viewer always gets the newest picture the
 moment its link can carry one: at most one frame is ever in flight per viewer. Viewers that
@@ -37,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # struct tcp_info (linux/tcp.h): the fields used here and their offsets; present since Linux
-# 4.19 (bytes_sent, bytes_retrans), 4.6 (notsent_bytes, min_rtt), 4.1 (bytes_acked).
-_TCP_INFO_LEN = 232
+# 4.6 (notsent_bytes, min_rtt), 4.1 (bytes_acked).
+_TCP_INFO_LEN = 160  # up to min_rtt
 _FIELDS = {
     "unacked": (24, "I"),  # segments
     "snd_mss": (16, "I"),
@@ -46,9 +47,6 @@ _FIELDS = {
     "bytes_acked": (120, "Q"),
     "notsent_bytes": (144, "I"),
     "min_rtt": (148, "I"),  # µs
-    "delivery_rate": (160, "Q"),  # bytes/s
-    "bytes_sent": (200, "Q"),
-    "bytes_retrans": (208, "Q"),
 }
 SLACK_SEGMENTS = 2  # unacknowledged segments allowed: a receiver may delay its last ack 40 ms
 HOLD_FRACTION = 0.3  # wait for the next capture if it comes within this share of a transfer
@@ -59,11 +57,13 @@ RATE_SAMPLES = 8  # frames the delivery rate is measured over
 @dataclass(frozen=True, slots=True)
 class Reading:
     """What a link holds at one moment: bytes handed over but not yet delivered (in the
-    transport, in the kernel's queue, or sent and not acknowledged), and its round trip."""
+    transport, in the kernel's queue, or sent and not acknowledged), its round trip, and how
+    many bytes the other end has acknowledged so far (0 where unknown)."""
 
     backlog: int
     min_rtt: float  # seconds; 0 if unknown
     mss: int = 1448
+    acked: int = 0
 
 
 class QueueControl:
@@ -75,10 +75,23 @@ class QueueControl:
         self._bytes = 0
         self._samples: deque[float] = deque(maxlen=RATE_SAMPLES)  # bytes/s, one per frame
         self.transfer = 0.0  # seconds the last frame took, write to acknowledgement
+        self._last: Reading | None = None  # the last reading (None: a frame just written) ...
+        self._progress_at = clock()  # ... and when the link last took a byte
 
     def wrote(self, nbytes: int) -> None:
         """A frame of ``nbytes`` was handed to the transport just now."""
         self._sent_at, self._bytes = self.clock(), nbytes
+        self._progress_at, self._last = self._sent_at, None
+
+    def stalled(self, reading: Reading) -> float:
+        """Seconds since the link last took anything (acknowledged a byte). A slow link makes
+        progress, however slowly; a viewer that stopped reading, or vanished, does not."""
+        now = self.clock()
+        last = self._last
+        if last is None or reading.acked > last.acked or reading.backlog < last.backlog:
+            self._progress_at = now
+        self._last = reading
+        return now - self._progress_at
 
     def taken(self, reading: Reading) -> bool:
         """Whether the link has taken the last frame (all but a couple of segments acknowledged).
@@ -169,20 +182,23 @@ class Link:
         info = tcp_info(self._sock) if self._sock is not None else None
         if info is None:
             return Reading(buffered, 0.0)
-        in_flight = info["bytes_sent"] - info["bytes_retrans"] - info["bytes_acked"]
-        backlog = buffered + info["notsent_bytes"] + max(0, in_flight)
-        return Reading(backlog, info["min_rtt"] / 1e6, info["snd_mss"] or 1448)
+        mss = info["snd_mss"] or 1448
+        backlog = buffered + info["notsent_bytes"] + info["unacked"] * mss
+        return Reading(backlog, info["min_rtt"] / 1e6, mss, info["bytes_acked"])
 
-    async def taken(self) -> None:
-        """Until the link has taken the last frame. The caller bounds the wait
-        (--client-timeout). With queue control off, at once: the output's own write already
-        waited for the transport to drain below its high-water mark, as before."""
+    async def taken(self, stall_after: float) -> None:
+        """Until the link has taken the last frame; TimeoutError if it takes nothing (no byte
+        acknowledged) for ``stall_after`` seconds, however long a slow link needs for the whole
+        frame. With queue control off, at once: the output's own write already waited for the
+        transport to drain below its high-water mark, as before."""
         if not self.enabled:
             return
         while True:
             reading = self.reading()
             if self.control.taken(reading):
                 return
+            if self.control.stalled(reading) > stall_after:
+                raise TimeoutError
             await asyncio.sleep(self.control.look_again(reading))
 
     @property

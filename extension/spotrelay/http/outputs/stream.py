@@ -76,11 +76,11 @@ async def serve(
                     break
                 hub.sent(client, enc, len(enc.data))
                 step = client.step
-                try:
+                try:  # no progress for --client-timeout: the viewer stopped reading, or vanished
                     async with asyncio.timeout(streams.client_timeout):
                         nbytes = await send(enc, client)
-                        link.wrote(nbytes)
-                        await link.taken()
+                    link.wrote(nbytes)
+                    await link.taken(stall_after=streams.client_timeout)
                 except TimeoutError:
                     # no progress: it would hold a slot and keep its camera polled for ever.
                     # Aborted, not closed: a close would wait on the same full buffer.
