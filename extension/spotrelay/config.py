@@ -48,10 +48,13 @@ class Config:
     stale_after: float = 2.0
     rediscover: float = 10.0
     max_clients: int = 200
+    max_clients_per_host: int | None = None  # None: half of max_clients
     client_timeout: float = 10.0
     idle_timeout: float = 10.0
     max_variants: int = 16
     no_queue_control: bool = False
+    rtsp_port: int | None = None
+    rtsp_max_encoders: int = 8
     mission: bool = False
     mission_port: int = 21081
     mission_host: str | None = None
@@ -177,6 +180,24 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         _number_in("--max-clients", int, 1, 100000),
         200,
         "requests served at once, each stream one; more get 503 (health, metrics always answer)",
+    ),
+    (
+        "--max-clients-per-host",
+        _number_in("--max-clients-per-host", int, 1, 100000),
+        None,
+        "of those, at most this many from one address (default: half of --max-clients)",
+    ),
+    (
+        "--rtsp-port",
+        _number_in("--rtsp-port", int, 1, 65535),
+        None,
+        "serve RTSP (H.264) on this port too; off unless given (needs GStreamer, see README)",
+    ),
+    (
+        "--rtsp-max-encoders",
+        _number_in("--rtsp-max-encoders", int, 1, 100),
+        8,
+        "H.264 encoders running at once (one per camera and rendering, shared by its viewers)",
     ),
     (
         "--client-timeout",
@@ -309,6 +330,7 @@ def load(argv: list[str] | None = None) -> Config:
     username = os.environ.get("BOSDYN_CLIENT_USERNAME") or None
     password = os.environ.get("BOSDYN_CLIENT_PASSWORD") or None
     cfg = Config(guid=guid, secret=secret, username=username, password=password, **v)  # type: ignore[arg-type]
+    _check_ports(cfg)
     if cfg.mission:
         _check_mission(cfg)
     if cfg.sim:
@@ -336,10 +358,22 @@ def _local_only(host: str) -> bool:
     return addr.is_loopback or addr.is_unspecified
 
 
+def _check_ports(cfg: Config) -> None:
+    """Every port the relay listens on is its own."""
+    used = {"--port": cfg.port}
+    if cfg.mission:
+        used["--mission-port"] = cfg.mission_port
+    if cfg.rtsp_port is not None:
+        used["--rtsp-port"] = cfg.rtsp_port
+    seen: dict[int, str] = {}
+    for option, port in used.items():
+        if port in seen:
+            raise ConfigError(f"{option} {port} is {seen[port]} too: every port must differ")
+        seen[port] = option
+
+
 def _check_mission(cfg: Config) -> None:
     """The robot must be able to reach the callback: its own port, at an address of ours."""
-    if cfg.mission_port == cfg.port:
-        raise ConfigError(f"--mission-port {cfg.mission_port} is the HTTP port (--port) too")
     robot_here = cfg.sim or (cfg.robot is not None and _local_only(cfg.robot))
     if cfg.mission_host and _local_only(cfg.mission_host) and not robot_here:
         raise ConfigError(

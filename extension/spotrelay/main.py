@@ -36,6 +36,9 @@ from spotrelay.hub import Hub
 from spotrelay.metrics import Metrics
 from spotrelay.poller import Poller
 from spotrelay.robot import RobotConnection, Target
+from spotrelay.rtsp import engine as rtsp_engine
+from spotrelay.rtsp.server import RtspOutput
+from spotrelay.slots import Slots
 from spotrelay.stills import Stills
 
 log = logging.getLogger("spotrelay")
@@ -65,10 +68,11 @@ def build_relay_app(
     *,
     token: str | None,
     allow_origin: str | None,
-    max_clients: int,
+    slots: Slots,
     timing: Callable[[str], dict[str, Any]] = lambda source: {},
     mission: Callable[[], dict[str, Any]] | None = None,
     store: Store | None = None,
+    rtsp: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     """Every output on one app: the relay's route table, which the in-process tests use too."""
     metrics = streams.metrics
@@ -86,12 +90,13 @@ def build_relay_app(
                 show_peers=bool(token),
                 timing=timing,
                 mission=mission,
+                rtsp=rtsp,
             ),
             partial(captures_routes.add_routes, store=store),
         ],
         token=token,
         allow_origin=allow_origin,
-        max_clients=max_clients,
+        slots=slots,
         refused=lambda reason: metrics.requests_refused.labels(reason=reason).inc(),
     )
 
@@ -162,6 +167,27 @@ class Relay:
                 robot_host=target.host,
                 robot_clock=lambda local: local + self.conn.skew,
             )
+        # Every client of every output takes a slot: --max-clients, and a share of it per address.
+        self.slots = Slots(
+            cfg.max_clients, cfg.max_clients_per_host or max(1, cfg.max_clients // 2)
+        )
+        # RTSP (H.264) from GStreamer, when asked for and installed.
+        self.rtsp: RtspOutput | None = None
+        if cfg.rtsp_port is not None:
+            try:
+                self.rtsp = RtspOutput(
+                    rtsp_engine.load(),
+                    self.hub,
+                    metrics,
+                    self.slots,
+                    bind=cfg.bind,
+                    port=cfg.rtsp_port,
+                    token=cfg.token,
+                    client_timeout=cfg.client_timeout,
+                    max_encoders=cfg.rtsp_max_encoders,
+                )
+            except rtsp_engine.Unavailable as exc:
+                log.warning("RTSP off: %s", exc)
         # Read at scrape time from the connection's own state, so the gauges cannot go stale.
         metrics.robot_connected.set_function(lambda: 1.0 if self.conn.connected.is_set() else 0.0)
         metrics.time_sync_skew.set_function(lambda: self.conn.skew)
@@ -172,16 +198,19 @@ class Relay:
             self.conn.status,
             token=cfg.token,
             allow_origin=cfg.allow_origin,
-            max_clients=cfg.max_clients,
+            slots=self.slots,
             timing=self.poller.timing,
             mission=self.mission.status if self.mission else None,
             store=store,
+            rtsp=self.rtsp.status if self.rtsp else None,
         )
 
     def _sources_changed(self, sources: dict, services: dict[str, bool]) -> None:
         self.metrics.sources_changed(sources, services)
         self.hub.set_sources(sources.values())
         self.poller.set_sources(sources, services)
+        if self.rtsp is not None:
+            self.rtsp.mount(list(sources))
 
     def _session_changed(self, robot) -> None:
         if self.mission is not None:
@@ -218,6 +247,13 @@ class Relay:
                 log.error("cannot start the Autowalk callback: %s", exc)
                 await runner.cleanup()
                 return 1
+        if self.rtsp is not None:
+            try:
+                await self.rtsp.start()
+            except OSError as exc:
+                log.error("cannot start RTSP: %s", exc)
+                await runner.cleanup()
+                return 1
         restarted = self.metrics.task_restarts.labels
         tasks = [
             asyncio.create_task(
@@ -233,6 +269,8 @@ class Relay:
         log.info("shutting down")
         if self.mission is not None:  # clips keep what they recorded; leave the directory
             await self.mission.close()
+        if self.rtsp is not None:
+            self.rtsp.close()
         self.hub.close()  # ends every stream, so the server has nothing to wait for
         await runner.cleanup()
         for task in tasks:

@@ -89,16 +89,16 @@ def load() -> Gst:
 
 def _route_log(gst: Any) -> None:
     """GStreamer's log into Python's (so through the secret filter); WARNING and up unless
-    GST_DEBUG says otherwise. Its RTSP client's ERRORs (a refused login, a wrong path) are a
-    client's mistakes, logged at INFO."""
+    GST_DEBUG says otherwise. What its RTSP server says of clients (a refused login, a wrong
+    path, a client gone: "Connection reset by peer") is the clients' business, at DEBUG."""
     gst.debug_remove_log_function(None)  # the default handler, which writes to stderr
     levels = {gst.DebugLevel.ERROR: logging.ERROR, gst.DebugLevel.WARNING: logging.WARNING}
 
     def write(category, level, file, function, line, obj, message, *user_data):
         name = category.get_name()
         py_level = levels.get(level, logging.DEBUG)
-        if name.startswith("rtsp"):
-            py_level = min(py_level, logging.INFO)
+        if name.startswith("rtsp") or name == "default":
+            py_level = logging.DEBUG
         GST_LOG.log(py_level, "%s: %s", name, message.get())
 
     gst.debug_add_log_function(write, None)

@@ -64,6 +64,7 @@ BITRATES = (100, 8000)
 LAG = 2.0  # seconds of a client's stream it may fall behind (unsent) before it counts as slow
 WATCH_EVERY = 0.5  # seconds between looks at every client's connection
 SEND_BUFFER = 256 * 1024  # what the kernel may hold for a client (a few seconds of video)
+X264_PTS_OFFSET = 3600 * 10**9
 PRESET = "ultrafast"  # measured: 5.5-6.7 % of a core per 640x480@15 stream here; veryfast 8-10 %
 
 
@@ -82,8 +83,7 @@ class Rendering:
         w, h = self.size
         spec = self.spec
         return (
-            f"{self.source}|{w}x{h}|r{spec.rotate}|{spec.colormap}|{self.fps or 0:g}|"
-            f"{self.bitrate}"
+            f"{self.source}|{w}x{h}|r{spec.rotate}|{spec.colormap}|{self.fps or 0:g}|{self.bitrate}"
         )
 
 
@@ -177,7 +177,8 @@ class Feed:
                 return g.PadProbeReturn.OK
 
             def took_out(pad, info):
-                began = self._started.pop(info.get_buffer().pts, None)
+                pts = info.get_buffer().pts  # x264 adds 1000 h so that its DTS stay positive
+                began = self._started.pop(pts - X264_PTS_OFFSET, self._started.pop(pts, None))
                 if began is not None:
                     observe(time.perf_counter() - began)
                 return g.PadProbeReturn.OK
@@ -272,7 +273,9 @@ class RtspOutput:
         server.connect("client-connected", self._connected)
         context = g.GLib.MainContext.new()
         if server.attach(context) == 0:
-            raise OSError(f"cannot listen on {self.bind}:{self.port}; give another with --rtsp-port")
+            raise OSError(
+                f"cannot listen on {self.bind}:{self.port}; give another with --rtsp-port"
+            )
         timer = g.GLib.timeout_source_new(int(WATCH_EVERY * 1000))
         timer.set_callback(self._watch)
         timer.attach(context)
@@ -483,7 +486,7 @@ class RtspOutput:
         self._pending[name] = r
         return element
 
-    def _watch(self) -> bool:
+    def _watch(self, *_: object) -> bool:
         """Every WATCH_EVERY s (GLib thread): expire sessions, count bytes, close stalled or
         slow clients."""
         if self._server is not None:
@@ -510,8 +513,10 @@ class RtspOutput:
             slow = v.behind_since is not None and now - v.behind_since > self.client_timeout
             if (stalled or slow) and v.client is not None:
                 log.info(
-                    "RTSP client %d of %s %s: closing", v.id, v.source, "stalled" if stalled else
-                    "too slow for the stream"
+                    "RTSP client %d of %s %s: closing",
+                    v.id,
+                    v.source,
+                    "stalled" if stalled else "too slow for the stream",
                 )
                 if self.loop is not None:
                     self.loop.call_soon_threadsafe(self._dropped)
