@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cameras", metavar="A,B", help="only these sources (default: every one)")
     p.add_argument("--h264", action="store_true", help="transcode to H.264 for RTSP/WebRTC/HLS")
+    p.add_argument(
+        "--from-rtsp",
+        action="store_true",
+        help="take each camera as H.264 from the relay's own RTSP output (relays started with "
+        "--rtsp-port): no re-encode at the base, a sixth of MJPEG's bytes on the robot's link",
+    )
     p.add_argument("--token-file", metavar="PATH", help="file holding the relays' access token")
     p.add_argument("--out", default="spotrelay-site", help="output directory (default %(default)s)")
     p.add_argument("--listen", default="", help="go2rtc's address (default: every interface)")
@@ -141,15 +147,27 @@ def fetch_sources(url: str, token: str | None) -> list[dict[str, Any]]:
 
 
 def stream_sources(
-    name: str, relay: str, path: str, *, token: bool, h264: bool, api: str
+    name: str,
+    relay: str,
+    path: str,
+    *,
+    token: bool,
+    h264: bool,
+    api: str,
+    rtsp: str | None = None,
 ) -> list[str]:
-    """go2rtc sources of one stream: the relay's MJPEG, then (``--h264``) ffmpeg's transcode.
+    """go2rtc sources of one stream: the relay's MJPEG, then (``--h264``) ffmpeg's transcode;
+    or (``--from-rtsp``, ``rtsp`` the relay's RTSP URL of the camera) the relay's own H.264,
+    which go2rtc re-serves as it is (RTSP, WebRTC, HLS; MJPEG viewers then cost go2rtc a
+    decode).
 
     ffmpeg reads go2rtc's own MJPEG output of the stream, not the relay: the relay is pulled once
     whoever watches, and the token never reaches ffmpeg's command line. (Not go2rtc's usual
     ``ffmpeg:NAME`` shortcut: that goes through RTSP, whose JPEG payload format cannot carry the
     greyscale JPEGs of Spot's fisheye cameras.)
     """
+    if rtsp is not None:  # go2rtc's RTSP client uses TCP, as the relay wants
+        return [rtsp + (f"?token=${{{TOKEN_VAR}}}" if token else "")]
     mjpeg = relay + path + (f"?token=${{{TOKEN_VAR}}}" if token else "")
     if not h264:
         return [mjpeg]
@@ -173,7 +191,7 @@ def go2rtc_yaml(
     # With a token, go2rtc asks the same of LAN viewers (user "spotrelay", password = the token);
     # otherwise it would open up what the relay protects. go2rtc exempts localhost by design.
     auth = {"username": "spotrelay", "password": f"${{{TOKEN_VAR}}}"} if token else {}
-    rtsp = {"default_query": "video=h264"} if h264 else {}  # else RTSP viewers get MJPEG
+    rtsp = {"default_query": "video=h264"} if h264 else {}  # else RTSP viewers get what comes
     lines = [
         "# Written by `spotrelay site-config`: re-run it instead of editing (see deploy/site).",
         *section("api", listen=f"{args.listen}:{args.api_port}", **auth),
@@ -294,6 +312,8 @@ def generate(args: argparse.Namespace) -> str:
     relays = dict(parse_robot(r) for r in args.robot)
     if len(relays) != len(args.robot):
         raise SiteError("--robot: each robot needs its own name")
+    if args.h264 and args.from_rtsp:
+        raise SiteError("--h264 (re-encode at the base) or --from-rtsp (the relay's H.264): one")
     token = read_token(args.token_file) if args.token_file else None
     wanted = [c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None
     out = Path(args.out)
@@ -308,29 +328,48 @@ def generate(args: argparse.Namespace) -> str:
     notes = []
     for robot, url in relays.items():
         try:
-            sources = {s["name"]: s["stream"] for s in fetch_sources(url, token)}
+            listed = fetch_sources(url, token)
+            sources = {s["name"]: s["stream"] for s in listed}
+            rtsp_of = {s["name"]: s.get("rtsp") for s in listed}
         except SiteError as exc:
             kept = previous.get("cameras", {}).get(robot)
             if previous.get("relays", {}).get(robot) != url or not kept:
                 raise SiteError(f"robot {robot}: {exc}") from None
             notes.append(f"robot {robot} did not answer ({exc}): keeping its cameras from last run")
             sources = {name: f"/stream/{name}" for name in kept}
+            rtsp_of = {  # the last run's RTSP addresses, from the streams it wrote
+                name: previous["streams"][f"{robot}_{name}"][0].split("?")[0]
+                for name in kept
+                if previous.get("streams", {}).get(f"{robot}_{name}", [""])[0].startswith("rtsp")
+            }
         if wanted:
             missing = [c for c in wanted if c not in sources]
             if missing:
                 have = ", ".join(sorted(sources))
                 raise SiteError(f"robot {robot} has no {', '.join(missing)}; it has {have}")
             sources = {c: sources[c] for c in wanted}
+        if args.from_rtsp and not all(rtsp_of.get(c) for c in sources):
+            raise SiteError(
+                f"robot {robot}'s relay serves no RTSP: start it with --rtsp-port "
+                "(SPOTRELAY_RTSP_PORT; 21082 in the extension), or use --h264"
+            )
         cameras[robot] = sorted(sources)
         for source in cameras[robot]:
             name = f"{robot}_{source}"
             streams[name] = stream_sources(
-                name, url, sources[source], token=bool(token), h264=args.h264, api=api
+                name,
+                url,
+                sources[source],
+                token=bool(token),
+                h264=args.h264,
+                api=api,
+                rtsp=rtsp_of[source] if args.from_rtsp else None,
             )
 
     settings = {
         "token": bool(token),
         "h264": args.h264,
+        "from_rtsp": args.from_rtsp,
         "listen": [args.listen, args.api_port, args.rtsp_port, args.webrtc_port],
         "scrape_interval": args.scrape_interval,
     }
