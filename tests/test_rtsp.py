@@ -271,3 +271,11 @@ def test_vlc_plays_it(rtsp):
             wait_until(lambda: len(list(out.glob("*.png"))) >= 12, 30, "VLC decoding 12 pictures")
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_the_api_says_each_cameras_rtsp_address(rtsp):
+    status, _, body = rtsp.get("/api/sources", headers=rtsp.headers)
+    assert status == 200
+    port = rtsp.rtsp.split(":")[-1]
+    for source in json.loads(body)["sources"]:
+        assert source["rtsp"] == f"rtsp://127.0.0.1:{port}/{source['name']}", source
