@@ -63,8 +63,8 @@ BITRATE = 1400  # kbit/s: x264 overshoots its target by 3-7 %; this stays under 
 BITRATES = (100, 8000)
 LAG = 2.0  # seconds of a client's stream it may fall behind (unsent) before it counts as slow
 WATCH_EVERY = 0.5  # seconds between looks at every client's connection
+ENCODE_SAMPLE_EVERY = 4  # looks between timings of one frame's encode, per encoder
 SEND_BUFFER = 256 * 1024  # what the kernel may hold for a client (a few seconds of video)
-X264_PTS_OFFSET = 3600 * 10**9
 PRESET = "ultrafast"  # measured: 5.5-6.7 % of a core per 640x480@15 stream here; veryfast 8-10 %
 
 
@@ -163,30 +163,30 @@ class Feed:
         self.last_pts = -1
         self.pushed = 0
         self.task: asyncio.Task | None = None
-        self._started: dict[int, float] = {}
-        self._probes = []
-        if self.encoder is not None:  # encode time: from x264's input to its output, by PTS
-            g = gst.Gst
-            sink, src = self.encoder.get_static_pad("sink"), self.encoder.get_static_pad("src")
+        self._observe = observe
 
-            def took_in(pad, info):
-                buf = info.get_buffer()
-                self._started[buf.pts] = time.perf_counter()
-                if len(self._started) > 32:
-                    self._started.pop(next(iter(self._started)))
-                return g.PadProbeReturn.OK
+    def sample_encode(self) -> None:
+        """Time x264 on the next frame (its input to its output: with no B-frames and zero
+        latency it encodes a frame within the call that hands it over). One frame now and
+        then, so Python, and its lock, stay out of the encoder's thread the rest of the time."""
+        g = self.gst.Gst
+        if self.encoder is None:
+            return
+        sink, src = self.encoder.get_static_pad("sink"), self.encoder.get_static_pad("src")
+        began: list[float] = []
 
-            def took_out(pad, info):
-                pts = info.get_buffer().pts  # x264 adds 1000 h so that its DTS stay positive
-                began = self._started.pop(pts - X264_PTS_OFFSET, self._started.pop(pts, None))
-                if began is not None:
-                    observe(time.perf_counter() - began)
-                return g.PadProbeReturn.OK
+        def took_in(pad, info, *_):
+            began.append(time.perf_counter())
+            return g.PadProbeReturn.REMOVE
 
-            self._probes = [
-                (sink, sink.add_probe(g.PadProbeType.BUFFER, took_in)),
-                (src, src.add_probe(g.PadProbeType.BUFFER, took_out)),
-            ]
+        def took_out(pad, info, *_):
+            if not began:
+                return g.PadProbeReturn.OK  # the frame before ours: wait for ours
+            self._observe(time.perf_counter() - began[0])
+            return g.PadProbeReturn.REMOVE
+
+        src.add_probe(g.PadProbeType.BUFFER, took_out)
+        sink.add_probe(g.PadProbeType.BUFFER, took_in)
 
     def push(self, enc: Encoded) -> None:
         """One rendering into the encoder (event loop thread; appsrc is thread-safe)."""
@@ -219,10 +219,6 @@ class Feed:
             )
 
     def close(self) -> None:
-        for pad, probe in self._probes:
-            with contextlib.suppress(Exception):
-                pad.remove_probe(probe)
-        self._probes = []
         self.media = self.appsrc = self.encoder = self.pipeline = None
 
 
@@ -248,6 +244,7 @@ class RtspOutput:
         self.viewers: dict[int, Viewer] = {}
         self._lock = threading.Lock()
         self._ids = 0
+        self._ticks = 0
         self._glib_loop: Any = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -491,6 +488,12 @@ class RtspOutput:
         slow clients."""
         if self._server is not None:
             self._server.get_session_pool().cleanup()  # nothing else expires sessions
+        self._ticks += 1
+        if self._ticks % ENCODE_SAMPLE_EVERY == 0:
+            with self._lock:
+                feeds = list(self.feeds.values())
+            for feed in feeds:
+                feed.sample_encode()
         now = time.monotonic()
         with self._lock:
             viewers = list(self.viewers.values())
