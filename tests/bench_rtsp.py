@@ -126,9 +126,22 @@ def ffmpeg_rtsp(url: str, seconds: float) -> list[str]:
 def frames_read(url: str, seconds: float) -> float:
     """Frames per second an RTSP reader got over ``seconds`` (after its first)."""
     out = subprocess.run(
-        ["ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-select_streams", "v"]
-        + ["-read_intervals", f"%+{seconds + 2}", "-show_entries", "packet=pts_time", "-of"]
-        + ["csv=p=0", url],
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-rtsp_transport",
+            "tcp",
+            "-select_streams",
+            "v",
+            "-read_intervals",
+            f"%+{seconds + 2}",
+            "-show_entries",
+            "packet=pts_time",
+            "-of",
+            "csv=p=0",
+            url,
+        ],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
@@ -185,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         before = _h264(relay)
         one = _with(
-            readers(ffmpeg_rtsp(f"{rtsp}/{CAMERA}", 60) + ["-f", "null", "-"], 1),
+            readers([*ffmpeg_rtsp(f"{rtsp}/{CAMERA}", 60), "-f", "null", "-"], 1),
             lambda: cpu_while(relay, args.seconds),
         )
         after = _h264(relay)
         ten = _with(
-            readers(ffmpeg_rtsp(f"{rtsp}/{CAMERA}", 60) + ["-f", "null", "-"], 10),
+            readers([*ffmpeg_rtsp(f"{rtsp}/{CAMERA}", 60), "-f", "null", "-"], 10),
             lambda: cpu_while(relay, args.seconds),
         )
         x264 = (after[1] - before[1]) / max(1.0, after[0] - before[0])
