@@ -9,6 +9,7 @@ meets when something is mistyped in a compose file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import sys
@@ -54,6 +55,11 @@ class Config:
     max_variants: int = 16
     no_queue_control: bool = False
     rtsp_port: int | None = None
+    tls: bool = False
+    tls_dir: str = "tls"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_names: tuple[str, ...] = ()
     rtsp_max_encoders: int = 8
     mission: bool = False
     mission_port: int = 21081
@@ -194,6 +200,21 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         "serve RTSP (H.264) on this port too; off unless given (needs GStreamer, see README)",
     ),
     (
+        "--tls-dir",
+        str,
+        "tls",
+        "with --tls: where the self-made certificate is kept (made on first start, reused)",
+    ),
+    ("--tls-cert", str, None, "with --tls: your own certificate (PEM), instead of a self-made one"),
+    ("--tls-key", str, None, "with --tls-cert: its private key (PEM)"),
+    (
+        "--tls-names",
+        _csv,
+        (),
+        "more names and addresses for a self-made certificate (e.g. 192.168.80.3,spot-1.lan); "
+        "it always names spotrelay, this host and loopback",
+    ),
+    (
         "--rtsp-max-encoders",
         _number_in("--rtsp-max-encoders", int, 1, 100),
         8,
@@ -250,6 +271,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
 _SWITCHES: list[tuple[str, str]] = [
     ("--sim", "use the built-in simulated robot"),
     ("--mission", "serve the Autowalk camera callback and register it in the robot's directory"),
+    ("--tls", "serve HTTPS (and WSS, RTSPS): your certificate, or one made and kept in --tls-dir"),
     (
         "--no-queue-control",
         "write viewers' frames as fast as their sockets take them, without waiting for their "
@@ -331,6 +353,7 @@ def load(argv: list[str] | None = None) -> Config:
     password = os.environ.get("BOSDYN_CLIENT_PASSWORD") or None
     cfg = Config(guid=guid, secret=secret, username=username, password=password, **v)  # type: ignore[arg-type]
     _check_ports(cfg)
+    cfg = _check_tls(cfg)
     if cfg.mission:
         _check_mission(cfg)
     if cfg.sim:
@@ -358,6 +381,23 @@ def _local_only(host: str) -> bool:
     return addr.is_loopback or addr.is_unspecified
 
 
+def _check_tls(cfg: Config) -> Config:
+    """``--tls-cert`` and ``--tls-key`` go together and mean ``--tls``; both must be readable
+    PEM (a typo would otherwise only show as handshakes failing)."""
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if cfg.tls_cert:
+        _check_certificate(cfg.tls_cert, "--tls-cert")
+        try:
+            with open(str(cfg.tls_key), "rb") as fh:
+                if b"PRIVATE KEY" not in fh.read():
+                    raise ConfigError(f"--tls-key {cfg.tls_key}: not a PEM private key")
+        except OSError as exc:
+            raise ConfigError(f"--tls-key {cfg.tls_key}: {exc.strerror}") from None
+        return dataclasses.replace(cfg, tls=True)
+    return cfg
+
+
 def _check_ports(cfg: Config) -> None:
     """Every port the relay listens on is its own."""
     used = {"--port": cfg.port}
@@ -382,19 +422,19 @@ def _check_mission(cfg: Config) -> None:
         )
 
 
-def _check_certificate(path: str) -> None:
+def _check_certificate(path: str, option: str = "--robot-cert") -> None:
     """A CA file that is not a PEM certificate would only show as a TLS failure retried for
     ever, with the SDK blaming the network; say so at start."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        raise ConfigError(f"--robot-cert {path}: {exc.strerror}") from None
+        raise ConfigError(f"{option} {path}: {exc.strerror}") from None
     try:
         x509.load_pem_x509_certificates(data)
     except ValueError:
         raise ConfigError(
-            f"--robot-cert {path}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"
+            f"{option} {path}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"
         ) from None
 
 

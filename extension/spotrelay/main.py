@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 from aiohttp import web
 
-from spotrelay import __version__, logs, process
+from spotrelay import __version__, logs, process, tls
 from spotrelay.autowalk import routes as captures_routes
 from spotrelay.autowalk.service import MissionServer
 from spotrelay.autowalk.store import Store
@@ -113,6 +113,17 @@ class Relay:
     ):
         self.cfg = cfg
         self.metrics = metrics
+        # HTTPS (and WSS, RTSPS): the user's certificate, or one made once and kept
+        self.ssl = None
+        tls_files = None
+        if cfg.tls:
+            tls_files = (
+                (cfg.tls_cert, cfg.tls_key)
+                if cfg.tls_cert and cfg.tls_key
+                else tls.ensure_certificate(cfg.tls_dir, [*tls.default_names(), *cfg.tls_names])
+            )
+            self.ssl = tls.server_context(*tls_files)
+            log.info("TLS certificate %s, SHA-256 %s", tls_files[0], tls.fingerprint(tls_files[0]))
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
         )
@@ -185,6 +196,7 @@ class Relay:
                     token=cfg.token,
                     client_timeout=cfg.client_timeout,
                     max_encoders=cfg.rtsp_max_encoders,
+                    tls_files=tls_files,
                 )
             except rtsp_engine.Unavailable as exc:
                 log.warning("RTSP off: %s", exc)
@@ -227,7 +239,7 @@ class Relay:
             keepalive_timeout=self.cfg.idle_timeout,
         )
         await runner.setup()
-        site = web.TCPSite(runner, bind, port, reuse_address=True)
+        site = web.TCPSite(runner, bind, port, reuse_address=True, ssl_context=self.ssl)
         try:
             await site.start()
         except OSError as exc:
@@ -239,7 +251,8 @@ class Relay:
             )
             await runner.cleanup()
             return 1
-        log.info("spotrelay %s serving http://%s:%d/", __version__, bind, port)
+        scheme = "https" if self.ssl else "http"
+        log.info("spotrelay %s serving %s://%s:%d/", __version__, scheme, bind, port)
         if self.mission is not None:
             try:
                 await self.mission.start()
@@ -322,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.run_as and os.geteuid() == 0:
         if cfg.mission:
             process.own_folder(cfg.captures_dir, *cfg.run_as)
+        if cfg.tls and not cfg.tls_cert:  # the relay makes (once) and keeps its certificate
+            process.own_folder(cfg.tls_dir, *cfg.run_as)
         process.drop_privileges(*cfg.run_as)
     redactor = logs.setup(cfg.log_level, [cfg.password, cfg.secret, cfg.token, cfg.guid])
     cv2.setNumThreads(1)  # parallelism comes from rendering sources in separate threads

@@ -46,6 +46,7 @@ class Gst:
     """The GObject modules the RTSP output uses, loaded once."""
 
     def __init__(self, modules: dict[str, ModuleType]):
+        self.Gio = modules["Gio"]
         self.GLib = modules["GLib"]
         self.Gst = modules["Gst"]
         self.GstRtsp = modules["GstRtsp"]
@@ -67,7 +68,7 @@ def load() -> Gst:
     try:
         for name in ("Gst", "GstRtsp", "GstRtspServer"):
             gi.require_version(name, "1.0")
-        from gi.repository import GLib, GstRtsp, GstRtspServer
+        from gi.repository import Gio, GLib, GstRtsp, GstRtspServer
         from gi.repository import Gst as gst
     except (ValueError, ImportError) as exc:  # "Namespace GstRtspServer not available"
         raise Unavailable(f"{exc}; install {PACKAGES}") from None
@@ -83,7 +84,8 @@ def load() -> Gst:
     if missing:
         raise Unavailable(f"GStreamer elements missing; install {' '.join(missing)}")
     _route_log(gst)
-    _loaded = Gst({"GLib": GLib, "Gst": gst, "GstRtsp": GstRtsp, "GstRtspServer": GstRtspServer})
+    modules = {"Gio": Gio, "GLib": GLib, "Gst": gst, "GstRtsp": GstRtsp}
+    _loaded = Gst({**modules, "GstRtspServer": GstRtspServer})
     return _loaded
 
 

@@ -235,8 +235,11 @@ class RtspOutput:
         token: str | None,
         client_timeout: float,
         max_encoders: int,
+        tls_files: tuple[Any, Any] | None = None,
     ):
+        """``tls_files``: (certificate, key): RTSPS (``rtsps://``) instead of RTSP."""
         self.gst, self.hub, self.metrics, self.slots = gst, hub, metrics, slots
+        self.tls_files = tls_files
         self.bind, self.port, self.token = bind, port, token
         self.client_timeout, self.max_encoders = client_timeout, max_encoders
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -265,7 +268,7 @@ class RtspOutput:
         server.set_service(str(self.port))
         self._viewer_token = g.GstRtspServer.RTSPToken()
         self._viewer_token.set_string("media.factory.role", "viewer")
-        if self.token:
+        if self.token or self.tls_files:
             server.set_auth(self._auth())
         server.connect("client-connected", self._connected)
         context = g.GLib.MainContext.new()
@@ -280,7 +283,8 @@ class RtspOutput:
         self._thread = threading.Thread(target=self._glib_loop.run, name="rtsp", daemon=True)
         self._thread.start()
         self.mount(list(self.hub.sources))
-        log.info("RTSP on rtsp://%s:%d/<source> (H.264, TCP)", self.bind, self.port)
+        scheme = "rtsps" if self.tls_files else "rtsp"
+        log.info("RTSP on %s://%s:%d/<source> (H.264, TCP)", scheme, self.bind, self.port)
 
     def mount(self, sources: list[str]) -> None:
         """A factory per source (new sources appear when the robot lists them)."""
@@ -303,7 +307,7 @@ class RtspOutput:
             factory.set_suspend_mode(g.GstRtspServer.RTSPSuspendMode.NONE)
             factory.set_eos_shutdown(False)
             factory.set_stop_on_disconnect(True)
-            if self.token:
+            if self.token or self.tls_files:  # an RTSPAuth checks every factory's roles
                 factory.add_role_from_structure(roles)
             factory.connect("media-configure", self._configured)
             mounts.add_factory(f"/{source}", factory)
@@ -328,6 +332,7 @@ class RtspOutput:
             encoders = sorted(self.feeds)
         return {
             "port": self.port,
+            "scheme": "rtsps" if self.tls_files else "rtsp",
             "encoders": encoders,
             "clients": [
                 {
@@ -352,6 +357,8 @@ class RtspOutput:
             """Basic or Digest (user ``spotrelay``, the token as password), or ``?token=``."""
 
             def do_authenticate(self, ctx):
+                if not output.token:
+                    return g.GstRtspServer.RTSPAuth.do_authenticate(self, ctx)
                 viewer = output._viewer_of(ctx.client)
                 query = ctx.uri.query if ctx.uri is not None else None
                 if viewer is not None and query:
@@ -363,6 +370,12 @@ class RtspOutput:
                 return g.GstRtspServer.RTSPAuth.do_authenticate(self, ctx)
 
         auth = Auth()
+        if self.tls_files:  # RTSPS on the same port: the RTSP session itself is encrypted
+            cert, key = (str(f) for f in self.tls_files)
+            auth.set_tls_certificate(g.Gio.TlsCertificate.new_from_files(cert, key))
+        if not self.token:
+            auth.set_default_token(self._viewer_token)  # TLS only: everyone may watch
+            return auth
         basic = g.GstRtspServer.RTSPAuth.make_basic(USER, self.token)
         auth.add_basic(basic, self._viewer_token)
         auth.add_digest(USER, self.token, self._viewer_token)

@@ -43,7 +43,10 @@ def add_routes(
         now = time.time()
         out = []
         # the RTSP address as this client reaches the relay (its Host header), on the RTSP port
-        rtsp_base = f"rtsp://{request.url.host}:{rtsp()['port']}" if rtsp is not None else None
+        rtsp_base = None
+        if rtsp is not None:
+            out_rtsp = rtsp()
+            rtsp_base = f"{out_rtsp['scheme']}://{request.url.host}:{out_rtsp['port']}"
         for name, info in sorted(hub.sources.items()):
             frame = hub.frame(name)
             out.append(
