@@ -117,7 +117,7 @@ def test_tls_options_go_together_and_are_checked(tmp_path):
         cfg_mod.load(["--sim", "--tls-cert", "x.pem"])
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
-    with pytest.raises(cfg_mod.ConfigError, match="--tls-cert .*not a PEM certificate"):
+    with pytest.raises(cfg_mod.ConfigError, match=r"--tls-cert .*not a PEM certificate"):
         cfg_mod.load(["--sim", "--tls-cert", str(bad), "--tls-key", str(bad)])
     from spotrelay import tls
 
