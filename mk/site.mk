@@ -10,6 +10,7 @@ CAMERAS ?=
 TOKEN_FILE ?=
 H264 ?=
 FROM_RTSP ?=
+CA_FILE ?=
 SITE_ARGS ?=
 
 .PHONY: site-config site go2rtc bench-site
@@ -19,7 +20,8 @@ site-config: setup
 	@test -n "$(ROBOTS)" || { echo 'usage: make site-config ROBOTS="NAME=http://HOST:21080 ..." [CAMERAS=a,b] [TOKEN_FILE=path] [H264=1]' >&2; exit 2; }
 	$(strip $(BIN)/spotrelay site-config --out $(SITE_DIR) $(foreach r,$(ROBOTS),--robot $(r)) \
 	  $(if $(CAMERAS),--cameras $(CAMERAS)) $(if $(TOKEN_FILE),--token-file $(TOKEN_FILE)) \
-	  $(if $(H264),--h264) $(if $(FROM_RTSP),--from-rtsp) $(SITE_ARGS))
+	  $(if $(H264),--h264) $(if $(FROM_RTSP),--from-rtsp) $(if $(CA_FILE),--ca-file $(CA_FILE)) \
+	  $(SITE_ARGS))
 
 ## Run go2rtc and Prometheus from SITE_DIR in the foreground (Ctrl-C stops both).
 site: go2rtc

@@ -638,3 +638,19 @@ def test_from_rtsp_the_base_takes_the_relays_h264_and_re_encodes_nothing(sim, tm
         if engines is not None:
             end_group(engines)
         relay.stop()
+
+
+def test_relays_with_tls_a_ca_file_for_prometheus_and_go2rtc(relay_url, tmp_path, capsys):
+    from spotrelay import tls
+
+    cert, _ = tls.ensure_certificate(tmp_path / "relay-tls", [])
+    out = tmp_path / "site"
+    code, _, err = run_site(capsys, f"--robot=spot-1={relay_url}", f"--out={out}",
+                            f"--ca-file={cert}")  # fmt: skip
+    assert code == 0, err
+    prom = (out / "prometheus.yml").read_text()
+    assert "ca_file: credentials/relay-ca.crt" in prom and "server_name: spotrelay" in prom
+    assert (out / "credentials" / "relay-ca.crt").read_bytes() == cert.read_bytes()
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "config", out / "prometheus.yml"], **_text)
+        assert check.returncode == 0, check.stdout + check.stderr

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 TOKEN_VAR = "SPOTRELAY_TOKEN"
+CA_FILE = "relay-ca.crt"  # in credentials/: what run.sh gives go2rtc as SSL_CERT_FILE
 # go2rtc substitutes the token as is into source URLs (``?token=``); a character that needs
 # escaping in a URL would break them, and whitespace is refused by go2rtc's API.
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]+")
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rtsp-port): no re-encode at the base, a sixth of MJPEG's bytes on the robot's link",
     )
     p.add_argument("--token-file", metavar="PATH", help="file holding the relays' access token")
+    p.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="relays with --tls (https:// URLs): the certificate to trust (the relay's "
+        "spotrelay.crt); Prometheus checks it for the name spotrelay, go2rtc for the URL's "
+        "address (add it to the relay's --tls-names)",
+    )
     p.add_argument("--out", default="spotrelay-site", help="output directory (default %(default)s)")
     p.add_argument("--listen", default="", help="go2rtc's address (default: every interface)")
     p.add_argument("--api-port", type=int, default=1984, help="go2rtc web page and API")
@@ -220,12 +228,16 @@ def file_sd(relays: dict[str, str]) -> list[dict[str, Any]]:
     return groups
 
 
-def prometheus_yml(interval: str, token: bool) -> str:
+def prometheus_yml(interval: str, token: bool, ca: bool = False) -> str:
     auth = (
         f"    authorization:\n      type: Bearer\n      credentials_file: credentials/{TOKEN_VAR}\n"
         if token
         else ""
     )
+    if ca:  # relays' self-made certificates name "spotrelay", not the address they are reached at
+        auth += (
+            f"    tls_config:\n      ca_file: credentials/{CA_FILE}\n      server_name: spotrelay\n"
+        )
     return (
         "# Written by `spotrelay site-config`. Paths are relative to this file. Robots come and\n"
         "# go through targets.json, which Prometheus re-reads by itself.\n"
@@ -377,7 +389,20 @@ def generate(args: argparse.Namespace) -> str:
     changes = update_go2rtc(api, previous.get("streams", {}), streams, token)
     write(out / "go2rtc.yaml", go2rtc_yaml(streams, args, bool(token), args.h264), 0o600)
     write(out / "targets.json", json.dumps(file_sd(relays), indent=1) + "\n")
-    write(out / "prometheus.yml", prometheus_yml(args.scrape_interval, bool(token)))
+    if args.ca_file:
+        try:
+            ca = Path(args.ca_file).read_text()
+        except OSError as exc:
+            raise SiteError(f"--ca-file {args.ca_file}: {exc.strerror}") from None
+        if "BEGIN CERTIFICATE" not in ca:
+            raise SiteError(f"--ca-file {args.ca_file}: not a PEM certificate")
+        write(out / "credentials" / CA_FILE, ca)
+    else:
+        (out / "credentials" / CA_FILE).unlink(missing_ok=True)
+    write(
+        out / "prometheus.yml",
+        prometheus_yml(args.scrape_interval, bool(token), bool(args.ca_file)),
+    )
     state = {"relays": relays, "cameras": cameras, "streams": streams, "settings": settings}
     write(out / "site.json", json.dumps(state, indent=1) + "\n")
 
