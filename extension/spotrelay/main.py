@@ -253,18 +253,13 @@ class Relay:
             return 1
         scheme = "https" if self.ssl else "http"
         log.info("spotrelay %s serving %s://%s:%d/", __version__, scheme, bind, port)
-        if self.mission is not None:
+        for what, server in (("the Autowalk callback", self.mission), ("RTSP", self.rtsp)):
+            if server is None:
+                continue
             try:
-                await self.mission.start()
+                await server.start()
             except OSError as exc:
-                log.error("cannot start the Autowalk callback: %s", exc)
-                await runner.cleanup()
-                return 1
-        if self.rtsp is not None:
-            try:
-                await self.rtsp.start()
-            except OSError as exc:
-                log.error("cannot start RTSP: %s", exc)
+                log.error("cannot start %s: %s", what, exc)
                 await runner.cleanup()
                 return 1
         restarted = self.metrics.task_restarts.labels
