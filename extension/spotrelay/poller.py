@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from bosdyn.api import header_pb2, image_pb2
 from bosdyn.client.exceptions import ResponseError
@@ -55,7 +55,7 @@ class _Source:
         self.size: tuple[int, int] | None = None  # (cols, rows) of the newest frame
 
 
-Fetch = Callable[[str, list[image_pb2.ImageRequest]], asyncio.Future]
+Fetch = Callable[[str, list[image_pb2.ImageRequest]], Awaitable[image_pb2.GetImageResponse]]
 Report = Callable[[str, BaseException | None], None]
 
 
@@ -199,17 +199,18 @@ class Poller:
 
     def _send(self, service: str, batch: list[_Source], now: float) -> None:
         asks = [s.schedule.ask(now, self.idle_interval) for s in batch]
-        fut = self.fetch(service, [s.request for s in batch])
-        task = asyncio.create_task(self._receive(service, batch, asks, now, fut))
+        task = asyncio.create_task(self._receive(service, batch, asks, now))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _receive(
-        self, service: str, batch: list[_Source], asks: list[Ask], sent: float, fut: asyncio.Future
+        self, service: str, batch: list[_Source], asks: list[Ask], sent: float
     ) -> None:
+        """One GetImage of a batch, sent from this task (the call is made on the loop at once),
+        and what its reply means for each source."""
         try:
             try:
-                whole = await fut
+                whole = await self.fetch(service, [s.request for s in batch])
             except ResponseError as exc:  # see the module docstring: the rest is in it
                 whole = exc.response
                 if not isinstance(whole, image_pb2.GetImageResponse) or (
