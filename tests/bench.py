@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads
 
 import argparse
+import asyncio
 import contextlib
 import json
 import multiprocessing
@@ -639,12 +640,70 @@ def scenario_reconnect(report: Report, ref: str, repeats: int) -> None:
         )
 
 
+# Each tile of the viewer page with the rate it shows under it ("12.3 fps · 40 ms").
+_TILES_JS = """[...document.querySelectorAll('.tile')].map(t => {
+  const info = t.querySelector('.info').textContent;
+  return {name: t.dataset.source, fps: info.includes(' fps') ? parseFloat(info) : 0};
+})"""
+
+
+async def _tile_rates(ws_url: str, settle: float, samples: int) -> dict[str, list[float]]:
+    """Every tile's frame rate as the page shows it, read ``samples`` times a second apart
+    once every tile shows one and ``settle`` more seconds have passed."""
+    import aiohttp
+
+    from tests.browser import Page
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        page = Page(ws)
+        await page.call("Runtime.enable")
+        await page.until(_TILES_JS, "v.length >= 20 && v.every(t => t.fps > 0)", timeout=60)
+        await asyncio.sleep(settle)
+        rates: dict[str, list[float]] = {}
+        for _ in range(samples):
+            for tile in await page.eval(_TILES_JS):
+                rates.setdefault(tile["name"], []).append(tile["fps"])
+            await asyncio.sleep(1.0)
+        return rates
+
+
+def scenario_demo(report: Report, ref: str, secs: float) -> None:
+    """Issue 20, item 3: ``make run`` (``--sim``) with the viewer page open in Chromium, every
+    one of the simulated robot's 20 cameras in a tile: the rate each tile shows. Before, the
+    simulated robot ran in the relay's process (one interpreter lock for both)."""
+    from tests.browser import CHROMIUM, chromium
+
+    if CHROMIUM is None:
+        print("demo: chromium not installed, skipped")
+        return
+    with checkout(ref) as before:
+        arms = {"now": None} if before is None else {"before": before, "now": None}
+        worst: dict[str, tuple[float, float, float]] = {}
+        for arm, code in arms.items():
+            relay = Relay(["--sim"], code=code).wait_ready(60)
+            try:
+                with chromium(f"{relay.url}/", "--disable-quic", "--window-size=1400,1000") as ws:
+                    rates = asyncio.run(_tile_rates(ws, 3.0, max(3, int(secs))))
+            finally:
+                relay.stop()
+            per_tile = sorted(statistics.median(r) for r in rates.values())
+            worst[arm] = (per_tile[0], statistics.median(per_tile), len(per_tile))
+            print(f"  demo {arm}: worst tile {per_tile[0]:.1f} fps, median {worst[arm][1]:.1f}")
+    report.row(
+        "make run + viewer page in Chromium (20 tiles): worst tile fps, median tile fps",
+        *(f"{worst[a][0]:.1f}, {worst[a][1]:.1f}" if a in worst else "" for a in ("before", "now")),
+        "target >= 13 fps",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument(
-        "--only", default=None, help="comma-separated scenarios: six,rtt,mixed,cpu,cases,reconnect"
+        "--only",
+        default=None,
+        help="comma-separated scenarios: six,rtt,mixed,cpu,cases,reconnect,demo",
     )
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the CPU cases")
     parser.add_argument("--repeats", type=int, default=3, help="each outage, per relay")
@@ -672,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario_cases(report, args.seconds, args.rounds, args.before)
     if want("reconnect"):
         scenario_reconnect(report, args.before, args.repeats)
+    if want("demo"):
+        scenario_demo(report, args.before, args.seconds)
     print("\n" + report.table())
     if args.json:
         with open(args.json, "w") as fh:

@@ -24,6 +24,7 @@ from spotrelay.frames import SourceInfo
 from spotrelay.robot.connection import (
     AUTH_BURST,
     AUTH_WINDOW,
+    FAILING_FOR,
     FAILURES_BEFORE_RECONNECT,
     PROBE_EVERY,
     PROBE_FAST,
@@ -240,9 +241,25 @@ def _lose_robot(robot: FakeRobot, conn: RobotConnection) -> float:
     """Every image service stops answering (a restart, a network that carries nothing): the
     poller's GetImage calls fail. Returns when, in fake time."""
     robot.failing["image"] = UnableToConnectToRobotError(None, "no route to host")
+    robot.time.now += FAILING_FOR  # nothing answered for that long
     for _ in range(FAILURES_BEFORE_RECONNECT):
         conn.report("image", UnableToConnectToRobotError(None, "no route to host"))
     return robot.time()
+
+
+@scenario
+async def test_a_burst_of_failures_among_answers_is_no_outage(robot):
+    """A busy machine can time out a few requests in a row while others are answered: the
+    service is given up only when it has answered nothing for FAILING_FOR seconds."""
+    async with running(robot) as (conn, seen):
+        await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
+        conn.report("image", None)
+        for _ in range(3 * FAILURES_BEFORE_RECONNECT):
+            conn.report("image", TimedOutError(None, "too slow"))
+        assert seen.services == {"image": True} and conn.connected.is_set()
+        robot.time.now += FAILING_FOR
+        conn.report("image", TimedOutError(None, "still nothing"))
+        assert seen.services == {"image": False} and not conn.connected.is_set()
 
 
 @scenario
@@ -328,6 +345,7 @@ async def test_one_failing_service_is_retried_alone_while_the_others_serve(robot
     robot.services["spot-cam-image"] = [source("ptz", "spot-cam-image")]
     async with running(robot, services=("image", "spot-cam-image")) as (conn, seen):
         await async_wait_until(lambda: len(seen.sources) == 3, what="both services")
+        robot.time.now += FAILING_FOR
         for _ in range(FAILURES_BEFORE_RECONNECT):
             conn.report("image", None)  # the robot answers ...
             conn.report("spot-cam-image", TimedOutError(None, "too slow"))  # ... one service not

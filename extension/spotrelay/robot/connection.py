@@ -49,8 +49,11 @@ from spotrelay.robot.threads import in_daemon_thread
 
 log = logging.getLogger("spotrelay.robot")
 
-# Consecutive failed GetImage calls (with no success between) that mean a service is gone.
+# A service is gone after this many failed GetImage calls in a row, over at least FAILING_FOR
+# seconds without an answer: a burst of timeouts on a busy machine, with answers around it, is
+# not an outage (giving the service up would cost every camera its learnt timing).
 FAILURES_BEFORE_RECONNECT = 5
+FAILING_FOR = 1.0
 # A service that answered and stopped is probed (ListImageSources) this often for the first
 # PROBE_FAST seconds of its outage, then with the usual backoff (BACKOFF_FIRST doubling to
 # BACKOFF_MAX): a short outage (a restart, a network hiccup) ends within a probe of its end.
@@ -90,6 +93,7 @@ class ServiceState:
     error: str | None = None
     sources: tuple[str, ...] = ()
     failures: int = 0
+    answered_at: float = 0.0  # the last GetImage it answered (or when it was found)
     delay: float = BACKOFF_FIRST
     retry_at: float = 0.0
     down_since: float | None = None  # when it stopped answering, if it ever answered
@@ -219,8 +223,9 @@ class RobotConnection:
         st = self.state.get(service)
         if st is None:  # no session (the state goes with it), or a service given up since
             return
+        now = self.clock()
         if exc is None:
-            st.failures = 0
+            st.failures, st.answered_at = 0, now
             if not st.ok:  # a reply that was in flight when the service was given up
                 st.answered()
                 self._answering()
@@ -230,7 +235,11 @@ class RobotConnection:
         st.failures += 1
         if failure.relogin:
             self._lose(describe_error(exc), failure.problem)
-        elif st.ok and st.failures >= FAILURES_BEFORE_RECONNECT:
+        elif (
+            st.ok
+            and st.failures >= FAILURES_BEFORE_RECONNECT
+            and now - st.answered_at >= FAILING_FOR
+        ):
             self._service_failed(st, describe_error(exc))
 
     def _lose(self, error: str, problem: str = "unreachable") -> None:
@@ -437,6 +446,7 @@ class RobotConnection:
                 continue
             back = st.down_since is not None
             st.answered()
+            st.answered_at = self.clock()
             st.sources = tuple(s.name for s in result)
             if not initial:
                 log.info(
