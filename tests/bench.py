@@ -448,8 +448,16 @@ class Load:
         return self.cpu * self.seconds / max(1, self.frames)
 
 
-def load(sim: SimProcess, code: str | None, case: tuple, warmup: float, window: float) -> Load:
-    """A fresh relay (this checkout's, or the one in ``code``) with one viewer per source."""
+def load(
+    sim: SimProcess,
+    code: str | None,
+    case: tuple,
+    warmup: float,
+    window: float,
+    profile: str | None = None,
+) -> Load:
+    """A fresh relay (this checkout's, or the one in ``code``) with one viewer per source;
+    ``profile``: after the window, a py-spy recording of it under the same load, to that file."""
     sources, mode, query = case
     relay = Relay.for_sim(sim, "--sources", ",".join(sources), code=code).wait_ready()
     viewers = None
@@ -461,6 +469,8 @@ def load(sim: SimProcess, code: str | None, case: tuple, warmup: float, window: 
         time.sleep(window)
         cpu1, t1 = cpu_seconds(relay.proc.pid), time.time()
         seen = viewers.report()
+        if profile:
+            _profile(relay.proc.pid, profile)
     finally:
         if viewers is not None:
             viewers.close()
@@ -480,6 +490,18 @@ def load(sim: SimProcess, code: str | None, case: tuple, warmup: float, window: 
     )
 
 
+def _profile(pid: int, out: str, seconds: int = 10) -> None:
+    """py-spy (``pip install py-spy``) on a running relay: Python stacks at 200 Hz, without
+    pausing it, as a speedscope file (open in https://www.speedscope.app)."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        print("  (no profile: py-spy is not installed; .venv/bin/pip install py-spy)")
+        return
+    cmd = [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--nonblocking"]
+    subprocess.run([*cmd, "-f", "speedscope", "-o", out], capture_output=True, check=False)
+    print(f"  profile: {out}", flush=True)
+
+
 CASES = {
     "six cameras, one passthrough MJPEG viewer each": (VISUAL, "mjpeg", ""),
     "the viewer page's 11 tiles (5 fisheye, 5 depth, hand colour) at 320 px q70": (
@@ -490,7 +512,9 @@ CASES = {
 }
 
 
-def scenario_cases(report: Report, secs: float, rounds: int, ref: str) -> None:
+def scenario_cases(
+    report: Report, secs: float, rounds: int, ref: str, profile: str | None = None
+) -> None:
     """Issue 20's two cases, this checkout against ``ref`` in the same run: each a fresh relay
     against the same simulated robot, in ABBA order so that drift on a shared machine cancels."""
     with checkout(ref) as before:
@@ -503,7 +527,12 @@ def scenario_cases(report: Report, secs: float, rounds: int, ref: str) -> None:
                 for r in range(rounds):
                     order = list(arms) if r % 2 == 0 else list(arms)[::-1]
                     for arm in order:
-                        got = load(sim, arms[arm], case, 3.0, secs)
+                        out = None
+                        if profile and r == 0:
+                            os.makedirs(profile, exist_ok=True)
+                            tag = "passthrough" if case[1] == "mjpeg" else "tiles"
+                            out = os.path.join(profile, f"{tag}-{arm}.speedscope.json")
+                        got = load(sim, arms[arm], case, 3.0, secs, out)
                         runs[arm].append(got)
                         print(
                             f"  {arm}: {got.cpu:.1%} of a core, worst viewer {got.fps_min:.1f} "
@@ -708,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the CPU cases")
     parser.add_argument("--repeats", type=int, default=3, help="each outage, per relay")
     parser.add_argument(
+        "--profile", default=None, help="cases: a py-spy recording of each relay into this folder"
+    )
+    parser.add_argument(
         "--before", default=BEFORE, help=f"git ref of the 'before' relay (default {BEFORE})"
     )
     args = parser.parse_args(argv)
@@ -728,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     if want("cpu"):
         scenario_cpu(report, args.seconds / 2)
     if want("cases"):
-        scenario_cases(report, args.seconds, args.rounds, args.before)
+        scenario_cases(report, args.seconds, args.rounds, args.before, args.profile)
     if want("reconnect"):
         scenario_reconnect(report, args.before, args.repeats)
     if want("demo"):

@@ -47,6 +47,7 @@ CHECK_EVERY = 10.0  # seconds between checks for captures between grid points ..
 FIRST_CHECK = 1.0  # ... and the first, soon after locking: a probe that stalled (a busy
 # machine) may have missed every other capture and locked on twice the period
 MAX_INFLIGHT_FLOOR = 3
+FAILED_MAX = 0.5  # the longest wait after a failed request, before the next
 
 
 class Outcome(Enum):
@@ -206,12 +207,14 @@ class Schedule:
         self.next_due = max(self.next_due, now + period / 2)
 
     def failed(self, ask: Ask, now: float) -> None:
-        """The request or its image failed: back off, up to 2 s, then aim afresh."""
+        """The request or its image failed: back off, up to half a second (an outage of the
+        whole service is the connection's to probe, once it gives the service up), then aim
+        afresh."""
         self.inflight -= 1
         self.errors += 1
         period = self.grid.period if self.grid else 1 / 15
         self._aim = None
-        self.next_due = max(self.next_due, now + min(2.0, period * 2 ** min(self.errors, 5)))
+        self.next_due = max(self.next_due, now + min(FAILED_MAX, period * 2 ** min(self.errors, 5)))
 
     def reply(self, ask: Ask, capture: float, arrival: float | None, now: float) -> Outcome:
         """A reply: ``capture`` is its acquisition time, ``arrival`` when the robot received the

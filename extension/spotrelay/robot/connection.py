@@ -44,16 +44,18 @@ from spotrelay.robot.errors import (
     classify,
     describe_error,
 )
-from spotrelay.robot.session import Session, Target
+from spotrelay.robot.session import IMAGE_TIMEOUT, RPC_TIMEOUT, Session, Target
 from spotrelay.robot.threads import in_daemon_thread
 
 log = logging.getLogger("spotrelay.robot")
 
 # A service is gone after this many failed GetImage calls in a row, over at least FAILING_FOR
-# seconds without an answer: a burst of timeouts on a busy machine, with answers around it, is
-# not an outage (giving the service up would cost every camera its learnt timing).
+# seconds without an answer (a request's own deadline): a burst of timeouts on a busy machine,
+# with answers around it, is not an outage (giving the service up would cost every camera its
+# learnt timing). The robot is lost when no service has answered for LOST_AFTER seconds.
 FAILURES_BEFORE_RECONNECT = 5
-FAILING_FOR = 1.0
+FAILING_FOR = IMAGE_TIMEOUT
+LOST_AFTER = 2 * IMAGE_TIMEOUT
 # A service that answered and stopped is probed (ListImageSources) this often for the first
 # PROBE_FAST seconds of its outage, then with the usual backoff (BACKOFF_FIRST doubling to
 # BACKOFF_MAX): a short outage (a restart, a network hiccup) ends within a probe of its end.
@@ -76,7 +78,7 @@ class RobotSession(Protocol):
     @property
     def user_token(self) -> str | None: ...
     def image_services(self) -> list[str]: ...
-    async def discover(self, service: str) -> list[SourceInfo]: ...
+    async def discover(self, service: str, timeout: float) -> list[SourceInfo]: ...
     async def get_images(
         self, service: str, requests: list[image_pb2.ImageRequest]
     ) -> image_pb2.GetImageResponse: ...
@@ -182,6 +184,7 @@ class RobotConnection:
         self._lost = asyncio.Event()
         self._wake = asyncio.Event()  # a service failed, or its channel is back: look now
         self._away_since: float | None = None  # no service answers (the robot is lost)
+        self._answered_at = 0.0  # the last answer of any image service
 
     # -- what the rest of the relay reads ------------------------------------------------------
 
@@ -226,6 +229,7 @@ class RobotConnection:
         now = self.clock()
         if exc is None:
             st.failures, st.answered_at = 0, now
+            self._answered_at = now
             if not st.ok:  # a reply that was in flight when the service was given up
                 st.answered()
                 self._answering()
@@ -254,14 +258,16 @@ class RobotConnection:
         log.warning(
             "image service %s failing: %s; retrying in %.2f s", st.name, error, st.retry_at - now
         )
-        if not any(s.ok for s in self.state.values()):
-            self._away(error)
+        self._away(error)
         self._notify()
         self._wake.set()
 
     def _away(self, error: str) -> None:
-        """No image service answers: the robot is lost, until one does (the session is kept)."""
-        if self._away_since is not None:
+        """If no image service has answered for LOST_AFTER seconds, the robot is lost, until one
+        answers again (the session is kept)."""
+        if self._away_since is not None or any(s.ok for s in self.state.values()):
+            return
+        if self.clock() - self._answered_at < LOST_AFTER:
             return
         self._away_since = self.clock()
         self.last_error, self.problem = error, "unreachable"
@@ -334,6 +340,7 @@ class RobotConnection:
         self._lost.clear()
         self.last_error = self.problem = None
         self._away_since = None
+        self._answered_at = self.clock()
         self.state = {}
         self.connected.set()
         self.on_session(session.robot)
@@ -423,7 +430,13 @@ class RobotConnection:
             if not st.ok and now >= st.retry_at:
                 due.append(st)
         results = await asyncio.gather(
-            *(session.discover(st.name) for st in due), return_exceptions=True
+            *(
+                # a service that answered a moment ago is probed with a short deadline, so
+                # that a hung robot is probed again every few seconds, not every ten
+                session.discover(st.name, IMAGE_TIMEOUT if st.down_since else RPC_TIMEOUT)
+                for st in due
+            ),
+            return_exceptions=True,
         )
         for st, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
@@ -436,6 +449,8 @@ class RobotConnection:
                 error = describe_error(result)
                 said = st.error
                 st.failed(error, self.clock())
+                if st.down_since is not None:
+                    self._away(error)
                 if said != error:
                     log.warning(
                         "image service %s: %s; retrying in %.2f s",
@@ -446,7 +461,7 @@ class RobotConnection:
                 continue
             back = st.down_since is not None
             st.answered()
-            st.answered_at = self.clock()
+            st.answered_at = self._answered_at = self.clock()
             st.sources = tuple(s.name for s in result)
             if not initial:
                 log.info(

@@ -127,7 +127,7 @@ class Session:
         authority = Robot._bootstrap_service_authorities.get(service)
         return client, authority or self.robot.authorities_by_name[service]
 
-    async def discover(self, service: str) -> list[SourceInfo]:
+    async def discover(self, service: str, timeout: float = RPC_TIMEOUT) -> list[SourceInfo]:
         """The sources of one image service (ListImageSources), on the event loop."""
         images = self.images.get(service)
         if images is None:
@@ -139,7 +139,7 @@ class Session:
             )
         return [
             SourceInfo.from_proto(src, service)
-            for src in await images.list_sources(timeout=RPC_TIMEOUT)
+            for src in await images.list_sources(timeout=timeout)
         ]
 
     async def get_images(
