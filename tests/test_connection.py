@@ -107,7 +107,7 @@ class FakeSession:
             raise self.fake.failing[service]
         return list(self.fake.services[service])
 
-    async def get_images(self, service, requests):
+    def get_images(self, service, requests):
         raise AssertionError("the connection makes no GetImage of its own")
 
     def skew_seconds(self) -> float:

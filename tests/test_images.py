@@ -131,8 +131,11 @@ class Both:
 
     def aio(self, names: list[str], timeout: float = 5.0):
         requests = [build_image_request(n) for n in names]
-        coro = self.ours.get_images(requests, timeout=timeout)
-        return _outcome(lambda: list(self.loop.run_until_complete(coro).image_responses))
+
+        async def call():
+            return await self.ours.get_images(requests, timeout=timeout)
+
+        return _outcome(lambda: list(self.loop.run_until_complete(call()).image_responses))
 
     def close(self) -> None:
         self.loop.run_until_complete(self.channels.close())

@@ -205,18 +205,23 @@ class Poller:
 
     def _send(self, service: str, batch: list[_Source], now: float) -> None:
         asks = [s.schedule.ask(now, self.idle_interval) for s in batch]
-        task = asyncio.create_task(self._receive(service, batch, asks, now))
+        reply = self.fetch(service, [s.request for s in batch])  # on its way now
+        task = asyncio.create_task(self._receive(service, batch, asks, now, reply))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _receive(
-        self, service: str, batch: list[_Source], asks: list[Ask], sent: float
+        self,
+        service: str,
+        batch: list[_Source],
+        asks: list[Ask],
+        sent: float,
+        reply: Awaitable[image_pb2.GetImageResponse],
     ) -> None:
-        """One GetImage of a batch, sent from this task (the call is made on the loop at once),
-        and what its reply means for each source."""
+        """What one GetImage's reply means for each source of its batch."""
         try:
             try:
-                whole = await self.fetch(service, [s.request for s in batch])
+                whole = await reply
             except ResponseError as exc:  # see the module docstring: the rest is in it
                 whole = exc.response
                 if not isinstance(whole, image_pb2.GetImageResponse) or (

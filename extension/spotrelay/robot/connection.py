@@ -45,7 +45,7 @@ from spotrelay.robot.errors import (
     describe_error,
 )
 from spotrelay.robot.session import IMAGE_TIMEOUT, RPC_TIMEOUT, Session, Target
-from spotrelay.robot.threads import in_daemon_thread
+from spotrelay.robot.threads import failed, in_daemon_thread
 
 log = logging.getLogger("spotrelay.robot")
 
@@ -79,9 +79,9 @@ class RobotSession(Protocol):
     def user_token(self) -> str | None: ...
     def image_services(self) -> list[str]: ...
     async def discover(self, service: str, timeout: float) -> list[SourceInfo]: ...
-    async def get_images(
+    def get_images(
         self, service: str, requests: list[image_pb2.ImageRequest]
-    ) -> image_pb2.GetImageResponse: ...
+    ) -> Awaitable[image_pb2.GetImageResponse]: ...
     def skew_seconds(self) -> float | None: ...
     async def close(self) -> None: ...
 
@@ -209,16 +209,17 @@ class RobotConnection:
             "problem": self.problem,
         }
 
-    async def get_images(
+    def get_images(
         self, service: str, requests: list[image_pb2.ImageRequest]
-    ) -> image_pb2.GetImageResponse:
-        """One GetImage now: the whole GetImageResponse (its header says when the robot received
-        the request, which the schedule uses), or the SDK's exception for it (its
-        status-to-exception mapping applies). Any number may be in flight: the poller decides."""
+    ) -> Awaitable[image_pb2.GetImageResponse]:
+        """Send one GetImage now; await it for the whole GetImageResponse (its header says when
+        the robot received the request, which the schedule uses), or the SDK's exception for it
+        (its status-to-exception mapping applies). Any number may be in flight: the poller
+        decides."""
         session = self._session
         if session is None:
-            raise ConnectionError("not connected to the robot")
-        return await session.get_images(service, requests)
+            return failed(ConnectionError("not connected to the robot"))
+        return session.get_images(service, requests)
 
     def report(self, service: str, exc: BaseException | None) -> None:
         """The poller's word on each GetImage: decides when a service, or the robot, is lost,

@@ -152,18 +152,22 @@ class ImageService:
         self._token: str | None = None
         self._metadata: tuple[tuple[str, str], ...] = ()
 
-    async def get_images(
-        self, requests: list[image_pb2.ImageRequest], timeout: float
-    ) -> image_pb2.GetImageResponse:
-        """The whole GetImageResponse (its header says when the robot received the request);
-        raises as ``ImageClient.get_image`` does, with the whole response in ``.response``."""
+    def get_images(self, requests: list[image_pb2.ImageRequest], timeout: float) -> Pending:
+        """Send one GetImage now; await the result for the whole GetImageResponse (its header
+        says when the robot received the request), or the exception ``ImageClient.get_image``
+        raises, with the whole response in ``.response``.
+
+        The call is started here, not when it is awaited: the schedule times each request to
+        reach the robot just after a capture, and a request that waited for the loop's next
+        turns (a frame's writes to every viewer) would arrive late, or miss its capture."""
         request = image_pb2.GetImageRequest(image_requests=requests)
-        return await self._call("GetImage", request, timeout, _error_from_response)
+        return Pending(self, self._start("GetImage", request, timeout), _error_from_response)
 
     async def list_sources(self, timeout: float) -> list[image_pb2.ImageSource]:
         """As ``ImageClient.list_image_sources``."""
         request = image_pb2.ListImageSourcesRequest()
-        response = await self._call("ListImageSources", request, timeout, common_header_errors)
+        call = self._start("ListImageSources", request, timeout)
+        response = await Pending(self, call, common_header_errors)
         return list(response.image_sources)
 
     def _token_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -174,12 +178,21 @@ class ImageService:
             self._metadata = (("authorization", f"Bearer {token}"),)
         return self._metadata
 
-    async def _call(self, method: str, request: Any, timeout: float, error_from_response) -> Any:
+    def _start(self, method: str, request: Any, timeout: float) -> Any:
+        """The call, under way (a grpc.aio call object), or the error that prevented it."""
         for processor in self.client.request_processors:
             processor.mutate(request)
-        call = getattr(self._channels.stub(self.authority), method)
         try:
-            response = await call(request, timeout=timeout, metadata=self._token_metadata())
+            call = getattr(self._channels.stub(self.authority), method)
+            return call(request, timeout=timeout, metadata=self._token_metadata())
+        except (grpc.aio.UsageError, ConnectionError):  # the session ended: channels closed
+            return ConnectionError("not connected to the robot")
+
+    async def _finish(self, call: Any, error_from_response) -> Any:
+        if isinstance(call, Exception):
+            raise call
+        try:
+            response = await call
             if response is None:  # grpc.aio's word for a reply that did not deserialise
                 raise _undeserialisable()
         except grpc.aio.AioRpcError as exc:
@@ -195,6 +208,19 @@ class ImageService:
         if error is not None:
             raise error
         return response
+
+
+class Pending:
+    """A call under way; awaiting it gives what the SDK would (the response, or its exception).
+    Nothing is left to await if it is dropped: the coroutine is made when it is awaited."""
+
+    __slots__ = ("_call", "_errors", "_service")
+
+    def __init__(self, service: ImageService, call: Any, error_from_response) -> None:
+        self._service, self._call, self._errors = service, call, error_from_response
+
+    def __await__(self):
+        return self._service._finish(self._call, self._errors).__await__()
 
 
 def _undeserialisable() -> grpc.aio.AioRpcError:

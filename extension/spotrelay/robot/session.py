@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import bosdyn.client
@@ -28,7 +28,7 @@ from spotrelay.frames import SourceInfo
 from spotrelay.logs import SDK_LOGGER
 from spotrelay.robot.errors import PayloadNotAuthorised
 from spotrelay.robot.images import RECONNECT_OPTIONS, Channels, ImageService
-from spotrelay.robot.threads import in_daemon_thread
+from spotrelay.robot.threads import failed, in_daemon_thread
 
 log = logging.getLogger("spotrelay.robot")
 
@@ -142,14 +142,14 @@ class Session:
             for src in await images.list_sources(timeout=timeout)
         ]
 
-    async def get_images(
+    def get_images(
         self, service: str, requests: list[image_pb2.ImageRequest]
-    ) -> image_pb2.GetImageResponse:
-        """One GetImage: the whole response, or the SDK's exception for it."""
+    ) -> Awaitable[image_pb2.GetImageResponse]:
+        """One GetImage, sent now: await it for the whole response, or the SDK's exception."""
         images = self.images.get(service)
         if images is None:
-            raise ConnectionError(f"image service {service} not discovered yet")
-        return await images.get_images(requests, timeout=IMAGE_TIMEOUT)
+            return failed(ConnectionError(f"image service {service} not discovered yet"))
+        return images.get_images(requests, timeout=IMAGE_TIMEOUT)
 
     def _ready(self, authority: str) -> None:
         for name, images in list(self.images.items()):
