@@ -132,6 +132,8 @@ def test_lost_robot_keeps_streams_open_and_recovers(relay, robot):
         saw_stale = next(stream).stale
     assert saw_stale
     wait_until(lambda: relay.get("/readyz", timeout=2)[0] == 503, 15, "/readyz saying 503")
+    # once nothing has answered for a few seconds the log says so, in one line
+    wait_until(lambda: "lost robot" in relay.log(), 15, "the robot reported lost")
     robot.set_available(True)
     end = time.time() + 30
     recovered = False
@@ -141,7 +143,7 @@ def test_lost_robot_keeps_streams_open_and_recovers(relay, robot):
             break
     assert recovered, relay.log()[-2000:]
     stream.close()
-    assert "lost robot" in relay.log()
+    wait_until(lambda: "answers again" in relay.log(), 5, "the robot reported back")
 
 
 # -- other ways in ---------------------------------------------------------------------------------

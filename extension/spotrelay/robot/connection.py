@@ -14,10 +14,11 @@ periodically, so a payload that registers late appears without a restart.
 An outage (the robot restarting, a network that stops carrying anything) does not end the
 session: the robot keeps honouring its tokens, and a new login plus time sync would only delay
 the return. A service that stops answering is probed every quarter second for its first ten
-seconds, then with backoff, and at once when its channel connects again; when no service
-answers, the robot is reported lost (``/readyz``, ``spotrelay_robot_connected``) until one does.
-So frames are back within about half a second of the robot's return, and a robot that is down
-costs a TCP handshake every half second and no login.
+seconds, then with backoff, and at once when its channel connects again; when no service has
+answered for a few seconds, the robot is reported lost (``/readyz``,
+``spotrelay_robot_connected``) until one does. So frames are back within about half a second of
+the robot's return, and a robot that is down costs a TCP handshake every half second and no
+login.
 
 What an error means (count it, log in again, wait) is decided in ``errors.py`` only. The SDK
 session, the clock and the sleep are given to the constructor, so the whole state machine runs in
