@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
 log = logging.getLogger("spotrelay")
 
 START_TIMEOUT = 60.0  # the first start imports OpenCV and gRPC: slow on a busy CORE I/O
+MALLOC_ARENAS = 2
 
 
 @dataclass
@@ -56,6 +58,10 @@ class SimChild:
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            # its 64 server threads would each get a glibc arena of their own: 540 MB with the
+            # viewer page open, over the container's 512 MB for both processes (2 arenas: see
+            # process.limit_malloc_arenas)
+            env={**os.environ, "MALLOC_ARENA_MAX": str(MALLOC_ARENAS)},
         )
         try:
             assert proc.stdout is not None
