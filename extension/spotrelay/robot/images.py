@@ -150,7 +150,7 @@ class ImageService:
         self.robot, self.client, self.authority = robot, client, authority
         self._channels = channels
         self._token: str | None = None
-        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._metadata: grpc.aio.Metadata | None = None
 
     def get_images(self, requests: list[image_pb2.ImageRequest], timeout: float) -> Pending:
         """Send one GetImage now; await the result for the whole GetImageResponse (its header
@@ -170,12 +170,13 @@ class ImageService:
         response = await Pending(self, call, common_header_errors)
         return list(response.image_sources)
 
-    def _token_metadata(self) -> tuple[tuple[str, str], ...]:
-        """What the SDK's ``RefreshingAccessTokenAuthMetadataPlugin`` sends, made once per token."""
+    def _token_metadata(self) -> grpc.aio.Metadata:
+        """What the SDK's ``RefreshingAccessTokenAuthMetadataPlugin`` sends, made once per token
+        (as grpc.aio's own Metadata, which it would otherwise build from a tuple at each call)."""
         token = self.robot.user_token
-        if token != self._token or not self._metadata:
+        if token != self._token or self._metadata is None:
             self._token = token
-            self._metadata = (("authorization", f"Bearer {token}"),)
+            self._metadata = grpc.aio.Metadata(("authorization", f"Bearer {token}"))
         return self._metadata
 
     def _start(self, method: str, request: Any, timeout: float) -> Any:
