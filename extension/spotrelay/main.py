@@ -294,12 +294,12 @@ class Relay:
 
 async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
     sim = None
-    if cfg.sim:
-        from spotrelay.sim import SimRobot  # only the demo and tests need it
+    if cfg.sim:  # in a process of its own: in ours it would take the relay's interpreter lock
+        from spotrelay.sim.child import SimChild
 
-        sim = SimRobot().start()
+        sim = await SimChild.start()
         target = Target("127.0.0.1", sim.port, sim.ca_path, sim.username, sim.password)
-        log.info("simulated robot on 127.0.0.1:%d", sim.port)
+        log.info("simulated robot on 127.0.0.1:%d (process %d)", sim.port, sim.proc.pid)
     else:
         target = target_for(cfg)
     relay = Relay(cfg, target, Metrics(process=True), redactor)
@@ -311,7 +311,7 @@ async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
         return await relay.serve(cfg.bind, cfg.port, stop)
     finally:
         if sim:
-            sim.stop()
+            await sim.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
