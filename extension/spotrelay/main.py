@@ -295,11 +295,11 @@ class Relay:
 async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
     sim = None
     if cfg.sim:  # in a process of its own: in ours it would take the relay's interpreter lock
-        from spotrelay.sim.child import SimChild
+        from spotrelay.sim.child import start_sim
 
-        sim = await SimChild.start()
+        sim = await start_sim()
         target = Target("127.0.0.1", sim.port, sim.ca_path, sim.username, sim.password)
-        log.info("simulated robot on 127.0.0.1:%d (process %d)", sim.port, sim.proc.pid)
+        log.info("simulated robot on 127.0.0.1:%d (%s)", sim.port, sim.where)
     else:
         target = target_for(cfg)
     relay = Relay(cfg, target, Metrics(process=True), redactor)

@@ -116,16 +116,19 @@ class Channels:
         """Follow the channel's connectivity: a return to READY is news for the connection. An
         IDLE channel (a connection lost, or a failed attempt's backoff over) is asked to connect
         at once rather than at the next call, so the robot's return is seen within a backoff."""
-        state = channel.get_state(try_to_connect=False)
-        was_ready = state == _READY
-        while state != _SHUTDOWN:
-            await channel.wait_for_state_change(state)
+        try:
             state = channel.get_state(try_to_connect=False)
-            if state == _IDLE:
-                state = channel.get_state(try_to_connect=True)
-            if state == _READY and not was_ready:
-                self.on_ready(authority)
             was_ready = state == _READY
+            while state != _SHUTDOWN:
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=False)
+                if state == _IDLE:
+                    state = channel.get_state(try_to_connect=True)
+                if state == _READY and not was_ready:
+                    self.on_ready(authority)
+                was_ready = state == _READY
+        except (grpc.aio.UsageError, RuntimeError):  # closed under us: nothing left to watch
+            log.debug("stopped watching the channel to %s", authority, exc_info=True)
 
     async def close(self) -> None:
         """Close every channel: calls still in flight end (cancelled)."""

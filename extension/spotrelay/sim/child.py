@@ -39,6 +39,7 @@ class SimChild:
     password: str
 
     def __post_init__(self) -> None:
+        self.where = f"process {self.proc.pid}"
         self._watch = asyncio.create_task(self._watch_exit(), name="sim")
 
     async def _watch_exit(self) -> None:
@@ -94,3 +95,32 @@ async def _end(proc: asyncio.subprocess.Process, timeout: float = 5.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             last_resort()
     await proc.wait()
+
+
+class InProcess:
+    """The simulated robot inside the relay's process, as before: only where a child cannot be
+    started (say the interpreter is not executable for the user the relay dropped to)."""
+
+    def __init__(self) -> None:
+        from spotrelay.sim.robot import SimRobot
+
+        self.sim = SimRobot().start()
+        self.port, self.ca_path = self.sim.port, self.sim.ca_path
+        self.username, self.password = self.sim.username, self.sim.password
+        self.where = "inside the relay's process"
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        await asyncio.to_thread(self.sim.stop)
+
+
+async def start_sim() -> SimChild | InProcess:
+    """The simulated robot for ``--sim``: a child process, or in ours if that cannot start."""
+    try:
+        return await SimChild.start()
+    except OSError as exc:
+        log.warning(
+            "cannot start the simulated robot as a process of its own (%s); running it inside "
+            "the relay, which then shares its interpreter with it",
+            exc,
+        )
+        return InProcess()
