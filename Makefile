@@ -7,6 +7,7 @@ STAMP := $(VENV)/.stamp-setup
 # RTSP), so one PORT=N moves them all. ARGS: more options (see README, Configuration).
 PORT ?= 21080
 MISSION_PORT ?= $(shell expr $(PORT) + 1)
+RTSP_PORT ?= $(shell expr $(PORT) + 2)
 ARGS ?=
 CAPTURES ?= .cache/captures
 
@@ -20,15 +21,16 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock -r requirements-dev.lock
 	$(BIN)/pip install --quiet --no-deps -e .
+	packaging/link-gi.sh $(VENV)
 	touch $(STAMP)
 
 ## Live cameras from the built-in simulated robot at http://127.0.0.1:$(PORT)/, with the Autowalk
 ## callback registered in the simulated robot's directory (gRPC on $(MISSION_PORT), captures in
 ## $(CAPTURES)). The command is not echoed: ARGS may hold a token.
 RUN = $(BIN)/spotrelay --sim --bind 127.0.0.1 --port $(PORT) --mission \
-  --mission-port $(MISSION_PORT) --captures-dir $(CAPTURES)
+  --mission-port $(MISSION_PORT) --rtsp-port $(RTSP_PORT) --captures-dir $(CAPTURES)
 run: setup
-	@echo "spotrelay on http://127.0.0.1:$(PORT)/ (Autowalk callback on $(MISSION_PORT))$(if $(ARGS), with ARGS)"
+	@echo "spotrelay on http://127.0.0.1:$(PORT)/ (Autowalk callback on $(MISSION_PORT), RTSP on $(RTSP_PORT))$(if $(ARGS), with ARGS)"
 	@$(RUN) $(ARGS)
 
 ## What an Autowalk mission does at a waypoint, against `make run` (same PORT): stills, a clip.

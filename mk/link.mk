@@ -7,3 +7,10 @@
 ## (user-space shaper on loopback; ARGS="--shaper tbf" for the kernel's, as root), about 4 minutes.
 bench-link: setup
 	$(BIN)/python -m tests.bench_link $(ARGS)
+
+.PHONY: bench-rtsp
+
+## RTSP (H.264) against MJPEG passthrough: latency to the decoded picture, encode CPU, ten viewers
+## on one encoder, five cameras through 10 Mbit/s (tests/bench_rtsp.py), about two minutes.
+bench-rtsp: setup
+	$(BIN)/python -m tests.bench_rtsp $(ARGS)

@@ -21,24 +21,32 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads
 
 import argparse
+import asyncio
+import contextlib
 import json
 import multiprocessing
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from bosdyn.client.exceptions import TooManyRequestsError
 from bosdyn.client.image import build_image_request
 
-from tests.mjpeg import stamps_and_latencies
+from tests.mjpeg import parts, stamps_and_latencies
 from tests.procs import cpu_seconds
 from tests.relay import Relay
 from tests.sdk import sdk_robot
+from tests.viewers import Viewers
+from tests.wait import wait_until
 
 VISUAL = [
     "frontleft_fisheye_image",
@@ -49,6 +57,15 @@ VISUAL = [
     "hand_color_image",
 ]
 AVAILABLE_AFTER = 0.025
+# The viewer page's tiles of issue 20: every fisheye, every depth camera and the hand's colour
+# camera, each in a tile of its own (a WebSocket) at the page's own query.
+FISHEYES = [f"{n}_fisheye_image" for n in ("frontleft", "frontright", "left", "right", "back")]
+DEPTHS = [f"{n}_depth" for n in ("frontleft", "frontright", "left", "right", "back")]
+TILES = [*FISHEYES, *DEPTHS, "hand_color_image"]
+TILE_QUERY = "?width=320&quality=70&adapt=1"
+# "Before" in the CPU and reconnect scenarios: main as it was just before the CPU work (issue 20)
+# and the fast reconnect (issue 19, item 6), run from a copy of that commit in the same run.
+BEFORE = "0bea11d"
 
 
 class SimProcess:
@@ -394,18 +411,360 @@ def scenario_cpu(report: Report, secs: float) -> None:
     )
 
 
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[str | None]:
+    """The relay's package as it was at ``ref``, in a folder for ``Relay(code=...)``; None if
+    this is not a git checkout that holds ``ref``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    archive = subprocess.run(
+        ["git", "-C", root, "archive", ref, "extension/spotrelay"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        print(f"  (no baseline: git archive {ref}: {archive.stderr.decode().strip()})")
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="spotrelay-before-")
+    try:
+        subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+        yield os.path.join(folder, "extension")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class Load:
+    """The relay's CPU over one window with a set of viewers, and what they got."""
+
+    cpu: float  # share of one core
+    frames: int  # fresh frames the viewers received, all of them together
+    fps_min: float  # the worst viewer's fresh frames per second
+    delivered_min: float  # the worst viewer's captures received over those made
+    latencies: list[float]  # capture to received, every fresh frame
+    seconds: float  # the window
+
+    @property
+    def cpu_per_frame(self) -> float:
+        """CPU seconds per fresh frame delivered."""
+        return self.cpu * self.seconds / max(1, self.frames)
+
+
+def load(
+    sim: SimProcess,
+    code: str | None,
+    case: tuple,
+    warmup: float,
+    window: float,
+    profile: str | None = None,
+) -> Load:
+    """A fresh relay (this checkout's, or the one in ``code``) with one viewer per source;
+    ``profile``: after the window, a py-spy recording of it under the same load, to that file."""
+    sources, mode, query = case
+    relay = Relay.for_sim(sim, "--sources", ",".join(sources), code=code).wait_ready()
+    viewers = None
+    try:
+        viewers = Viewers(relay.port, mode, query, sources)
+        time.sleep(warmup)  # every schedule locked, every variant rendering
+        viewers.reset()
+        cpu0, t0 = cpu_seconds(relay.proc.pid), time.time()
+        time.sleep(window)
+        cpu1, t1 = cpu_seconds(relay.proc.pid), time.time()
+        seen = viewers.report()
+        if profile:
+            _profile(relay.proc.pid, profile)
+    finally:
+        if viewers is not None:
+            viewers.close()
+        relay.stop()
+    span = t1 - t0
+    delivered = [
+        v["distinct"] / (round(v["span"] * 15) + 1) if v["distinct"] > 1 else 0.0
+        for v in seen.values()
+    ]
+    return Load(
+        cpu=(cpu1 - cpu0) / span,
+        frames=sum(v["distinct"] for v in seen.values()),
+        fps_min=min(v["distinct"] for v in seen.values()) / span,
+        delivered_min=min(delivered),
+        latencies=[x for v in seen.values() for x in v["latencies"]],
+        seconds=span,
+    )
+
+
+def _profile(pid: int, out: str, seconds: int = 10) -> None:
+    """py-spy (``pip install py-spy``) on a running relay: Python stacks at 200 Hz, without
+    pausing it, as a speedscope file (open in https://www.speedscope.app)."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        print("  (no profile: py-spy is not installed; .venv/bin/pip install py-spy)")
+        return
+    cmd = [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--nonblocking"]
+    subprocess.run([*cmd, "-f", "speedscope", "-o", out], capture_output=True, check=False)
+    print(f"  profile: {out}", flush=True)
+
+
+CASES = {
+    "six cameras, one passthrough MJPEG viewer each": (VISUAL, "mjpeg", ""),
+    "the viewer page's 11 tiles (5 fisheye, 5 depth, hand colour) at 320 px q70": (
+        TILES,
+        "ws",
+        TILE_QUERY,
+    ),
+}
+
+
+def scenario_cases(
+    report: Report, secs: float, rounds: int, ref: str, profile: str | None = None
+) -> None:
+    """Issue 20's two cases, this checkout against ``ref`` in the same run: each a fresh relay
+    against the same simulated robot, in ABBA order so that drift on a shared machine cancels."""
+    with checkout(ref) as before:
+        arms = {"now": None} if before is None else {"before": before, "now": None}
+        for name, case in CASES.items():
+            print(f"CPU: {name} ({', '.join(arms)}; {rounds} rounds)", flush=True)
+            sim = SimProcess(0.0)
+            runs: dict[str, list[Load]] = {arm: [] for arm in arms}
+            try:
+                for r in range(rounds):
+                    order = list(arms) if r % 2 == 0 else list(arms)[::-1]
+                    for arm in order:
+                        out = None
+                        if profile and r == 0:
+                            os.makedirs(profile, exist_ok=True)
+                            tag = "passthrough" if case[1] == "mjpeg" else "tiles"
+                            out = os.path.join(profile, f"{tag}-{arm}.speedscope.json")
+                        got = load(sim, arms[arm], case, 3.0, secs, out)
+                        runs[arm].append(got)
+                        print(
+                            f"  {arm}: {got.cpu:.1%} of a core, worst viewer {got.fps_min:.1f} "
+                            f"fps, delivered {got.delivered_min:.1%}",
+                            flush=True,
+                        )
+            finally:
+                sim.stop()
+            _case_rows(report, name, runs, tiles=case[1] == "ws")
+
+
+def _case_rows(report: Report, name: str, runs: dict[str, list[Load]], tiles: bool) -> None:
+    def med(arm: str, fn) -> float:
+        return statistics.median(fn(x) for x in runs[arm]) if arm in runs else float("nan")
+
+    def both(fn, fmt) -> tuple[str, str]:
+        return (fmt(med("before", fn)) if "before" in runs else "", fmt(med("now", fn)))
+
+    cpu_b, cpu_n = med("before", lambda x: x.cpu), med("now", lambda x: x.cpu)
+    target = "target <= 25 %" if tiles else "target <= 9 %"
+    report.row(
+        f"{name}: relay CPU, % of one core (median)",
+        *both(lambda x: x.cpu, lambda v: f"{v:.1%}"),
+        f"{cpu_n / cpu_b:.2f}x; {target}" if "before" in runs else target,
+    )
+    what = "rendered frame" if tiles else "frame"
+    report.row(
+        f"  CPU per {what} delivered, ms",
+        *both(lambda x: x.cpu_per_frame, lambda v: f"{v * 1e3:.2f}"),
+    )
+    report.row(
+        "  worst viewer: fps, delivered (worst round)",
+        *(
+            f"{min(x.fps_min for x in runs[arm]):.1f}, "
+            f"{min(x.delivered_min for x in runs[arm]):.1%}"
+            if arm in runs
+            else ""
+            for arm in ("before", "now")
+        ),
+        "target >= 14.5 fps" if tiles else "target 100 %",
+    )
+    for q in (50, 95):
+        report.row(
+            f"  capture-to-viewer p{q}, ms",
+            *(
+                ms(pct([v for x in runs[arm] for v in x.latencies], q)) if arm in runs else ""
+                for arm in ("before", "now")
+            ),
+            "target <= before" if q == 95 and not tiles else "",
+        )
+
+
+class Watcher:
+    """One MJPEG viewer in a thread: every part's arrival, capture time and staleness."""
+
+    def __init__(self, url: str):
+        self.seen: list[tuple[float, float, bool]] = []  # (received, capture time, stale)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(url,), daemon=True)
+        self._thread.start()
+
+    def _read(self, url: str) -> None:
+        with contextlib.suppress(Exception):
+            for p in parts(url, timeout=60):
+                self.seen.append((p.received, p.timestamp, p.stale))
+                if self._stop.is_set():
+                    return
+
+    def fresh_after(self, t: float, newer_than: float) -> float | None:
+        """When the first fresh frame captured after ``newer_than`` arrived after ``t``."""
+        for received, capture, stale in list(self.seen):
+            if received > t and not stale and capture > newer_than:
+                return received
+        return None
+
+    def newest(self) -> float:
+        return max((c for _, c, stale in self.seen if not stale), default=0.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _outage(sim: SimProcess, watcher: Watcher, kind: str, seconds: float) -> float:
+    """The robot away for ``seconds``: ``restart`` (its servers stop and come back on the same
+    port) or ``hang`` (its process stopped: connections stay open, nothing answers). Returns how
+    long after its return the viewer had its first new frame."""
+    wait_until(lambda: watcher.newest() > time.time() - 0.5, 60, "frames flowing")
+    last = watcher.newest()
+    if kind == "restart":
+        back = sim.command("restart", down=seconds)["up_at"]
+    else:
+        os.kill(sim.proc.pid, signal.SIGSTOP)
+        time.sleep(seconds)
+        os.kill(sim.proc.pid, signal.SIGCONT)
+        back = time.time()
+    return wait_until(lambda: watcher.fresh_after(back, last), 60, "a new frame") - back
+
+
+OUTAGES = (("restart", 3.0), ("hang", 8.0))
+
+
+def scenario_reconnect(report: Report, ref: str, repeats: int) -> None:
+    """Issue 19, item 6: the first new frame after the robot's return, this checkout against
+    ``ref``, each outage ``repeats`` times on one stream."""
+    source = "frontleft_fisheye_image"
+    with checkout(ref) as before:
+        arms = {"now": None} if before is None else {"before": before, "now": None}
+        delays: dict[tuple[str, str], list[float]] = {}
+        for arm, code in arms.items():
+            print(f"reconnect: {arm}", flush=True)
+            sim = SimProcess(0.0)
+            relay = Relay.for_sim(sim, "--sources", source, code=code).wait_ready()
+            watcher = Watcher(f"{relay.url}/stream/{source}")
+            try:
+                for kind, seconds in OUTAGES:
+                    for _ in range(repeats):
+                        took = _outage(sim, watcher, kind, seconds)
+                        delays.setdefault((kind, arm), []).append(took)
+                        print(f"  {kind} {seconds:.0f} s: back after {took:.2f} s", flush=True)
+            finally:
+                watcher.close()
+                relay.stop()
+                sim.stop()
+    for kind, seconds in OUTAGES:
+        row = [
+            ", ".join(f"{d:.2f}" for d in delays[(kind, arm)]) if (kind, arm) in delays else ""
+            for arm in ("before", "now")
+        ]
+        report.row(
+            f"robot {kind} ({seconds:.0f} s away): first new frame after its return, s",
+            *row,
+            "target <= 1.0",
+        )
+
+
+# Each tile of the viewer page with the rate it shows under it ("12.3 fps · 40 ms").
+_TILES_JS = """[...document.querySelectorAll('.tile')].map(t => {
+  const info = t.querySelector('.info').textContent;
+  return {name: t.dataset.source, fps: info.includes(' fps') ? parseFloat(info) : 0};
+})"""
+
+
+async def _tile_rates(ws_url: str, settle: float, samples: int) -> dict[str, list[float]]:
+    """Every tile's frame rate as the page shows it, read ``samples`` times a second apart
+    once every tile shows one and ``settle`` more seconds have passed."""
+    import aiohttp
+
+    from tests.browser import Page
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        page = Page(ws)
+        await page.call("Runtime.enable")
+        await page.until(_TILES_JS, "v.length >= 20 && v.every(t => t.fps > 0)", timeout=60)
+        await asyncio.sleep(settle)
+        rates: dict[str, list[float]] = {}
+        for _ in range(samples):
+            for tile in await page.eval(_TILES_JS):
+                rates.setdefault(tile["name"], []).append(tile["fps"])
+            await asyncio.sleep(1.0)
+        return rates
+
+
+def scenario_demo(report: Report, ref: str, secs: float) -> None:
+    """Issue 20, item 3: ``make run`` (``--sim``) with the viewer page open in Chromium, every
+    one of the simulated robot's 20 cameras in a tile: the rate each tile shows. Before, the
+    simulated robot ran in the relay's process (one interpreter lock for both)."""
+    from tests.browser import CHROMIUM, chromium
+
+    if CHROMIUM is None:
+        print("demo: chromium not installed, skipped")
+        return
+    with checkout(ref) as before:
+        arms = {"now": None} if before is None else {"before": before, "now": None}
+        worst: dict[str, tuple[float, float, float]] = {}
+        for arm, code in arms.items():
+            relay = Relay(["--sim"], code=code).wait_ready(60)
+            try:
+                with chromium(f"{relay.url}/", "--disable-quic", "--window-size=1400,1000") as ws:
+                    rates = asyncio.run(_tile_rates(ws, 3.0, max(3, int(secs))))
+            finally:
+                relay.stop()
+            per_tile = sorted(statistics.median(r) for r in rates.values())
+            worst[arm] = (per_tile[0], statistics.median(per_tile), len(per_tile))
+            print(f"  demo {arm}: worst tile {per_tile[0]:.1f} fps, median {worst[arm][1]:.1f}")
+    report.row(
+        "make run + viewer page in Chromium (20 tiles): worst tile fps, median tile fps",
+        *(f"{worst[a][0]:.1f}, {worst[a][1]:.1f}" if a in worst else "" for a in ("before", "now")),
+        "target >= 13 fps",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated scenarios: six,rtt,mixed,cpu,cases,reconnect,demo",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the CPU cases")
+    parser.add_argument("--repeats", type=int, default=3, help="each outage, per relay")
+    parser.add_argument(
+        "--profile", default=None, help="cases: a py-spy recording of each relay into this folder"
+    )
+    parser.add_argument(
+        "--before", default=BEFORE, help=f"git ref of the 'before' relay (default {BEFORE})"
+    )
     args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
     report = Report()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '?'}"
     print(f"bench on {machine}", flush=True)
-    scenario_six(report, args.seconds, 0.0, 0.0)
-    scenario_six(report, args.seconds, 0.100, 0.030)
-    scenario_mixed(report, args.seconds)
-    scenario_cpu(report, args.seconds / 2)
+    if want("six"):
+        scenario_six(report, args.seconds, 0.0, 0.0)
+    if want("rtt"):
+        scenario_six(report, args.seconds, 0.100, 0.030)
+    if want("mixed"):
+        scenario_mixed(report, args.seconds)
+    if want("cpu"):
+        scenario_cpu(report, args.seconds / 2)
+    if want("cases"):
+        scenario_cases(report, args.seconds, args.rounds, args.before, args.profile)
+    if want("reconnect"):
+        scenario_reconnect(report, args.before, args.repeats)
+    if want("demo"):
+        scenario_demo(report, args.before, args.seconds)
     print("\n" + report.table())
     if args.json:
         with open(args.json, "w") as fh:

@@ -18,6 +18,7 @@ from spotrelay.http.outputs.common import Streams
 from spotrelay.hub import Hub
 from spotrelay.main import SNAPSHOTS_WAITING, build_relay_app
 from spotrelay.metrics import Metrics
+from spotrelay.slots import Slots
 from spotrelay.stills import Stills
 
 I = image_pb2.Image  # noqa: E741
@@ -81,6 +82,7 @@ async def relay_app(
     frames: bool = True,
     allow_origin: str | None = None,
     max_clients: int = 200,
+    max_clients_per_host: int | None = None,
     max_variants: int = 8,
     client_timeout: float = 10.0,
     snapshot_executor: GatedExecutor | None = None,
@@ -99,7 +101,7 @@ async def relay_app(
         lambda: status,
         token=token,
         allow_origin=allow_origin,
-        max_clients=max_clients,
+        slots=Slots(max_clients, max_clients_per_host or max_clients),
     )
     client = TestClient(TestServer(app))
     await client.start_server()

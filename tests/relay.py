@@ -54,7 +54,11 @@ class Relay:
         env: dict[str, str] | None = None,
         port: int | None = None,
         preexec_fn=None,
+        code: str | None = None,
     ):
+        """``code``: a folder holding another version's ``spotrelay`` package to run instead of
+        this checkout's (a benchmark's baseline; ``RELAY_UNDER_TEST`` does the same for every
+        relay of a run)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
@@ -66,6 +70,8 @@ class Relay:
         full_env.update(env or {})
         if os.environ.get("RELAY_UNDER_TEST"):  # another checkout's relay, to compare with
             full_env["PYTHONPATH"] = os.environ["RELAY_UNDER_TEST"]
+        if code is not None:
+            full_env["PYTHONPATH"] = code
         self.proc = subprocess.Popen(
             [
                 sys.executable,

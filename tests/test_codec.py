@@ -258,6 +258,20 @@ def test_depth_colour_map_fixed_range_and_black_holes():
     assert np.abs(grey[..., 0].astype(int) - grey[..., 2]).max() < 10
 
 
+@pytest.mark.parametrize("colormap", codec.COLORMAPS)
+def test_depth_colours_from_the_table_are_those_of_each_pixel(colormap):
+    """The lookup table changes no byte: every uint16 value, every colour map, odd scales."""
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    rng = np.random.default_rng(7)
+    frame = rng.integers(0, 8000, (181, 320)).astype(np.uint16)
+    frame[:10], frame[10:20] = 0, 65535
+    for depth in (every, frame):
+        for scale in (1000.0, 999.5, 0.0):
+            table = codec.depth_to_colour(depth, scale, colormap)
+            each = codec.colour_depth(depth, scale, colormap)
+            assert table.dtype == each.dtype and np.array_equal(table, each)
+
+
 def test_depth_png_is_16_bit_and_lossless():
     image = depth_image()
     out = decoded(render(image, RenderSpec(format="png"), "left_depth"))

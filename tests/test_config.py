@@ -69,7 +69,8 @@ def test_secrets_are_not_in_the_repr(monkeypatch, tmp_path):
         (["--robot", "x", "--guid", "g"], {}, "--guid and --secret"),
         (["--sim", "--log-level", "chatty"], {}, "--log-level"),
         (["--sim", "--idle-fps", "100"], {}, "--idle-fps must be in"),
-        (["--sim", "--mission", "--mission-port", "21080"], {}, "is the HTTP port"),
+        (["--sim", "--mission", "--mission-port", "21080"], {}, "--mission-port 21080 is --port"),
+        (["--sim", "--rtsp-port", "21080"], {}, "--rtsp-port 21080 is --port too"),
         (["--robot", "x", "--mission", "--mission-host", "127.0.0.1"], LOGIN, "cannot reach"),
         (["--robot", "x", "--mission", "--mission-host", "0.0.0.0"], LOGIN, "192.168.50.5"),
         (["--sim", "--mission-allow", "192.168.50.3,robot"], {}, "'robot' is not an address"),
@@ -119,3 +120,18 @@ def test_cli_error_is_one_line_on_stderr_and_exit_2():
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--port must be in 1..65535" in lines[0], out.stderr
+
+
+def test_tls_options_go_together_and_are_checked(tmp_path):
+    from spotrelay import config as cfg_mod
+
+    with pytest.raises(cfg_mod.ConfigError, match="--tls-cert and --tls-key go together"):
+        cfg_mod.load(["--sim", "--tls-cert", "x.pem"])
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(cfg_mod.ConfigError, match=r"--tls-cert .*not a PEM certificate"):
+        cfg_mod.load(["--sim", "--tls-cert", str(bad), "--tls-key", str(bad)])
+    from spotrelay import tls
+
+    cert, key = tls.ensure_certificate(tmp_path / "own", [])
+    assert cfg_mod.load(["--sim", "--tls-cert", str(cert), "--tls-key", str(key)]).tls

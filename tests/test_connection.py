@@ -24,7 +24,11 @@ from spotrelay.frames import SourceInfo
 from spotrelay.robot.connection import (
     AUTH_BURST,
     AUTH_WINDOW,
+    FAILING_FOR,
     FAILURES_BEFORE_RECONNECT,
+    LOST_AFTER,
+    PROBE_EVERY,
+    PROBE_FAST,
     RobotConnection,
     ServiceState,
     Target,
@@ -38,15 +42,25 @@ def source(name: str, service: str = "image") -> SourceInfo:
 
 
 class FakeTime:
-    """A clock the connection's sleeps move forward; real time barely passes."""
+    """A clock the connection's sleeps move forward; real time barely passes. ``frozen`` holds
+    every sleep before it moves the clock (``parked`` counts those held), until unfrozen."""
 
     def __init__(self) -> None:
         self.now = 1000.0
+        self.frozen = False
+        self.parked = 0
 
     def __call__(self) -> float:
         return self.now
 
     async def sleep(self, seconds: float) -> None:
+        if self.frozen:
+            self.parked += 1
+            try:
+                while self.frozen:
+                    await asyncio.sleep(0.001)
+            finally:
+                self.parked -= 1
         self.now += max(seconds, 0.0)
         await asyncio.sleep(0.001)  # let the test and the connection's other tasks run
 
@@ -62,6 +76,7 @@ class FakeRobot:
     listed: list[str] = field(default_factory=lambda: ["image"])  # in the directory
     login_error: BaseException | None = None
     failing: dict[str, BaseException] = field(default_factory=dict)  # ListImageSources raises
+    revoked: set[str] = field(default_factory=set)  # tokens it no longer honours
     logins: list[float] = field(default_factory=list)  # fake times of every login attempt
     asked: list[tuple[str, float]] = field(default_factory=list)  # ListImageSources calls
     sessions: list[FakeSession] = field(default_factory=list)
@@ -79,23 +94,26 @@ class FakeSession:
     def __init__(self, robot: FakeRobot, token: str):
         self.fake, self.user_token, self.closed = robot, token, False
         self.robot = object()  # what on_session hands on (the SDK Robot)
+        self.on_ready = lambda service: None
 
     def image_services(self) -> list[str]:
         return list(self.fake.listed)
 
-    def discover(self, service: str) -> list[SourceInfo]:
+    async def discover(self, service: str, timeout: float) -> list[SourceInfo]:
         self.fake.asked.append((service, self.fake.time()))
+        if self.user_token in self.fake.revoked:
+            raise UnauthenticatedError(None, "token unknown")
         if service in self.fake.failing:
             raise self.fake.failing[service]
         return list(self.fake.services[service])
 
     def get_images(self, service, requests):
-        return None
+        raise AssertionError("the connection makes no GetImage of its own")
 
     def skew_seconds(self) -> float:
         return 2.5
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.closed = True
 
 
@@ -220,24 +238,109 @@ async def test_an_expired_token_means_a_new_login_at_once(robot):
         assert seen.tokens == ["token-1", "token-2"]
 
 
+def _lose_robot(robot: FakeRobot, conn: RobotConnection) -> float:
+    """Every image service stops answering (a restart, a network that carries nothing): the
+    poller's GetImage calls fail. Returns when, in fake time."""
+    robot.failing["image"] = UnableToConnectToRobotError(None, "no route to host")
+    robot.time.now += LOST_AFTER  # nothing answered for that long
+    for _ in range(FAILURES_BEFORE_RECONNECT):
+        conn.report("image", UnableToConnectToRobotError(None, "no route to host"))
+    return robot.time()
+
+
 @scenario
-async def test_a_lost_robot_is_retried_with_backoff_and_sources_stay_known(robot):
+async def test_a_burst_of_failures_among_answers_is_no_outage(robot):
+    """A busy machine can time out a few requests in a row while others are answered: the
+    service is given up only when it has answered nothing for FAILING_FOR seconds."""
     async with running(robot) as (conn, seen):
         await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
-        robot.login_error = UnableToConnectToRobotError(None, "no route to host")
-        for _ in range(FAILURES_BEFORE_RECONNECT):
-            conn.report("image", UnableToConnectToRobotError(None, "no route to host"))
-        await async_wait_until(lambda: not conn.connected.is_set(), what="lost")
-        # streams keep their sources (the hub shows them STALE); no service answers
-        assert seen.sources == {"front", "back"} and seen.services == {}
-        assert conn.status()["problem"] == "unreachable"
+        conn.report("image", None)
+        for _ in range(3 * FAILURES_BEFORE_RECONNECT):
+            conn.report("image", TimedOutError(None, "too slow"))
+        assert seen.services == {"image": True} and conn.connected.is_set()
+        robot.time.now += FAILING_FOR
+        conn.report("image", TimedOutError(None, "still nothing"))
+        assert seen.services == {"image": False}  # given up: probed until it answers
+        assert conn.connected.is_set()  # the robot is not lost for a few seconds of silence
+        await async_wait_until(lambda: seen.services == {"image": True}, what="probed back")
+
+
+@scenario
+async def test_a_lost_robot_keeps_its_session_and_is_probed_often_then_with_backoff(robot):
+    """The robot keeps honouring its tokens through a restart: no new login (nor time sync) to
+    wait for when it is back, and none to count against its limits while it is down."""
+    async with running(robot) as (conn, seen):
+        await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
+        lost = _lose_robot(robot, conn)
+        assert not conn.connected.is_set() and conn.status()["problem"] == "unreachable"
+        # streams keep their sources (the hub shows them STALE); the service does not answer
+        assert seen.sources == {"front", "back"} and seen.services == {"image": False}
+        assert seen.sessions == [robot.sessions[0].robot, None]  # the registration waits
+
+        def probes() -> list[float]:
+            return [t for service, t in robot.asked if service == "image" and t > lost]
+
+        await async_wait_until(lambda: probes() and probes()[-1] - lost > 60, what="a minute")
+        times = [lost, *probes()]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        early = [g for a, g in zip(times, gaps, strict=False) if a - lost < PROBE_FAST - 0.5]
+        assert early and all(abs(g - PROBE_EVERY) < 1e-6 for g in early), gaps
+        assert gaps[-1] > 4 * PROBE_EVERY and max(gaps) <= BACKOFF_MAX * 1.2, gaps
+        assert len(robot.logins) == 1  # no login while it is down
+        del robot.failing["image"]  # it answers again
+        back = robot.time()
+        await async_wait_until(lambda: conn.connected.is_set(), what="back")
+        assert robot.time() - back <= BACKOFF_MAX * 1.2
+        assert conn.status()["problem"] is None and seen.services == {"image": True}
+        assert len(robot.logins) == 1 and robot.sessions[0].closed is False
+        assert seen.sessions[-1] is robot.sessions[0].robot  # registered again
+
+
+@scenario
+async def test_a_channel_that_connects_again_is_probed_at_once(robot):
+    """Long into an outage the probes are seconds apart; the robot's return is not left to the
+    next one: its channel connecting again (gRPC's own retries) triggers a probe now."""
+    async with running(robot) as (conn, seen):
+        await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
+        lost = _lose_robot(robot, conn)
+        await async_wait_until(lambda: robot.time() - lost > 120, what="two minutes down")
+        robot.time.frozen = True  # from here on, no probe falls due by the clock
+        await async_wait_until(lambda: robot.time.parked, what="the connection waiting")
+        assert conn.state["image"].retry_at > robot.time()
+        del robot.failing["image"]
+        returned = robot.time()
+        robot.sessions[0].on_ready("image")
+        await async_wait_until(lambda: conn.connected.is_set(), what="back")
+        assert robot.time() == returned  # back without waiting for the next probe
+        assert len(robot.logins) == 1
+        robot.time.frozen = False
+
+
+@scenario
+async def test_a_robot_back_without_our_token_is_logged_in_again_at_once(robot):
+    async with running(robot) as (conn, seen):
+        await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
+        _lose_robot(robot, conn)
+        robot.revoked.add(robot.sessions[0].user_token)  # it comes back, forgetting our token
+        del robot.failing["image"]
+        returned = robot.time()
+        await async_wait_until(lambda: len(robot.sessions) == 2, what="a second login")
+        assert robot.logins[1] - returned < 1.0
+        await async_wait_until(lambda: conn.connected.is_set(), what="connected again")
+        assert conn.status()["problem"] is None
+
+
+@scenario
+async def test_a_robot_unreachable_at_start_is_logged_in_with_backoff(robot):
+    robot.login_error = UnableToConnectToRobotError(None, "no route to host")
+    async with running(robot) as (conn, _):
         await async_wait_until(lambda: len(robot.logins) >= 6, what="retries")
-        gaps = [b - a for a, b in zip(robot.logins[1:], robot.logins[2:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(robot.logins)]
         assert gaps[0] < 1.0 and gaps[-1] > 4 * gaps[0], gaps  # soon at first, then backing off
         assert max(gaps) <= BACKOFF_MAX * 1.2, gaps
-        robot.login_error = None  # it comes back
-        await async_wait_until(lambda: conn.connected.is_set(), what="back")
-        assert conn.status()["problem"] is None
+        assert conn.status()["problem"] == "unreachable"
+        robot.login_error = None  # it comes up
+        await async_wait_until(lambda: conn.connected.is_set(), what="up")
 
 
 @scenario
@@ -245,6 +348,7 @@ async def test_one_failing_service_is_retried_alone_while_the_others_serve(robot
     robot.services["spot-cam-image"] = [source("ptz", "spot-cam-image")]
     async with running(robot, services=("image", "spot-cam-image")) as (conn, seen):
         await async_wait_until(lambda: len(seen.sources) == 3, what="both services")
+        robot.time.now += FAILING_FOR
         for _ in range(FAILURES_BEFORE_RECONNECT):
             conn.report("image", None)  # the robot answers ...
             conn.report("spot-cam-image", TimedOutError(None, "too slow"))  # ... one service not

@@ -64,7 +64,7 @@ def test_no_secret_reaches_the_log_at_debug(marked_sim, payload):
         first, second = next(stream), next(stream)
         stream.close()
         assert second.body.startswith(b"\xff\xd8") and second.timestamp > first.timestamp
-        if not payload:  # once is enough: the way back logs in with the same secrets
+        if not payload:  # once is enough: the way back keeps the login (no new secret used)
             losses = r.log().count("lost robot")
             sim.set_available(False)
             wait_until(lambda: r.log().count("lost robot") > losses, 15, "the robot lost")
@@ -74,9 +74,9 @@ def test_no_secret_reaches_the_log_at_debug(marked_sim, payload):
         sim.clear_faults()
         r.stop()
     log = r.log()
-    # it logged, at DEBUG, everything above: the logins, the loss, the bad requests
-    assert "DEBUG" in log and log.count("connected to robot") >= 3 - payload
-    assert "lost robot" in log
+    # it logged, at DEBUG, everything above: the logins, the loss and return, the bad requests
+    assert "DEBUG" in log and log.count("connected to robot") >= 2
+    assert payload or ("lost robot" in log and "answers again" in log)
     assert "bad HTTP request" in log
     for marker in (PASSWORD, PAYLOAD_SECRET, TOKEN, *sim.issued):
         assert marker not in log, f"{marker[:12]}... in the log"

@@ -15,6 +15,7 @@ from spotrelay import logs
 from spotrelay.metrics import Metrics
 from spotrelay.process import supervise
 from spotrelay.robot import session
+from spotrelay.slots import Slots
 from tests.inproc import GatedExecutor, counted, make_frame, relay_app
 from tests.wait import async_wait_until
 
@@ -272,3 +273,49 @@ def test_sdk_loggers_are_not_the_relays():
         root.setLevel(logging.WARNING)
         logging.getLogger("bosdyn").setLevel(logging.NOTSET)
     assert session.SDK_LOGGER == logs.SDK_LOGGER  # the name the session gives the SDK
+
+
+def test_one_address_cannot_take_every_client_slot():
+    """Non-reading streams from one host hold at most their share of --max-clients; another
+    host still gets in (several 127.0.0.x addresses stand for several hosts)."""
+
+    async def scenario():
+        async with relay_app(max_clients=6, max_clients_per_host=3) as (client, hub, metrics):
+            host, port = client.server.host, client.server.port
+            held = []
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(
+                    host, port, local_addr=("127.0.0.2", 0)
+                )
+                writer.write(b"GET /stream/back_fisheye_image HTTP/1.1\r\nHost: x\r\n\r\n")
+                held.append((reader, writer))
+                assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            await async_wait_until(lambda: len(hub.viewers()) == 3)
+            reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+            writer.write(b"GET /api/sources HTTP/1.1\r\nHost: x\r\n\r\n")
+            refused = await reader.read(4096)
+            writer.close()
+            other = await asyncio.open_connection(host, port, local_addr=("127.0.0.3", 0))
+            other[1].write(b"GET /api/sources HTTP/1.1\r\nHost: x\r\n\r\n")
+            served = await other[0].readline()
+            other[1].close()
+            for _, w in held:
+                w.close()
+            return refused, served, counted(metrics, REFUSED, reason="max_clients_per_host")
+
+    refused, served, counted_ = run(scenario())
+    assert refused.startswith(b"HTTP/1.1 503") and b"--max-clients-per-host" in refused, refused
+    assert served.startswith(b"HTTP/1.1 200"), served
+    assert counted_ == 1
+
+
+def test_slots_bound_the_total_and_each_host():
+    slots = Slots(total=4, per_host=2)
+    assert [slots.take("a"), slots.take("a"), slots.take("a")] == [
+        None,
+        None,
+        "max_clients_per_host",
+    ]
+    assert [slots.take("b"), slots.take("b"), slots.take("c")] == [None, None, "max_clients"]
+    slots.give("a")
+    assert slots.take("c") is None and slots.busy == 4

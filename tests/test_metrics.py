@@ -87,7 +87,17 @@ def test_labels_are_bounded(relay):
     for stream in streams:
         stream.close()
     labels = set(re.findall(r"(\w+)=\"", text))
-    bounded = {"source", "service", "reason", "stage", "kind", "image_type", "version", "le"}
+    bounded = {
+        "source",
+        "service",
+        "reason",
+        "stage",
+        "kind",
+        "image_type",
+        "version",
+        "le",
+        "step",
+    }
     assert labels <= bounded | {"action", "result"}  # Autowalk callbacks: fixed sets too
     assert "127.0.0.1" not in text
 

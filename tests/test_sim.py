@@ -7,6 +7,7 @@ raises it, several image services on one port, login limits, payload authorisati
 
 from __future__ import annotations
 
+import os
 import time
 
 import cv2
@@ -35,6 +36,7 @@ from bosdyn.client.payload_registration import (
 from spotrelay import codec
 from spotrelay.frames import ImageData
 from spotrelay.sim.cameras import spot_cameras
+from tests.relay import Relay
 from tests.sdk import sdk_robot as robot_for_sim
 from tests.wait import wait_until
 
@@ -336,3 +338,70 @@ def test_payload_services_register_in_the_directory(robot, sim):
     finally:
         client.unregister(name)
     assert name not in {e.name for e in robot.list_services()}
+
+
+@pytest.mark.parametrize("options", [{}, {"spot_cam": True}])  # one server, or the router
+def test_a_restart_comes_back_on_the_same_port_honouring_its_tokens(robots, options):
+    """A robot restarting (the bench's outage): same port, same certificate, and a client
+    logged in before it goes on without a new login."""
+    sim = robots(**options)
+    robot = sdk_robot(sim)
+    robot.authenticate(sim.username, sim.password)
+    client = robot.ensure_client("image")
+    client.get_image([req("back_fisheye_image")])
+    port = sim.port
+    went, back = sim.restart(0.2)
+    assert back - went >= 0.2 and sim.port == port
+    got = wait_until(
+        lambda: client.get_image([req("back_fisheye_image")], timeout=1),
+        10,
+        "the robot back",
+        ignore=(ResponseError, Exception),
+    )
+    assert got[0].shot.image.data[:2] == b"\xff\xd8"
+    assert len(sim.auth_requests) == 1
+    robot._shutdown()
+
+
+def _sim_children(pid: int) -> list[int]:
+    """The relay's child processes running the simulated robot."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == pid and b"spotrelay.sim" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("end", ["SIGTERM", "SIGKILL"])
+def test_sim_runs_in_a_process_of_its_own_that_ends_with_the_relay(end):
+    """``--sim`` (``make run``): the simulated robot is a child of the relay, not in its
+    interpreter, and it goes when the relay goes, however the relay ends (its certificates
+    too: the run's leftover check would see them)."""
+    relay = Relay(["--sim"]).wait_ready()
+    try:
+        status, _, body = relay.get("/snapshot/back_fisheye_image")
+        assert status == 200 and body[:2] == b"\xff\xd8"
+        (child,) = _sim_children(relay.proc.pid)
+        assert f"(process {child})" in relay.log()
+    finally:
+        if end == "SIGKILL":
+            relay.proc.kill()
+        relay.stop()
+    wait_until(lambda: not _alive(child), 10, "the simulated robot gone")

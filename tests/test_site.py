@@ -37,7 +37,7 @@ from spotrelay import site
 from tests.browser import Page
 from tests.browser import chromium as chromium_page
 from tests.mjpeg import parts
-from tests.procs import end_group
+from tests.procs import end_group, spawn
 from tests.procs import start as start_group
 from tests.relay import Relay, free_port, sample
 from tests.wait import wait_until as wait
@@ -571,3 +571,86 @@ def test_a_stopped_robot_makes_its_unreachable_alert_pending(station):
         assert alerts[0]["annotations"]["summary"] == "robot b unreachable"
     finally:  # the same relay again, for whatever runs next
         station.relays["b"] = token_relay(station.sim, port=b.port).wait_ready()
+
+
+def test_from_rtsp_the_base_takes_the_relays_h264_and_re_encodes_nothing(sim, tmp_path, capsys):
+    """A relay serving RTSP: site-config --from-rtsp points go2rtc at it, go2rtc re-serves the
+    relay's own H.264 (RTSP here), and the relay serves one RTSP client and no MJPEG."""
+    from spotrelay.rtsp import engine
+
+    try:
+        engine.load()
+    except engine.Unavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"RTSP needs GStreamer: {exc}")
+    go2rtc, camera = go2rtc_binary(), "hand_color_image"
+    token_file = tmp_path / "relay.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    ports = {k: free_port() for k in ("relay_rtsp", "api", "rtsp", "webrtc")}
+    env = {"BOSDYN_CLIENT_USERNAME": sim.username, "BOSDYN_CLIENT_PASSWORD": sim.password}
+    env["SPOTRELAY_TOKEN"] = TOKEN
+    args = ["--robot", "127.0.0.1", "--robot-port", str(sim.port), "--robot-cert", sim.ca_path]
+    relay = Relay([*args, "--rtsp-port", str(ports["relay_rtsp"])], env=env).wait_ready()
+    out = tmp_path / "site"
+    engines = None
+    try:
+        code, _, err = run_site(
+            capsys,
+            f"--robot=spot-1={relay.url}",
+            f"--out={out}",
+            f"--token-file={token_file}",
+            f"--cameras={camera}",
+            "--from-rtsp",
+            "--listen=127.0.0.1",
+            f"--api-port={ports['api']}",
+            f"--rtsp-port={ports['rtsp']}",
+            f"--webrtc-port={ports['webrtc']}",
+        )
+        assert code == 0, err
+        yml = (out / "go2rtc.yaml").read_text()
+        assert f"rtsp://127.0.0.1:{ports['relay_rtsp']}/{camera}?token=" in yml, yml
+        assert "ffmpeg" not in yml and TOKEN not in yml
+        env = {**os.environ, "CREDENTIALS_DIRECTORY": str(out / "credentials")}
+        engines = start_group(
+            [go2rtc, "-c", str(out / "go2rtc.yaml")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: get_json(f"http://127.0.0.1:{ports['api']}/api/streams"), 20, "go2rtc")
+        url = f"rtsp://spotrelay:{TOKEN}@127.0.0.1:{ports['rtsp']}/spot-1_{camera}"
+        got = ffprobe_stream(url)
+        assert got["codec_name"] == "h264" and got["width"] == 640, got
+        reader = [tool("ffmpeg"), "-v", "error", "-rtsp_transport", "tcp", "-i", url]
+        with spawn([*reader, "-t", "20", "-c", "copy", "-f", "null", "-"]):
+
+            def relay_serving() -> dict | None:
+                state = json.loads(relay.get("/api/state", headers=HEADERS)[2])
+                mine = [c for c in state["rtsp"]["clients"] if c["source"] == camera]
+                return state if len(mine) == 1 and mine[0]["bytes_sent"] > 50_000 else None
+
+            state = wait_until(relay_serving, 20, "go2rtc pulling the relay's RTSP")
+        pulled = {c["kind"] for c in state["clients"] if c["source"] == camera}
+        assert pulled == {"rtsp"}, pulled  # the relay's encoder feed; no MJPEG viewer
+    finally:
+        if engines is not None:
+            end_group(engines)
+        relay.stop()
+
+
+def test_relays_with_tls_a_ca_file_for_prometheus_and_go2rtc(relay_url, tmp_path, capsys):
+    from spotrelay import tls
+
+    cert, _ = tls.ensure_certificate(tmp_path / "relay-tls", [])
+    out = tmp_path / "site"
+    code, _, err = run_site(capsys, f"--robot=spot-1={relay_url}", f"--out={out}",
+                            f"--ca-file={cert}")  # fmt: skip
+    assert code == 0, err
+    prom = (out / "prometheus.yml").read_text()
+    assert "ca_file: credentials/relay-ca.crt" in prom and "server_name: spotrelay" in prom
+    assert (out / "credentials" / "relay-ca.crt").read_bytes() == cert.read_bytes()
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "config", out / "prometheus.yml"], **_text)
+        assert check.returncode == 0, check.stdout + check.stderr

@@ -30,7 +30,10 @@ trap 'exit 130' INT TERM
 
 # go2rtc resolves ${SPOTRELAY_TOKEN} from $CREDENTIALS_DIRECTORY/SPOTRELAY_TOKEN, a link to the
 # token file: the token is in neither its command line nor its environment.
-CREDENTIALS_DIRECTORY="$site/credentials" "$go2rtc" -c "$site/go2rtc.yaml" &
+# Relays with --tls: go2rtc (Go) trusts the certificate site-config --ca-file copied here.
+ca=()
+[ -f "$site/credentials/relay-ca.crt" ] && ca=(SSL_CERT_FILE="$site/credentials/relay-ca.crt")
+env "${ca[@]}" CREDENTIALS_DIRECTORY="$site/credentials" "$go2rtc" -c "$site/go2rtc.yaml" &
 pids+=($!)
 "$prometheus" --config.file="$site/prometheus.yml" --storage.tsdb.path="$site/prometheus-data" \
   --web.listen-address="${PROM_LISTEN:-0.0.0.0:9090}" &

@@ -16,6 +16,7 @@ format's width, meaning that pixel N times.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -174,7 +175,19 @@ def depth_to_colour(
     depth: np.ndarray, depth_scale: float, colormap: str, max_m: float = DEPTH_MAX_M
 ) -> np.ndarray:
     """uint16 depth -> BGR; near is the low end of the colour map. 0 and 65535 are both "no
-    data" (bosdyn.client.image: MAX_DEPTH_IMAGE_RANGE marks invalid depth too) and are black."""
+    data" (bosdyn.client.image: MAX_DEPTH_IMAGE_RANGE marks invalid depth too) and are black.
+
+    One lookup in a table of every uint16 value (``_depth_table``): the same bytes as colouring
+    each pixel (``colour_depth``) at a third of the cost, which the viewer's five depth tiles pay
+    75 times a second."""
+    return _depth_table(depth_scale, colormap, max_m).take(depth, axis=0)
+
+
+def colour_depth(
+    depth: np.ndarray, depth_scale: float, colormap: str, max_m: float = DEPTH_MAX_M
+) -> np.ndarray:
+    """``depth_to_colour`` pixel by pixel: scale to 0-255 over 0-``max_m``, colour map, black
+    for no data. The definition the table is made from."""
     scale = 255.0 / (max_m * (depth_scale or 1000.0))
     grey = cv2.convertScaleAbs(depth, alpha=scale)  # saturates beyond max_m
     if colormap == "gray":
@@ -183,6 +196,16 @@ def depth_to_colour(
         out = cv2.applyColorMap(grey, _CV_COLORMAPS[colormap])
     out[(depth == 0) | (depth == NO_RETURN)] = 0
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _depth_table(depth_scale: float, colormap: str, max_m: float) -> np.ndarray:
+    """The colour of every uint16 depth value, (65536, 3) BGR (192 KiB), made once per depth
+    scale and colour map by ``colour_depth`` itself, so the lookup is bit-identical to it."""
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    table = colour_depth(every, depth_scale, colormap, max_m).reshape(65536, 3)
+    table.setflags(write=False)  # shared by every codec thread
+    return np.ascontiguousarray(table)
 
 
 def to_display(img: np.ndarray, image: ImageData, colormap: str) -> np.ndarray:

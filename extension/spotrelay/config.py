@@ -9,6 +9,7 @@ meets when something is mistyped in a compose file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import sys
@@ -48,10 +49,18 @@ class Config:
     stale_after: float = 2.0
     rediscover: float = 10.0
     max_clients: int = 200
+    max_clients_per_host: int | None = None  # None: half of max_clients
     client_timeout: float = 10.0
     idle_timeout: float = 10.0
     max_variants: int = 16
     no_queue_control: bool = False
+    rtsp_port: int | None = None
+    tls: bool = False
+    tls_dir: str = "tls"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_names: tuple[str, ...] = ()
+    rtsp_max_encoders: int = 8
     mission: bool = False
     mission_port: int = 21081
     mission_host: str | None = None
@@ -206,6 +215,39 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         "requests served at once, each stream one; more get 503 (health, metrics always answer)",
     ),
     (
+        "--max-clients-per-host",
+        _number_in("--max-clients-per-host", int, 1, 100000),
+        None,
+        "of those, at most this many from one address (default: half of --max-clients)",
+    ),
+    (
+        "--rtsp-port",
+        _number_in("--rtsp-port", int, 1, 65535),
+        None,
+        "serve RTSP (H.264) on this port too; off unless given (needs GStreamer, see README)",
+    ),
+    (
+        "--tls-dir",
+        str,
+        "tls",
+        "with --tls: where the self-made certificate is kept (made on first start, reused)",
+    ),
+    ("--tls-cert", str, None, "with --tls: your own certificate (PEM), instead of a self-made one"),
+    ("--tls-key", str, None, "with --tls-cert: its private key (PEM)"),
+    (
+        "--tls-names",
+        _csv,
+        (),
+        "more names and addresses for a self-made certificate (e.g. 192.168.80.3,spot-1.lan); "
+        "it always names spotrelay, this host and loopback",
+    ),
+    (
+        "--rtsp-max-encoders",
+        _number_in("--rtsp-max-encoders", int, 1, 100),
+        8,
+        "H.264 encoders running at once (one per camera and rendering, shared by its viewers)",
+    ),
+    (
         "--client-timeout",
         _number_in("--client-timeout", float, 1.0, 3600.0),
         10.0,
@@ -282,6 +324,7 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
 _SWITCHES: list[tuple[str, str]] = [
     ("--sim", "use the built-in simulated robot"),
     ("--mission", "serve the Autowalk camera callback and register it in the robot's directory"),
+    ("--tls", "serve HTTPS (and WSS, RTSPS): your certificate, or one made and kept in --tls-dir"),
     (
         "--no-queue-control",
         "write viewers' frames as fast as their sockets take them, without waiting for their "
@@ -362,6 +405,8 @@ def load(argv: list[str] | None = None) -> Config:
     username = os.environ.get("BOSDYN_CLIENT_USERNAME") or None
     password = os.environ.get("BOSDYN_CLIENT_PASSWORD") or None
     cfg = Config(guid=guid, secret=secret, username=username, password=password, **v)  # type: ignore[arg-type]
+    _check_ports(cfg)
+    cfg = _check_tls(cfg)
     if cfg.mission:
         _check_mission(cfg)
     if cfg.sim:
@@ -389,10 +434,39 @@ def _local_only(host: str) -> bool:
     return addr.is_loopback or addr.is_unspecified
 
 
+def _check_tls(cfg: Config) -> Config:
+    """``--tls-cert`` and ``--tls-key`` go together and mean ``--tls``; both must be readable
+    PEM (a typo would otherwise only show as handshakes failing)."""
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if cfg.tls_cert:
+        _check_certificate(cfg.tls_cert, "--tls-cert")
+        try:
+            with open(str(cfg.tls_key), "rb") as fh:
+                if b"PRIVATE KEY" not in fh.read():
+                    raise ConfigError(f"--tls-key {cfg.tls_key}: not a PEM private key")
+        except OSError as exc:
+            raise ConfigError(f"--tls-key {cfg.tls_key}: {exc.strerror}") from None
+        return dataclasses.replace(cfg, tls=True)
+    return cfg
+
+
+def _check_ports(cfg: Config) -> None:
+    """Every port the relay listens on is its own."""
+    used = {"--port": cfg.port}
+    if cfg.mission:
+        used["--mission-port"] = cfg.mission_port
+    if cfg.rtsp_port is not None:
+        used["--rtsp-port"] = cfg.rtsp_port
+    seen: dict[int, str] = {}
+    for option, port in used.items():
+        if port in seen:
+            raise ConfigError(f"{option} {port} is {seen[port]} too: every port must differ")
+        seen[port] = option
+
+
 def _check_mission(cfg: Config) -> None:
     """The robot must be able to reach the callback: its own port, at an address of ours."""
-    if cfg.mission_port == cfg.port:
-        raise ConfigError(f"--mission-port {cfg.mission_port} is the HTTP port (--port) too")
     robot_here = cfg.sim or (cfg.robot is not None and _local_only(cfg.robot))
     if cfg.mission_host and _local_only(cfg.mission_host) and not robot_here:
         raise ConfigError(
@@ -401,19 +475,19 @@ def _check_mission(cfg: Config) -> None:
         )
 
 
-def _check_certificate(path: str) -> None:
+def _check_certificate(path: str, option: str = "--robot-cert") -> None:
     """A CA file that is not a PEM certificate would only show as a TLS failure retried for
     ever, with the SDK blaming the network; say so at start."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        raise ConfigError(f"--robot-cert {path}: {exc.strerror}") from None
+        raise ConfigError(f"{option} {path}: {exc.strerror}") from None
     try:
         x509.load_pem_x509_certificates(data)
     except ValueError:
         raise ConfigError(
-            f"--robot-cert {path}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"
+            f"{option} {path}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"
         ) from None
 
 

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from spotrelay import codec
 from spotrelay.frames import JPEG, Frame, RenderSpec, Shape, SourceInfo
@@ -185,6 +186,7 @@ class Hub:
         self._clients: dict[int, Client] = {}
         self._received_at: dict[str, float] = {}  # hub clock, newest frame per source
         self._rates: dict[str, RateWindow] = {}
+        self._fps_gauges: dict[str, Any] = {}  # spotrelay_source_fps children, per source
         self._variants: dict[tuple[str, Plan], Variant] = {}
         self._watchers: dict[str, int] = {}
         self._new_frame: dict[str, asyncio.Event] = {}
@@ -257,9 +259,12 @@ class Hub:
         self._latest[frame.source] = frame
         now = self.clock()
         self._received_at[frame.source] = now
-        rate = self._rates.setdefault(frame.source, RateWindow())
+        rate = self._rates.get(frame.source)
+        if rate is None:
+            rate = self._rates[frame.source] = RateWindow()
+            self._fps_gauges[frame.source] = self.metrics.source_fps.labels(source=frame.source)
         rate.mark(now)
-        self.metrics.source_fps.labels(source=frame.source).set(rate.rate(now))
+        self._fps_gauges[frame.source].set(rate.rate(now))
         if previous is not None and previous.image.shape != frame.image.shape:
             self._retire(frame.source)
         if (event := self._new_frame.pop(frame.source, None)) is not None:

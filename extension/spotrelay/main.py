@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 from aiohttp import web
 
-from spotrelay import __version__, logs, process
+from spotrelay import __version__, logs, process, tls
 from spotrelay.autowalk import routes as captures_routes
 from spotrelay.autowalk.service import MAX_CLIPS, MAX_JOBS, MissionServer
 from spotrelay.autowalk.store import Store
@@ -36,6 +36,9 @@ from spotrelay.hub import Hub
 from spotrelay.metrics import Metrics
 from spotrelay.poller import Poller
 from spotrelay.robot import RobotConnection, Target
+from spotrelay.rtsp import engine as rtsp_engine
+from spotrelay.rtsp.server import RtspOutput
+from spotrelay.slots import Slots
 from spotrelay.stills import Stills
 
 log = logging.getLogger("spotrelay")
@@ -67,10 +70,11 @@ def build_relay_app(
     *,
     token: str | None,
     allow_origin: str | None,
-    max_clients: int,
+    slots: Slots,
     timing: Callable[[str], dict[str, Any]] = lambda source: {},
     mission: Callable[[], dict[str, Any]] | None = None,
     store: Store | None = None,
+    rtsp: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     """Every output on one app: the relay's route table, which the in-process tests use too."""
     metrics = streams.metrics
@@ -88,6 +92,7 @@ def build_relay_app(
                 show_peers=bool(token),
                 timing=timing,
                 mission=mission,
+                rtsp=rtsp,
             ),
             partial(
                 captures_routes.add_routes,
@@ -98,7 +103,7 @@ def build_relay_app(
         ],
         token=token,
         allow_origin=allow_origin,
-        max_clients=max_clients,
+        slots=slots,
         refused=lambda reason: metrics.requests_refused.labels(reason=reason).inc(),
     )
 
@@ -115,6 +120,17 @@ class Relay:
     ):
         self.cfg = cfg
         self.metrics = metrics
+        # HTTPS (and WSS, RTSPS): the user's certificate, or one made once and kept
+        self.ssl = None
+        tls_files = None
+        if cfg.tls:
+            tls_files = (
+                (cfg.tls_cert, cfg.tls_key)
+                if cfg.tls_cert and cfg.tls_key
+                else tls.ensure_certificate(cfg.tls_dir, [*tls.default_names(), *cfg.tls_names])
+            )
+            self.ssl = tls.server_context(*tls_files)
+            log.info("TLS certificate %s, SHA-256 %s", tls_files[0], tls.fingerprint(tls_files[0]))
         self.executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
         )
@@ -175,6 +191,28 @@ class Relay:
                 robot_clock=lambda local: local + self.conn.skew,
                 capture_rate=lambda source: self.poller.timing(source)["capture_hz"],
             )
+        # Every client of every output takes a slot: --max-clients, and a share of it per address.
+        self.slots = Slots(
+            cfg.max_clients, cfg.max_clients_per_host or max(1, cfg.max_clients // 2)
+        )
+        # RTSP (H.264) from GStreamer, when asked for and installed.
+        self.rtsp: RtspOutput | None = None
+        if cfg.rtsp_port is not None:
+            try:
+                self.rtsp = RtspOutput(
+                    rtsp_engine.load(),
+                    self.hub,
+                    metrics,
+                    self.slots,
+                    bind=cfg.bind,
+                    port=cfg.rtsp_port,
+                    token=cfg.token,
+                    client_timeout=cfg.client_timeout,
+                    max_encoders=cfg.rtsp_max_encoders,
+                    tls_files=tls_files,
+                )
+            except rtsp_engine.Unavailable as exc:
+                log.warning("RTSP off: %s", exc)
         # Read at scrape time from the connection's own state, so the gauges cannot go stale.
         metrics.robot_connected.set_function(lambda: 1.0 if self.conn.connected.is_set() else 0.0)
         metrics.time_sync_skew.set_function(lambda: self.conn.skew)
@@ -185,16 +223,19 @@ class Relay:
             self.conn.status,
             token=cfg.token,
             allow_origin=cfg.allow_origin,
-            max_clients=cfg.max_clients,
+            slots=self.slots,
             timing=self.poller.timing,
             mission=self.mission.status if self.mission else None,
             store=store,
+            rtsp=self.rtsp.status if self.rtsp else None,
         )
 
     def _sources_changed(self, sources: dict, services: dict[str, bool]) -> None:
         self.metrics.sources_changed(sources, services)
         self.hub.set_sources(sources.values())
         self.poller.set_sources(sources, services)
+        if self.rtsp is not None:
+            self.rtsp.mount(list(sources))
 
     def _session_changed(self, robot) -> None:
         if self.mission is not None:
@@ -211,7 +252,7 @@ class Relay:
             keepalive_timeout=self.cfg.idle_timeout,
         )
         await runner.setup()
-        site = web.TCPSite(runner, bind, port, reuse_address=True)
+        site = web.TCPSite(runner, bind, port, reuse_address=True, ssl_context=self.ssl)
         try:
             await site.start()
         except OSError as exc:
@@ -223,12 +264,15 @@ class Relay:
             )
             await runner.cleanup()
             return 1
-        log.info("spotrelay %s serving http://%s:%d/", __version__, bind, port)
-        if self.mission is not None:
+        scheme = "https" if self.ssl else "http"
+        log.info("spotrelay %s serving %s://%s:%d/", __version__, scheme, bind, port)
+        for what, server in (("the Autowalk callback", self.mission), ("RTSP", self.rtsp)):
+            if server is None:
+                continue
             try:
-                await self.mission.start()
+                await server.start()
             except OSError as exc:
-                log.error("cannot start the Autowalk callback: %s", exc)
+                log.error("cannot start %s: %s", what, exc)
                 await runner.cleanup()
                 return 1
         restarted = self.metrics.task_restarts.labels
@@ -246,6 +290,8 @@ class Relay:
         log.info("shutting down")
         if self.mission is not None:  # clips keep what they recorded; leave the directory
             await self.mission.close()
+        if self.rtsp is not None:
+            self.rtsp.close()
         self.hub.close()  # ends every stream, so the server has nothing to wait for
         await runner.cleanup()
         for task in tasks:
@@ -261,12 +307,12 @@ class Relay:
 
 async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
     sim = None
-    if cfg.sim:
-        from spotrelay.sim import SimRobot  # only the demo and tests need it
+    if cfg.sim:  # in a process of its own: in ours it would take the relay's interpreter lock
+        from spotrelay.sim.child import start_sim
 
-        sim = SimRobot().start()
+        sim = await start_sim()
         target = Target("127.0.0.1", sim.port, sim.ca_path, sim.username, sim.password)
-        log.info("simulated robot on 127.0.0.1:%d", sim.port)
+        log.info("simulated robot on 127.0.0.1:%d (%s)", sim.port, sim.where)
     else:
         target = target_for(cfg)
     relay = Relay(cfg, target, Metrics(process=True), redactor)
@@ -278,7 +324,7 @@ async def serve(cfg: Config, redactor: logs.Redactor | None = None) -> int:
         return await relay.serve(cfg.bind, cfg.port, stop)
     finally:
         if sim:
-            sim.stop()
+            await sim.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -297,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.run_as and os.geteuid() == 0:
         if cfg.mission:
             process.own_folder(cfg.captures_dir, *cfg.run_as)
+        if cfg.tls and not cfg.tls_cert:  # the relay makes (once) and keeps its certificate
+            process.own_folder(cfg.tls_dir, *cfg.run_as)
         process.drop_privileges(*cfg.run_as)
     redactor = logs.setup(cfg.log_level, [cfg.password, cfg.secret, cfg.token, cfg.guid])
     cv2.setNumThreads(1)  # parallelism comes from rendering sources in separate threads

@@ -63,7 +63,14 @@ RPC_ERROR_KINDS = (
 )
 STAGES = ("received", "sent")
 DROP_CLIENT_REASONS = ("stalled",)
-REFUSAL_REASONS = ("max_clients", "max_variants", "snapshots_busy", "downloads_busy")
+REFUSAL_REASONS = (
+    "max_clients",
+    "max_clients_per_host",
+    "max_variants",
+    "max_encoders",
+    "snapshots_busy",
+    "downloads_busy",
+)
 MISSION_ACTIONS = ("capture", "record", "unknown")
 MISSION_REFUSALS = ("caller", "sessions", "busy", "captures_full", "limits")
 MISSION_RESULTS = ("success", "failure", "stopped", "invalid")
@@ -71,7 +78,7 @@ MISSION_RESULTS = ("success", "failure", "stopped", "invalid")
 node first; invalid: parameters refused (STATUS_CUSTOM_PARAMS_ERROR), the job never started."""
 DECODE_KINDS = ("jpeg", "raw", "rle")
 ADAPT_STEPS = tuple(str(step) for step in range(len(STEPS)))  # an adaptive ladder's steps
-ENCODE_KINDS = ("jpeg", "png")
+ENCODE_KINDS = ("jpeg", "png", "h264")
 
 
 class Metrics:
@@ -156,13 +163,25 @@ class Metrics:
         )
         self.encode_seconds = Histogram(
             "spotrelay_encode_seconds",
-            "Time to render and encode one variant of one frame.",
+            "Time to render and encode one variant of one frame (h264: x264's time per frame).",
             ["kind"],
             buckets=CODEC_BUCKETS,
             registry=r,
         )
         self.clients = Gauge(
             "spotrelay_clients", "Connected stream clients.", ["source"], registry=r
+        )
+        self.rtsp_clients = Gauge(
+            "spotrelay_rtsp_clients",
+            "Connected RTSP clients playing a stream.",
+            ["source"],
+            registry=r,
+        )
+        self.rtsp_bytes_sent = Counter(
+            "spotrelay_rtsp_bytes_sent_total",
+            "Bytes RTSP clients received (acknowledged), H.264 and RTP/RTSP framing.",
+            ["source"],
+            registry=r,
         )
         self.adapt_step_clients = Gauge(
             "spotrelay_adapt_step_clients",
@@ -270,6 +289,8 @@ class Metrics:
             for stage in STAGES:
                 self.frame_latency.labels(source=source, stage=stage)
             self.clients.labels(source=source)
+            self.rtsp_clients.labels(source=source)
+            self.rtsp_bytes_sent.labels(source=source)
             for step in ADAPT_STEPS:
                 self.adapt_step_clients.labels(source=source, step=step)
             self.last_frame_ts.labels(source=source)

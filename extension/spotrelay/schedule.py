@@ -47,6 +47,7 @@ CHECK_EVERY = 10.0  # seconds between checks for captures between grid points ..
 FIRST_CHECK = 1.0  # ... and the first, soon after locking: a probe that stalled (a busy
 # machine) may have missed every other capture and locked on twice the period
 MAX_INFLIGHT_FLOOR = 3
+FAILED_MAX = 0.5  # the longest wait after a failed request, before the next
 
 
 class Outcome(Enum):
@@ -88,15 +89,22 @@ class Grid:
         """Fit one more capture; returns its residual against the grid as it was."""
         n = self.index(t)
         residual = t - self.time(n)
-        self.points.append((n, t))
-        if len(self.points) >= 3:
-            ks = [k for k, _ in self.points]
-            mk = sum(ks) / len(ks)
-            mt = sum(x for _, x in self.points) / len(ks)
-            var = sum((k - mk) ** 2 for k in ks)
-            self.period = sum((k - mk) * (x - mt) for k, x in self.points) / var
-            self.t0 = mt - self.period * mk
-            self.jitter = max(abs(x - self.time(k)) for k, x in self.points)
+        points = self.points
+        points.append((n, t))
+        if len(points) >= 3:  # once per frame: plain loops, the same sums in the same order
+            count = len(points)
+            sk = st = 0.0
+            for k, x in points:
+                sk += k
+                st += x
+            mk, mt = sk / count, st / count
+            var = cov = 0.0
+            for k, x in points:
+                var += (k - mk) ** 2
+                cov += (k - mk) * (x - mt)
+            period = self.period = cov / var
+            t0 = self.t0 = mt - period * mk
+            self.jitter = max([abs(x - (t0 + k * period)) for k, x in points])
         return residual
 
     def rebase(self, factor: int) -> None:
@@ -133,6 +141,8 @@ class Schedule:
             maxlen=ONEWAY_WINDOW
         )
         self._roundtrip: collections.deque[float] = collections.deque(maxlen=ONEWAY_WINDOW)
+        self._low: float | None = None  # _oneway_low, until _oneway changes
+        self._rt_max = 0.0  # max(_roundtrip)
         self._next_check = 0.0
         self._check_due = False
         self._bad_fits = 0
@@ -153,7 +163,7 @@ class Schedule:
         """Enough requests in flight to cover the round trip at this rate, never a flood."""
         if self.grid is None or not self._roundtrip:
             return MAX_INFLIGHT_FLOOR
-        return max(MAX_INFLIGHT_FLOOR, math.ceil(max(self._roundtrip) / self.grid.period) + 2)
+        return max(MAX_INFLIGHT_FLOOR, math.ceil(self._rt_max / self.grid.period) + 2)
 
     @property
     def period(self) -> float | None:
@@ -197,12 +207,14 @@ class Schedule:
         self.next_due = max(self.next_due, now + period / 2)
 
     def failed(self, ask: Ask, now: float) -> None:
-        """The request or its image failed: back off, up to 2 s, then aim afresh."""
+        """The request or its image failed: back off, up to half a second (an outage of the
+        whole service is the connection's to probe, once it gives the service up), then aim
+        afresh."""
         self.inflight -= 1
         self.errors += 1
         period = self.grid.period if self.grid else 1 / 15
         self._aim = None
-        self.next_due = max(self.next_due, now + min(2.0, period * 2 ** min(self.errors, 5)))
+        self.next_due = max(self.next_due, now + min(FAILED_MAX, period * 2 ** min(self.errors, 5)))
 
     def reply(self, ask: Ask, capture: float, arrival: float | None, now: float) -> Outcome:
         """A reply: ``capture`` is its acquisition time, ``arrival`` when the robot received the
@@ -210,10 +222,12 @@ class Schedule:
         self.inflight -= 1
         self.errors = 0
         self._roundtrip.append(now - ask.sent)
+        self._rt_max = max(self._roundtrip)
         if arrival is not None:
             self._oneway.append((now, arrival - ask.sent))
             while len(self._oneway) > 8 and now - self._oneway[0][0] > ONEWAY_SECONDS:
                 self._oneway.popleft()
+            self._low = None
         last = self.last_capture
         if last is not None and capture < last:
             return Outcome.OLD
@@ -240,6 +254,7 @@ class Schedule:
         """After a reconnect: what was learned about the camera still holds."""
         self.grid, self.avail_lo, self.avail_hi = old.grid, old.avail_lo, old.avail_hi
         self._oneway, self._roundtrip = old._oneway, old._roundtrip
+        self._low, self._rt_max = None, old._rt_max
 
     def reset(self) -> None:
         """The camera changed mode (e.g. resolution): learn its grid again."""
@@ -262,11 +277,13 @@ class Schedule:
     def _oneway_low(self) -> float:
         """A one-way delay that almost no request undercuts: the lowest recent one, less a
         sixteenth of their spread (a new low is rarely lower than that)."""
-        if not self._oneway:
-            return 0.0
-        values = [v for _, v in self._oneway]
-        low, high = min(values), max(values)
-        return low - (high - low) / 16
+        if self._low is None:  # asked several times a frame, changed once
+            if not self._oneway:
+                return 0.0
+            values = [v for _, v in self._oneway]
+            low, high = min(values), max(values)
+            self._low = low - (high - low) / 16
+        return self._low
 
     def _send_time(self, index: int) -> float:
         assert self.grid is not None
@@ -350,7 +367,7 @@ class Schedule:
             and self.avail_hi - self.avail_lo > NARROW_BELOW
             and self._aims % NARROW_EVERY == 0
             and self._roundtrip
-            and max(self._roundtrip) < grid.period / 2
+            and self._rt_max < grid.period / 2
         ):
             self._narrowing = (self._aim or 0) + 1
 

@@ -11,7 +11,8 @@ Every output adds its own routes; this module only decides what applies to all o
 * Cross-origin reads are opt-in (``--allow-origin``): by default no CORS header is sent and a
   WebSocket opened by a page from another origin is refused, so a web page from elsewhere cannot
   read the cameras through a LAN user's browser.
-* At most ``max_clients`` requests are served at once (streams last); past that a 503 with the
+* At most ``--max-clients`` requests are served at once (streams last), and a share of them per
+  address (``slots.py``, shared with RTSP); past that a 503 with the
   reason, except for ``/healthz`` and ``/metrics``, which a supervisor must always reach.
 """
 
@@ -24,6 +25,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from spotrelay.http.outputs.common import BadParam, json_response
+from spotrelay.slots import Slots
 
 log = logging.getLogger("spotrelay.http")
 
@@ -87,28 +89,29 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
 
 
-def _limit_middleware(max_clients: int, refused):
-    """At most ``max_clients`` requests in progress; a bound on memory and descriptors that a
-    crowd (or an attacker) reaches before the machine does."""
-    busy = 0
+def _limit_middleware(slots: Slots, refused):
+    """Every request in progress holds a slot (``slots.py``: at most ``--max-clients``, and a
+    share of them per address); a bound on memory and descriptors that a crowd (or an attacker)
+    reaches before the machine does."""
 
     @web.middleware
     async def limit(request: web.Request, handler):
-        nonlocal busy
         if request.path in ALWAYS_SERVED:
             return await handler(request)
-        if busy >= max_clients:
-            refused("max_clients")
+        host = request.remote or "?"
+        reason = slots.take(host)
+        if reason is not None:
+            refused(reason)
+            option = "--max-clients" if reason == "max_clients" else "--max-clients-per-host"
             return json_response(
-                {"error": f"serving {busy} clients, the most allowed (--max-clients)"},
+                {"error": f"serving {slots.busy} clients, the most allowed ({option})"},
                 status=503,
                 headers={"Retry-After": "5"},
             )
-        busy += 1
         try:
             return await handler(request)
         finally:
-            busy -= 1
+            slots.give(host)
 
     return limit
 
@@ -138,7 +141,7 @@ def build_app(
     *,
     token: str | None = None,
     allow_origin: str | None = None,
-    max_clients: int = 200,
+    slots: Slots | None = None,
     refused=lambda reason: None,
 ) -> web.Application:
     """The app with each output's routes. ``outputs`` are callables taking the app;
@@ -146,7 +149,7 @@ def build_app(
     middlewares = [_errors, _origin_middleware(allow_origin)]
     if token:
         middlewares.insert(0, _token_middleware(token))
-    middlewares.insert(0, _limit_middleware(max_clients, refused))
+    middlewares.insert(0, _limit_middleware(slots or Slots(200, 200), refused))
     app = web.Application(middlewares=middlewares)
     for add_routes in outputs:
         add_routes(app)

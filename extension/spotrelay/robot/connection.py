@@ -1,14 +1,24 @@
 """Robot connection: keep a session with the robot, its image services and their sources.
 
-Login, directory, time sync and listing sources block, so they run in daemon threads
-(``threads.py``) and the HTTP server and open streams stay responsive while the robot is away.
-A lost robot or an expired login ends the session; a new one is made with capped exponential
-backoff, and refused logins are kept below the robot's lockout (``AuthLimiter``).
+Login, directory and time sync block, so they run in daemon threads (``threads.py``) and the
+HTTP server and open streams stay responsive while the robot is away; image services are called
+on the event loop (``images.py``). A login the robot no longer accepts ends the session and a new
+one is made at once; failed logins are retried with capped exponential backoff, and refused ones
+are kept below the robot's lockout (``AuthLimiter``).
 
 Image services are discovered and kept one by one. A service that is registered but faulted,
 slow, or not reachable yet (a payload camera, Spot CAM) is marked failing with the reason and
 retried with backoff while the others are served; in ``auto`` mode the directory is listed again
 periodically, so a payload that registers late appears without a restart.
+
+An outage (the robot restarting, a network that stops carrying anything) does not end the
+session: the robot keeps honouring its tokens, and a new login plus time sync would only delay
+the return. A service that stops answering is probed every quarter second for its first ten
+seconds, then with backoff, and at once when its channel connects again; when no service has
+answered for a few seconds, the robot is reported lost (``/readyz``,
+``spotrelay_robot_connected``) until one does. So frames are back within about half a second of
+the robot's return, and a robot that is down costs a TCP handshake every half second and no
+login.
 
 What an error means (count it, log in again, wait) is decided in ``errors.py`` only. The SDK
 session, the clock and the sleep are given to the constructor, so the whole state machine runs in
@@ -35,13 +45,23 @@ from spotrelay.robot.errors import (
     classify,
     describe_error,
 )
-from spotrelay.robot.session import IMAGE_TIMEOUT, Session, Target
-from spotrelay.robot.threads import in_daemon_thread
+from spotrelay.robot.session import IMAGE_TIMEOUT, RPC_TIMEOUT, Session, Target
+from spotrelay.robot.threads import failed, in_daemon_thread
 
 log = logging.getLogger("spotrelay.robot")
 
-# Consecutive failed GetImage calls (with no success between) that mean a service is gone.
+# A service is gone after this many failed GetImage calls in a row, over at least FAILING_FOR
+# seconds without an answer (a request's own deadline): a burst of timeouts on a busy machine,
+# with answers around it, is not an outage (giving the service up would cost every camera its
+# learnt timing). The robot is lost when no service has answered for LOST_AFTER seconds.
 FAILURES_BEFORE_RECONNECT = 5
+FAILING_FOR = IMAGE_TIMEOUT
+LOST_AFTER = 2 * IMAGE_TIMEOUT
+# A service that answered and stopped is probed (ListImageSources) this often for the first
+# PROBE_FAST seconds of its outage, then with the usual backoff (BACKOFF_FIRST doubling to
+# BACKOFF_MAX): a short outage (a restart, a network hiccup) ends within a probe of its end.
+PROBE_EVERY = 0.25
+PROBE_FAST = 10.0
 # Spot rate-limits logins (5 a second, HTTP 429) and locks logins out for a minute after six
 # failures in a row (spot-sdk docs/concepts/base_services.md, release notes 3.0.0). The relay never
 # has more than this many refused logins within a window, whatever the backoff says.
@@ -54,14 +74,17 @@ class RobotSession(Protocol):
     """What the connection uses of a session (``session.Session``; a fake one in tests)."""
 
     robot: Any  # the SDK Robot, handed to whoever needs the login (the Autowalk registration)
+    on_ready: Callable[[str], None]  # set by the connection: a service's channel is back
 
     @property
     def user_token(self) -> str | None: ...
     def image_services(self) -> list[str]: ...
-    def discover(self, service: str) -> list[SourceInfo]: ...
-    def get_images(self, service: str, requests: list[image_pb2.ImageRequest]) -> Any | None: ...
+    async def discover(self, service: str, timeout: float) -> list[SourceInfo]: ...
+    def get_images(
+        self, service: str, requests: list[image_pb2.ImageRequest]
+    ) -> Awaitable[image_pb2.GetImageResponse]: ...
     def skew_seconds(self) -> float | None: ...
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -73,13 +96,26 @@ class ServiceState:
     error: str | None = None
     sources: tuple[str, ...] = ()
     failures: int = 0
+    answered_at: float = 0.0  # the last GetImage it answered (or when it was found)
     delay: float = BACKOFF_FIRST
     retry_at: float = 0.0
+    down_since: float | None = None  # when it stopped answering, if it ever answered
 
     def failed(self, error: str, now: float) -> None:
+        """Not answering: when to try it next. Soon and often just after it stopped (it was
+        there a moment ago), with backoff for one that never answered or is long gone."""
+        if self.ok:
+            self.down_since = now
         self.ok, self.error, self.failures = False, error, 0
+        if self.down_since is not None and now - self.down_since < PROBE_FAST:
+            self.retry_at = now + PROBE_EVERY
+            return
         self.retry_at = now + self.delay * random.uniform(0.8, 1.2)
         self.delay = min(self.delay * 2, BACKOFF_MAX)
+
+    def answered(self) -> None:
+        self.ok, self.error, self.failures, self.delay = True, None, 0, BACKOFF_FIRST
+        self.down_since = None
 
 
 class AuthLimiter:
@@ -147,7 +183,9 @@ class RobotConnection:
         self.problem: str | None = None
         self._session: RobotSession | None = None
         self._lost = asyncio.Event()
-        self._last_ok = 0.0
+        self._wake = asyncio.Event()  # a service failed, or its channel is back: look now
+        self._away_since: float | None = None  # no service answers (the robot is lost)
+        self._answered_at = 0.0  # the last answer of any image service
 
     # -- what the rest of the relay reads ------------------------------------------------------
 
@@ -172,64 +210,92 @@ class RobotConnection:
             "problem": self.problem,
         }
 
-    def get_images(self, service: str, requests: list[image_pb2.ImageRequest]) -> asyncio.Future:
-        """Send one GetImage now; an asyncio future of the whole GetImageResponse.
-
-        The SDK call returns at once; the reply arrives on a gRPC thread and is handed to the loop,
-        so any number of requests can be in flight (the poller decides how many). The whole
-        response (``FutureWrapper.original_future``) rather than the SDK's list of images,
-        because its header says when the robot received the request, which the schedule uses.
-        Errors are the SDK's own (its status-to-exception mapping applies).
-        """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
+    def get_images(
+        self, service: str, requests: list[image_pb2.ImageRequest]
+    ) -> Awaitable[image_pb2.GetImageResponse]:
+        """Send one GetImage now; await it for the whole GetImageResponse (its header says when
+        the robot received the request, which the schedule uses), or the SDK's exception for it
+        (its status-to-exception mapping applies). Any number may be in flight: the poller
+        decides."""
         session = self._session
-        sdk_future = session.get_images(service, requests) if session else None
-        if sdk_future is None:
-            fut.set_exception(ConnectionError("not connected to the robot"))
-            return fut
-
-        def settle(done: Any) -> None:
-            if fut.cancelled():
-                return
-            try:
-                done.result()  # raises as the SDK maps the statuses
-                fut.set_result(done.original_future.result())
-            except Exception as exc:
-                fut.set_exception(exc)
-
-        sdk_future.add_done_callback(lambda done: loop.call_soon_threadsafe(settle, done))
-        return fut
+        if session is None:
+            return failed(ConnectionError("not connected to the robot"))
+        return session.get_images(service, requests)
 
     def report(self, service: str, exc: BaseException | None) -> None:
-        """The poller's word on each GetImage: decides when a service, or the robot, is lost."""
+        """The poller's word on each GetImage: decides when a service, or the robot, is lost,
+        and notices the first answer after an outage."""
         st = self.state.get(service)
-        if st is None or not self.connected.is_set():
+        if st is None:  # no session (the state goes with it), or a service given up since
             return
         now = self.clock()
         if exc is None:
-            st.failures, self._last_ok = 0, now
+            st.failures, st.answered_at = 0, now
+            self._answered_at = now
+            if not st.ok:  # a reply that was in flight when the service was given up
+                st.answered()
+                self._answering()
+                self._notify()
             return
         failure = classify(exc)
         st.failures += 1
         if failure.relogin:
             self._lose(describe_error(exc), failure.problem)
-        elif st.failures >= FAILURES_BEFORE_RECONNECT:
-            if failure.robot_wide or now - self._last_ok > IMAGE_TIMEOUT * 2:
-                self._lose(describe_error(exc))  # nothing answers: the robot is away
-            else:
-                self._service_failed(st, describe_error(exc))
+        elif (
+            st.ok
+            and st.failures >= FAILURES_BEFORE_RECONNECT
+            and now - st.answered_at >= FAILING_FOR
+        ):
+            self._service_failed(st, describe_error(exc))
 
     def _lose(self, error: str, problem: str = "unreachable") -> None:
-        """End the session; ``problem`` is the kind /readyz shows: a robot that rejects our
-        token is there, so that is a login problem, not a network one."""
+        """End the session (the robot rejects our token: log in again); ``problem`` is the kind
+        /readyz shows: a robot that rejects our token is there, so that is a login problem."""
         self.last_error, self.problem = error, problem
         self._lost.set()
 
     def _service_failed(self, st: ServiceState, error: str) -> None:
-        log.warning("image service %s failing: %s; retrying in %.1f s", st.name, error, st.delay)
-        st.failed(error, self.clock())
+        now = self.clock()
+        st.failed(error, now)
+        log.warning(
+            "image service %s failing: %s; retrying in %.2f s", st.name, error, st.retry_at - now
+        )
+        self._away(error)
         self._notify()
+        self._wake.set()
+
+    def _away(self, error: str) -> None:
+        """If no image service has answered for LOST_AFTER seconds, the robot is lost, until one
+        answers again (the session is kept)."""
+        if self._away_since is not None or any(s.ok for s in self.state.values()):
+            return
+        if self.clock() - self._answered_at < LOST_AFTER:
+            return
+        self._away_since = self.clock()
+        self.last_error, self.problem = error, "unreachable"
+        self.connected.clear()
+        self.on_session(None)  # the Autowalk registration waits for the robot's return
+        log.warning("lost robot %s: %s; watching for its return", self.target.where, error)
+
+    def _answering(self) -> None:
+        """A service answers: if the robot was lost, it is back."""
+        if self._away_since is None:
+            return
+        away = self.clock() - self._away_since
+        log.info("robot %s answers again after %.1f s", self.target.where, away)
+        self._away_since = None
+        self.last_error = self.problem = None
+        self.connected.set()
+        if self._session is not None:  # a robot that restarted forgot our registration
+            self.on_session(self._session.robot)
+
+    def _channel_ready(self, service: str) -> None:
+        """A failing service's channel connected again: probe it now, not at its next turn."""
+        st = self.state.get(service)
+        log.debug("image service %s: its channel is connected", service)
+        if st is not None and not st.ok:
+            st.retry_at = self.clock()
+            self._wake.set()
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -271,10 +337,12 @@ class RobotConnection:
         if token:
             self.on_token(token)
         self._session = session
+        session.on_ready = self._channel_ready
         self.skew = session.skew_seconds() or 0.0
         self._lost.clear()
         self.last_error = self.problem = None
-        self._last_ok = self.clock()
+        self._away_since = None
+        self._answered_at = self.clock()
         self.state = {}
         self.connected.set()
         self.on_session(session.robot)
@@ -289,19 +357,24 @@ class RobotConnection:
                 self.skew,
             )
             next_listing = self.clock() + self.rediscover
+            next_skew = self.clock()
             while not self._lost.is_set():
-                skew = session.skew_seconds()
-                if skew is not None:
-                    self.skew = skew
                 now = self.clock()
+                if now >= next_skew:
+                    next_skew = now + CHECK_EVERY
+                    skew = session.skew_seconds()
+                    if skew is not None:
+                        self.skew = skew
                 if now >= next_listing or any(
                     not st.ok and now >= st.retry_at for st in self.state.values()
                 ):
-                    relist = self.auto and now >= next_listing
+                    relist = now >= next_listing
                     if relist:
                         next_listing = now + self.rediscover
-                    await self._discover(session, initial=False, relist=relist)
-                await self._pause(CHECK_EVERY)
+                    await self._discover(session, initial=False, relist=relist and self.auto)
+                    continue
+                due = [st.retry_at for st in self.state.values() if not st.ok]
+                await self._pause(min([next_skew, next_listing, *due]) - now)
         except Exception as exc:  # the supervisor restarts us; meanwhile say why we are down
             if not self._lost.is_set():
                 self.last_error, self.problem = describe_error(exc), "unreachable"
@@ -314,16 +387,22 @@ class RobotConnection:
             self._notify()
             if self._lost.is_set():
                 log.warning("lost robot %s: %s; reconnecting", self.target.where, self.last_error)
-            await asyncio.to_thread(session.close)
+            await session.close()
 
     async def _pause(self, seconds: float) -> None:
-        """``seconds`` of the connection's own sleep, cut short when the session is lost."""
+        """Up to ``seconds`` of the connection's own sleep, cut short when the session is lost
+        or something needs a look (a service failed, a channel is back)."""
+        self._wake.clear()
+        if seconds <= 0:
+            return
         lost = asyncio.ensure_future(self._lost.wait())
+        wake = asyncio.ensure_future(self._wake.wait())
         nap = asyncio.ensure_future(self.sleep(seconds))
         try:
-            await asyncio.wait((lost, nap), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((lost, wake, nap), return_when=asyncio.FIRST_COMPLETED)
         finally:  # nothing awaited here: a cancellation arriving now must not be swallowed
             lost.cancel()
+            wake.cancel()
             nap.cancel()
 
     async def _discover(self, session: RobotSession, *, initial: bool, relist: bool = True) -> None:
@@ -353,7 +432,12 @@ class RobotConnection:
             if not st.ok and now >= st.retry_at:
                 due.append(st)
         results = await asyncio.gather(
-            *(in_daemon_thread(lambda s=st.name: session.discover(s)) for st in due),
+            *(
+                # a service that answered a moment ago is probed with a short deadline, so
+                # that a hung robot is probed again every few seconds, not every ten
+                session.discover(st.name, IMAGE_TIMEOUT if st.down_since else RPC_TIMEOUT)
+                for st in due
+            ),
             return_exceptions=True,
         )
         for st, result in zip(due, results, strict=True):
@@ -365,17 +449,28 @@ class RobotConnection:
                 if not failure.expected:
                     raise result
                 error = describe_error(result)
-                if st.error != error:
+                said = st.error
+                st.failed(error, self.clock())
+                if st.down_since is not None:
+                    self._away(error)
+                if said != error:
                     log.warning(
-                        "image service %s: %s; retrying in %.1f s", st.name, error, st.delay
+                        "image service %s: %s; retrying in %.2f s",
+                        st.name,
+                        error,
+                        st.retry_at - self.clock(),
                     )
-                st.failed(error, now)
                 continue
-            st.ok, st.error, st.failures, st.delay = True, None, 0, BACKOFF_FIRST
+            back = st.down_since is not None
+            st.answered()
+            st.answered_at = self._answered_at = self.clock()
             st.sources = tuple(s.name for s in result)
             if not initial:
-                log.info("image service %s: %d sources", st.name, len(result))
+                log.info(
+                    "image service %s%s: %d sources", st.name, " back" if back else "", len(result)
+                )
             self._merge(st.name, result)
+            self._answering()
         self._notify()
 
     def _merge(self, service: str, found: list[SourceInfo]) -> None:
@@ -401,4 +496,4 @@ class RobotConnection:
         if self._session is not None:
             session, self._session = self._session, None
             self.connected.clear()
-            await asyncio.to_thread(session.close)
+            await session.close()

@@ -1,10 +1,10 @@
 """What an SDK error means for the relay: one table, consulted by login, discovery and GetImage.
 
 Each entry says which metric label it counts as, whether the login is gone (log in again now),
-whether it speaks of the whole robot rather than one service, which kind of trouble the open
-``/readyz`` may name, whether it was a refusal by the robot's login services (those count
-towards the robot's lockout, so they are rate-limited and retried slowly), and the least wait
-before the next login. Nothing else in the relay decides what an exception means.
+which kind of trouble the open ``/readyz`` may name, whether it was a refusal by the robot's
+login services (those count towards the robot's lockout, so they are rate-limited and retried
+slowly), and the least wait before the next login. Nothing else in the relay decides what an
+exception means.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from bosdyn.client.exceptions import (
     ServiceUnavailableError,
     TimedOutError,
     TooManyRequestsError,
-    UnableToConnectToRobotError,
     UnauthenticatedError,
 )
 from bosdyn.client.payload_registration import InvalidPayloadCredentialsError
@@ -43,7 +42,6 @@ class Failure:
 
     kind: str
     relogin: bool = False  # the login is gone: connect again now
-    robot_wide: bool = False  # says nothing about one service: the robot or our login is at fault
     problem: str = "unreachable"  # for /readyz: "login" (the robot said no) or "unreachable"
     refused: bool = False  # refused by the login services: counts towards the robot's lockout
     wait: float = 0.0  # the least wait before logging in again
@@ -57,7 +55,7 @@ _TABLE: tuple[tuple[type[BaseException], Failure], ...] = (
     (PayloadNotAuthorised, Failure("other", problem="login", wait=PAYLOAD_WAIT)),
     (
         UnauthenticatedError,
-        Failure("unauthenticated", relogin=True, robot_wide=True, problem="login"),
+        Failure("unauthenticated", relogin=True, problem="login"),
     ),
     (InvalidLoginError, _LOGIN_REFUSED),
     (TemporarilyLockedOutError, _LOGIN_REFUSED),
@@ -68,9 +66,8 @@ _TABLE: tuple[tuple[type[BaseException], Failure], ...] = (
     (PermissionDeniedError, Failure("permission_denied")),
     (TimedOutError, Failure("timeout")),
     (ServiceUnavailableError, Failure("unavailable")),
-    (UnableToConnectToRobotError, Failure("unavailable", robot_wide=True)),
     (RetryableRpcError, Failure("unavailable")),
-    (ConnectionError, Failure("unavailable", robot_wide=True)),
+    (ConnectionError, Failure("unavailable")),
     (ResponseError, Failure("other")),
     (SdkError, Failure("other")),
     (OSError, Failure("other")),

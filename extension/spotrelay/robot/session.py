@@ -1,16 +1,18 @@
 """One logged-in SDK ``Robot``: login (user or payload), time sync, the image services.
 
-Every call here blocks on the network; the connection makes them from daemon threads
-(``threads.py``). Each login builds a fresh SDK ``Robot``: after a robot reboot its tokens,
-channels and time-sync thread are all stale, and a clean object is simpler to reason about than
-repairing one.
+Login and time sync block on the network; the connection makes them from daemon threads
+(``threads.py``). The image services are called on the event loop instead (``images.py``: the
+SDK's requests and errors on ``grpc.aio`` channels, without a thread per call). Each login builds
+a fresh SDK ``Robot``: when the robot rejects the token, its tokens, channels and time-sync thread
+are all stale, and a clean object is simpler to reason about than repairing one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import bosdyn.client
 from bosdyn.api import image_pb2
@@ -20,10 +22,13 @@ from bosdyn.client.payload_registration import (
     PayloadNotAuthorizedError,
     PayloadRegistrationClient,
 )
+from bosdyn.client.robot import Robot
 
 from spotrelay.frames import SourceInfo
 from spotrelay.logs import SDK_LOGGER
 from spotrelay.robot.errors import PayloadNotAuthorised
+from spotrelay.robot.images import RECONNECT_OPTIONS, Channels, ImageService
+from spotrelay.robot.threads import failed, in_daemon_thread
 
 log = logging.getLogger("spotrelay.robot")
 
@@ -66,8 +71,17 @@ class Session:
             sdk.load_robot_cert(target.cert)
         robot = sdk.create_robot(target.host)
         robot.update_secure_channel_port(target.port)
+        # The SDK's own channels (login, directory, time sync, the Autowalk registration) are
+        # made with the same short reconnect backoff as the image channels, before anything
+        # uses them (options count only when a channel is made): after an outage the time sync
+        # and the registration come back with the images, not up to two minutes later.
+        for authority in sorted(set(Robot._bootstrap_service_authorities.values())):
+            robot.ensure_secure_channel(authority, options=list(RECONNECT_OPTIONS))
         self.robot = robot
-        self.clients: dict[str, ImageClient] = {}
+        self.images: dict[str, ImageService] = {}
+        self._channels: Channels | None = None
+        # the connection's hook: an image service's channel is connected again
+        self.on_ready: Callable[[str], None] = lambda service: None
         try:
             if target.login == "payload":
                 self._payload_login(target)
@@ -75,7 +89,7 @@ class Session:
                 robot.authenticate(target.username, target.password, timeout=RPC_TIMEOUT)
             robot.time_sync.wait_for_sync(timeout_sec=RPC_TIMEOUT)
         except BaseException:
-            self.close()
+            self._close_sdk()
             raise
 
     def _payload_login(self, target: Target) -> None:
@@ -102,27 +116,45 @@ class Session:
         self.robot.sync_with_services_list(entries)
         return sorted(e.name for e in entries if e.type == IMAGE_SERVICE_TYPE)
 
-    def discover(self, service: str) -> list[SourceInfo]:
-        client = self.clients.get(service)
-        if client is None:
-            if service not in self.robot.service_type_by_name:
-                # ensure_client only knows the SDK's default names until the directory is read
-                # (it raises UnregisteredServiceNameError for e.g. spot-cam-image otherwise).
-                self.image_services()
-            client = self.clients[service] = self.robot.ensure_client(service)
+    def _client(self, service: str) -> tuple[ImageClient, str]:
+        """The SDK's client of an image service and its authority (blocks: may read the
+        directory). Raises as ``Robot.ensure_client`` does for a name the robot does not know."""
+        if service not in self.robot.service_type_by_name:
+            # ensure_client only knows the SDK's default names until the directory is read
+            # (it raises UnregisteredServiceNameError for e.g. spot-cam-image otherwise).
+            self.image_services()
+        client = self.robot.ensure_client(service)
+        authority = Robot._bootstrap_service_authorities.get(service)
+        return client, authority or self.robot.authorities_by_name[service]
+
+    async def discover(self, service: str, timeout: float = RPC_TIMEOUT) -> list[SourceInfo]:
+        """The sources of one image service (ListImageSources), on the event loop."""
+        images = self.images.get(service)
+        if images is None:
+            client, authority = await in_daemon_thread(lambda: self._client(service))
+            if self._channels is None:
+                self._channels = Channels(self.robot, self._ready)
+            images = self.images[service] = ImageService(
+                self.robot, client, authority, self._channels
+            )
         return [
             SourceInfo.from_proto(src, service)
-            for src in client.list_image_sources(timeout=RPC_TIMEOUT)
+            for src in await images.list_sources(timeout=timeout)
         ]
 
-    def get_images(self, service: str, requests: list[image_pb2.ImageRequest]) -> Any | None:
-        """The SDK's future of one GetImage (``None`` if the service was never discovered).
+    def get_images(
+        self, service: str, requests: list[image_pb2.ImageRequest]
+    ) -> Awaitable[image_pb2.GetImageResponse]:
+        """One GetImage, sent now: await it for the whole response, or the SDK's exception."""
+        images = self.images.get(service)
+        if images is None:
+            return failed(ConnectionError(f"image service {service} not discovered yet"))
+        return images.get_images(requests, timeout=IMAGE_TIMEOUT)
 
-        Returns at once; the reply arrives on a gRPC thread."""
-        client = self.clients.get(service)
-        if client is None:
-            return None
-        return client.get_image_async(requests, timeout=IMAGE_TIMEOUT)
+    def _ready(self, authority: str) -> None:
+        for name, images in list(self.images.items()):
+            if images.authority == authority:
+                self.on_ready(name)
 
     def skew_seconds(self) -> float | None:
         """Robot clock minus local clock, or None before time sync is established.
@@ -136,7 +168,13 @@ class Session:
         skew = ts.endpoint.clock_skew
         return skew.seconds + skew.nanos * 1e-9
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Close the image channels (on the loop), then the SDK's robot (in a thread)."""
+        if self._channels is not None:
+            await self._channels.close()
+        await asyncio.to_thread(self._close_sdk)
+
+    def _close_sdk(self) -> None:
         try:
             self.robot._shutdown()  # stops the time-sync and token threads (no public call)
             self.robot.shutdown()  # closes channels

@@ -38,3 +38,10 @@ def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
     threading.Thread(target=body, name="spotrelay-sdk", daemon=True).start()
     return fut
+
+
+def failed(exc: BaseException) -> asyncio.Future:
+    """An awaitable that raises ``exc``: for calls that return one and could not start."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut

@@ -5,8 +5,10 @@ Prints one JSON line (port, CA, logins) when serving; ends at SIGINT or SIGTERM.
 JSON line: ``{"cmd": "stats"}`` (GetImage calls per service, image requests per source, logins
 asked), ``{"cmd": "set_rate", "source": S, "rate": R}``, ``{"cmd": "set_resolution", ...}``,
 ``{"cmd": "set_fault", "source": S, "kind": K}``, ``{"cmd": "set_available", "value": V}``,
-``{"cmd": "expire_tokens"}``, ``{"cmd": "issued"}`` (every token issued, to grep logs for);
-then the end of stdin ends it too.
+``{"cmd": "expire_tokens"}``, ``{"cmd": "issued"}`` (every token issued, to grep logs for),
+``{"cmd": "restart", "down": S}`` (the servers go for S seconds and come back on the same port,
+tokens still valid; answered once back, with when it went and came back); then the end of stdin
+ends it too.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ def _command(sim: SimRobot, cmd: dict) -> dict:
         sim.expire_tokens()
     elif what == "issued":
         return {"tokens": list(sim.issued)}
+    elif what == "restart":
+        went, back = sim.restart(float(cmd["down"]))
+        return {"ok": True, "down_at": went, "up_at": back}
     else:
         raise KeyError(f"unknown command {what!r}")
     return {"ok": True}

@@ -27,6 +27,9 @@ VISUAL, DEPTH = image_pb2.ImageSource.IMAGE_TYPE_VISUAL, image_pb2.ImageSource.I
 JPEG_RAW = (Image.FORMAT_JPEG, Image.FORMAT_RAW)
 RAW_RLE = (Image.FORMAT_RAW, Image.FORMAT_RLE)
 LOOP_FRAMES = 30  # 2 s of distinct pictures at 15 Hz
+# Uncompressed frames loop sooner: kept whole, the depth cameras' 30 would hold 140 MB, too much
+# beside the relay in the container's 512 MB (make run's simulated robot runs there too).
+RAW_LOOP_FRAMES = 10
 
 
 @dataclass
@@ -147,13 +150,19 @@ def payload_cameras(rate: float = 5.0) -> list[Camera]:
 # -- pictures -------------------------------------------------------------------------------------
 
 
-def _scene(cam: Camera, k: int) -> np.ndarray:
-    """Frame k of the camera's loop at its current size, in the pixel format it sends."""
+def loop_frames(fmt: int) -> int:
+    """How many distinct pictures a camera's loop has in this format."""
+    return LOOP_FRAMES if fmt == Image.FORMAT_JPEG else RAW_LOOP_FRAMES
+
+
+def _scene(cam: Camera, k: int, loop: int = LOOP_FRAMES) -> np.ndarray:
+    """Frame k of a loop of ``loop`` at the camera's current size, in the pixel format it
+    sends."""
     seed = sum(map(ord, cam.name))
     rng = np.random.default_rng(seed)
     h, w = cam.rows, cam.cols
     yy, _ = np.mgrid[0:h, 0:w]
-    t = 2 * math.pi * (k % LOOP_FRAMES) / LOOP_FRAMES
+    t = 2 * math.pi * (k % loop) / loop
     if cam.is_depth:
         d = (600 + 3400 * (1 - yy / h) ** 2).astype(np.uint16)  # far at the top, near below
         cx = int((0.15 + 0.7 * (0.5 + 0.5 * math.sin(t))) * w)
@@ -179,7 +188,7 @@ def _scene(cam: Camera, k: int) -> np.ndarray:
     scale = max(0.4, w / 700)
     cv2.circle(img, centre, max(6, h // 13), colour, -1)
     cv2.putText(img, cam.name, (16, int(36 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 2)
-    label = f"sim #{k % LOOP_FRAMES:02d}"
+    label = f"sim #{k % loop:02d}"
     cv2.putText(img, label, (16, h - 20), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 2)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if img.ndim == 3 else img  # the robot sends RGB
 
@@ -209,11 +218,12 @@ class Content:
 
     def data(self, cam: Camera, fmt: int, quality: int, k: int) -> bytes:
         key = (cam.name, cam.cols, cam.rows, fmt, quality if fmt == Image.FORMAT_JPEG else 0)
-        key += (k % LOOP_FRAMES,)
+        loop = loop_frames(fmt)
+        key += (k % loop,)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        img = _scene(cam, k)
+        img = _scene(cam, k, loop)
         if fmt == Image.FORMAT_JPEG:
             bgr = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
             data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()

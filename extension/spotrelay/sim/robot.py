@@ -20,6 +20,7 @@ of a real Spot sees (sources noted in each module):
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent import futures
 from typing import Any
 
@@ -94,14 +95,27 @@ class SimRobot(RobotState):
         return server
 
     def stop(self) -> None:
+        self._stop_servers()
+        if self._own_cert_dir:
+            shutil.rmtree(self.cert_dir, ignore_errors=True)
+
+    def _stop_servers(self) -> None:
         if self._router is not None:
             self._router.stop()
             self._router = None
         for server in self._servers:
             server.stop(grace=0).wait(2)
         self._servers = []
-        if self._own_cert_dir:
-            shutil.rmtree(self.cert_dir, ignore_errors=True)
+
+    def restart(self, down: float) -> tuple[float, float]:
+        """The robot's servers go away for ``down`` seconds and come back on the same port, with
+        the same certificate and the tokens it had issued (a robot keeps honouring them).
+        Returns (went down, came back), local epoch seconds."""
+        went = time.time()
+        self._stop_servers()
+        time.sleep(down)
+        self.start()
+        return went, time.time()
 
     def __enter__(self) -> SimRobot:
         return self.start()

@@ -107,6 +107,8 @@ class Router:
 
     def stop(self) -> None:
         self._stopped = True
+        with contextlib.suppress(OSError):  # wakes the accept (a close alone leaves it
+            self.sock.shutdown(socket.SHUT_RDWR)  # listening until it returns: no restart)
         with contextlib.suppress(OSError):
             self.sock.close()
         with self._lock:

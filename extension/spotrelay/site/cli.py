@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 TOKEN_VAR = "SPOTRELAY_TOKEN"
+CA_FILE = "relay-ca.crt"  # in credentials/: what run.sh gives go2rtc as SSL_CERT_FILE
 # go2rtc substitutes the token as is into source URLs (``?token=``); a character that needs
 # escaping in a URL would break them, and whitespace is refused by go2rtc's API.
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]+")
@@ -88,7 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cameras", metavar="A,B", help="only these sources (default: every one)")
     p.add_argument("--h264", action="store_true", help="transcode to H.264 for RTSP/WebRTC/HLS")
+    p.add_argument(
+        "--from-rtsp",
+        action="store_true",
+        help="take each camera as H.264 from the relay's own RTSP output (relays started with "
+        "--rtsp-port): no re-encode at the base, a sixth of MJPEG's bytes on the robot's link",
+    )
     p.add_argument("--token-file", metavar="PATH", help="file holding the relays' access token")
+    p.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="relays with --tls (https:// URLs): the certificate to trust (the relay's "
+        "spotrelay.crt); Prometheus checks it for the name spotrelay, go2rtc for the URL's "
+        "address (add it to the relay's --tls-names)",
+    )
     p.add_argument("--out", default="spotrelay-site", help="output directory (default %(default)s)")
     p.add_argument("--listen", default="", help="go2rtc's address (default: every interface)")
     p.add_argument("--api-port", type=int, default=1984, help="go2rtc web page and API")
@@ -141,15 +155,27 @@ def fetch_sources(url: str, token: str | None) -> list[dict[str, Any]]:
 
 
 def stream_sources(
-    name: str, relay: str, path: str, *, token: bool, h264: bool, api: str
+    name: str,
+    relay: str,
+    path: str,
+    *,
+    token: bool,
+    h264: bool,
+    api: str,
+    rtsp: str | None = None,
 ) -> list[str]:
-    """go2rtc sources of one stream: the relay's MJPEG, then (``--h264``) ffmpeg's transcode.
+    """go2rtc sources of one stream: the relay's MJPEG, then (``--h264``) ffmpeg's transcode;
+    or (``--from-rtsp``, ``rtsp`` the relay's RTSP URL of the camera) the relay's own H.264,
+    which go2rtc re-serves as it is (RTSP, WebRTC, HLS; MJPEG viewers then cost go2rtc a
+    decode).
 
     ffmpeg reads go2rtc's own MJPEG output of the stream, not the relay: the relay is pulled once
     whoever watches, and the token never reaches ffmpeg's command line. (Not go2rtc's usual
     ``ffmpeg:NAME`` shortcut: that goes through RTSP, whose JPEG payload format cannot carry the
     greyscale JPEGs of Spot's fisheye cameras.)
     """
+    if rtsp is not None:  # go2rtc's RTSP client uses TCP, as the relay wants
+        return [rtsp + (f"?token=${{{TOKEN_VAR}}}" if token else "")]
     mjpeg = relay + path + (f"?token=${{{TOKEN_VAR}}}" if token else "")
     if not h264:
         return [mjpeg]
@@ -173,7 +199,7 @@ def go2rtc_yaml(
     # With a token, go2rtc asks the same of LAN viewers (user "spotrelay", password = the token);
     # otherwise it would open up what the relay protects. go2rtc exempts localhost by design.
     auth = {"username": "spotrelay", "password": f"${{{TOKEN_VAR}}}"} if token else {}
-    rtsp = {"default_query": "video=h264"} if h264 else {}  # else RTSP viewers get MJPEG
+    rtsp = {"default_query": "video=h264"} if h264 else {}  # else RTSP viewers get what comes
     lines = [
         "# Written by `spotrelay site-config`: re-run it instead of editing (see deploy/site).",
         *section("api", listen=f"{args.listen}:{args.api_port}", **auth),
@@ -202,12 +228,16 @@ def file_sd(relays: dict[str, str]) -> list[dict[str, Any]]:
     return groups
 
 
-def prometheus_yml(interval: str, token: bool) -> str:
+def prometheus_yml(interval: str, token: bool, ca: bool = False) -> str:
     auth = (
         f"    authorization:\n      type: Bearer\n      credentials_file: credentials/{TOKEN_VAR}\n"
         if token
         else ""
     )
+    if ca:  # relays' self-made certificates name "spotrelay", not the address they are reached at
+        auth += (
+            f"    tls_config:\n      ca_file: credentials/{CA_FILE}\n      server_name: spotrelay\n"
+        )
     return (
         "# Written by `spotrelay site-config`. Paths are relative to this file. Robots come and\n"
         "# go through targets.json, which Prometheus re-reads by itself.\n"
@@ -294,6 +324,8 @@ def generate(args: argparse.Namespace) -> str:
     relays = dict(parse_robot(r) for r in args.robot)
     if len(relays) != len(args.robot):
         raise SiteError("--robot: each robot needs its own name")
+    if args.h264 and args.from_rtsp:
+        raise SiteError("--h264 (re-encode at the base) or --from-rtsp (the relay's H.264): one")
     token = read_token(args.token_file) if args.token_file else None
     wanted = [c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None
     out = Path(args.out)
@@ -308,29 +340,48 @@ def generate(args: argparse.Namespace) -> str:
     notes = []
     for robot, url in relays.items():
         try:
-            sources = {s["name"]: s["stream"] for s in fetch_sources(url, token)}
+            listed = fetch_sources(url, token)
+            sources = {s["name"]: s["stream"] for s in listed}
+            rtsp_of = {s["name"]: s.get("rtsp") for s in listed}
         except SiteError as exc:
             kept = previous.get("cameras", {}).get(robot)
             if previous.get("relays", {}).get(robot) != url or not kept:
                 raise SiteError(f"robot {robot}: {exc}") from None
             notes.append(f"robot {robot} did not answer ({exc}): keeping its cameras from last run")
             sources = {name: f"/stream/{name}" for name in kept}
+            rtsp_of = {  # the last run's RTSP addresses, from the streams it wrote
+                name: previous["streams"][f"{robot}_{name}"][0].split("?")[0]
+                for name in kept
+                if previous.get("streams", {}).get(f"{robot}_{name}", [""])[0].startswith("rtsp")
+            }
         if wanted:
             missing = [c for c in wanted if c not in sources]
             if missing:
                 have = ", ".join(sorted(sources))
                 raise SiteError(f"robot {robot} has no {', '.join(missing)}; it has {have}")
             sources = {c: sources[c] for c in wanted}
+        if args.from_rtsp and not all(rtsp_of.get(c) for c in sources):
+            raise SiteError(
+                f"robot {robot}'s relay serves no RTSP: start it with --rtsp-port "
+                "(SPOTRELAY_RTSP_PORT; 21082 in the extension), or use --h264"
+            )
         cameras[robot] = sorted(sources)
         for source in cameras[robot]:
             name = f"{robot}_{source}"
             streams[name] = stream_sources(
-                name, url, sources[source], token=bool(token), h264=args.h264, api=api
+                name,
+                url,
+                sources[source],
+                token=bool(token),
+                h264=args.h264,
+                api=api,
+                rtsp=rtsp_of[source] if args.from_rtsp else None,
             )
 
     settings = {
         "token": bool(token),
         "h264": args.h264,
+        "from_rtsp": args.from_rtsp,
         "listen": [args.listen, args.api_port, args.rtsp_port, args.webrtc_port],
         "scrape_interval": args.scrape_interval,
     }
@@ -338,7 +389,20 @@ def generate(args: argparse.Namespace) -> str:
     changes = update_go2rtc(api, previous.get("streams", {}), streams, token)
     write(out / "go2rtc.yaml", go2rtc_yaml(streams, args, bool(token), args.h264), 0o600)
     write(out / "targets.json", json.dumps(file_sd(relays), indent=1) + "\n")
-    write(out / "prometheus.yml", prometheus_yml(args.scrape_interval, bool(token)))
+    if args.ca_file:
+        try:
+            ca = Path(args.ca_file).read_text()
+        except OSError as exc:
+            raise SiteError(f"--ca-file {args.ca_file}: {exc.strerror}") from None
+        if "BEGIN CERTIFICATE" not in ca:
+            raise SiteError(f"--ca-file {args.ca_file}: not a PEM certificate")
+        write(out / "credentials" / CA_FILE, ca)
+    else:
+        (out / "credentials" / CA_FILE).unlink(missing_ok=True)
+    write(
+        out / "prometheus.yml",
+        prometheus_yml(args.scrape_interval, bool(token), bool(args.ca_file)),
+    )
     state = {"relays": relays, "cameras": cameras, "streams": streams, "settings": settings}
     write(out / "site.json", json.dumps(state, indent=1) + "\n")
 

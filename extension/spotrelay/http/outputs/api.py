@@ -34,12 +34,19 @@ def add_routes(
     show_peers: bool = True,
     timing: Callable[[str], dict[str, Any]] = lambda source: {},
     mission: Callable[[], dict[str, Any]] | None = None,
+    rtsp: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
-    """``mission``: the Autowalk callback's state (registration, sessions), when it runs."""
+    """``mission``: the Autowalk callback's state (registration, sessions), when it runs;
+    ``rtsp``: the RTSP output's (port, encoders, clients), when it runs."""
 
     async def api_sources(request: web.Request) -> web.Response:
         now = time.time()
         out = []
+        # the RTSP address as this client reaches the relay (its Host header), on the RTSP port
+        rtsp_base = None
+        if rtsp is not None:
+            out_rtsp = rtsp()
+            rtsp_base = f"{out_rtsp['scheme']}://{request.url.host}:{out_rtsp['port']}"
         for name, info in sorted(hub.sources.items()):
             frame = hub.frame(name)
             out.append(
@@ -58,6 +65,7 @@ def add_routes(
                     "clients": hub.watched(name),
                     "stream": f"/stream/{name}",
                     "snapshot": f"/snapshot/{name}",
+                    **({"rtsp": f"{rtsp_base}/{name}"} if rtsp_base else {}),
                 }
             )
         return json_response({"robot": robot_status(), "sources": out})
@@ -98,6 +106,8 @@ def add_routes(
         state = {"version": __version__, "robot": robot_status(), "clients": clients}
         if mission is not None:
             state["mission"] = mission()
+        if rtsp is not None:
+            state["rtsp"] = rtsp()
         return json_response(state)
 
     async def healthz(request: web.Request) -> web.Response:

@@ -1,0 +1,281 @@
+"""The RTSP output end to end: the relay as a process with --rtsp-port, real RTSP clients (ffprobe,
+ffmpeg, GStreamer's rtspsrc through OpenCV-free tools, VLC where it can), real H.264.
+
+Needs GStreamer's RTSP server and x264 from the system (.ci/run installs them); without them the
+relay runs without RTSP and these tests skip, except in CI, where they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from spotrelay.rtsp import engine
+from tests.procs import spawn
+from tests.relay import Relay, free_port, sample
+from tests.wait import wait_until
+
+FFPROBE, FFMPEG, CVLC = shutil.which("ffprobe"), shutil.which("ffmpeg"), shutil.which("cvlc")
+
+
+def _gstreamer_reason() -> str | None:
+    try:
+        engine.load()
+    except engine.Unavailable as exc:
+        return str(exc)
+    return None
+
+
+REASON = _gstreamer_reason()
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        (REASON is not None or FFPROBE is None) and not os.environ.get("CI"),
+        reason=f"RTSP needs GStreamer and ffprobe (.ci/run installs them): {REASON}",
+    ),
+]
+TOKEN = "rtsp-token-5c1e9a"
+CAMERA = "frontleft_fisheye_image"
+
+
+@pytest.fixture(scope="module")
+def rtsp(sim):
+    port = free_port()
+    r = Relay.for_sim(
+        sim, "--rtsp-port", str(port), "--token", TOKEN, "--client-timeout", "3"
+    ).wait_ready()
+    r.rtsp = f"rtsp://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    r.headers = {"Authorization": f"Bearer {TOKEN}"}  # type: ignore[attr-defined]
+    yield r
+    r.stop()
+
+
+def probe(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    cmd = [FFPROBE or "ffprobe", "-v", "error", *args, "-of", "json", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def packets(url: str, seconds: float) -> list[dict]:
+    """Video packets of ``seconds`` of stream read over TCP (what a player receives)."""
+    out = probe(
+        url,
+        "-rtsp_transport",
+        "tcp",
+        "-select_streams",
+        "v",
+        "-read_intervals",
+        f"%+{seconds}",
+        "-show_entries",
+        "packet=size,pts_time,flags",
+        timeout=seconds + 30,
+    )
+    assert out.returncode == 0, out.stderr
+    return [p for p in json.loads(out.stdout)["packets"] if "pts_time" in p]
+
+
+def metric(relay: Relay, name: str, **labels: str) -> float:
+    text = relay.get("/metrics", headers=relay.headers)[2].decode()  # type: ignore[attr-defined]
+    return sample(text, name, **labels)
+
+
+def state(relay: Relay) -> dict:
+    status, _, body = relay.get("/api/state", headers=relay.headers)  # type: ignore[attr-defined]
+    assert status == 200
+    return json.loads(body)
+
+
+def test_ten_seconds_are_h264_640x480_at_the_cameras_rate_within_the_bitrate(rtsp):
+    url = f"rtsp://spotrelay:{TOKEN}@127.0.0.1:{rtsp.rtsp.split(':')[-1]}/{CAMERA}"
+    stream = probe(url, "-rtsp_transport", "tcp", "-show_entries", "stream=codec_name,width,height")
+    assert json.loads(stream.stdout)["streams"][0] == {
+        "codec_name": "h264",
+        "width": 640,
+        "height": 480,
+    }, stream.stderr
+    got = packets(url, 10)
+    times = [float(p["pts_time"]) for p in got]
+    span = max(times) - min(times)
+    mbit = sum(int(p["size"]) for p in got) * 8 / span / 1e6
+    keys = sum("K" in p["flags"] for p in got)
+    print(f"{len(got)} frames over {span:.2f} s, {mbit:.2f} Mbit/s, {keys} key frames")
+    assert len(got) >= 140 and mbit <= 1.5, (len(got), mbit)
+    assert keys >= span - 1  # an IDR at least every second: a late joiner starts at once
+
+
+def test_a_rendering_from_the_query_and_the_token_in_the_url(rtsp):
+    url = f"{rtsp.rtsp}/hand_color_image?width=320&fps=5&bitrate=300&token={TOKEN}"
+    stream = probe(url, "-show_entries", "stream=codec_name,width,height")
+    assert stream.returncode == 0, stream.stderr  # no -rtsp_transport: UDP refused, TCP taken
+    assert json.loads(stream.stdout)["streams"][0]["width"] == 320
+    got = packets(url, 4)
+    assert 12 <= len(got) <= 26, len(got)  # 5 fps
+
+
+def test_without_the_token_or_with_a_bad_parameter_it_says_no(rtsp):
+    refused = probe(f"{rtsp.rtsp}/{CAMERA}", "-rtsp_transport", "tcp")
+    assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
+    wrong = probe(f"rtsp://spotrelay:wrong@127.0.0.1:{rtsp.rtsp.split(':')[-1]}/{CAMERA}")
+    assert wrong.returncode != 0 and "401" in wrong.stderr, wrong.stderr
+    bad = probe(f"{rtsp.rtsp}/{CAMERA}?width=5&token={TOKEN}", "-rtsp_transport", "tcp")
+    assert bad.returncode != 0 and "400" in bad.stderr, bad.stderr
+    unknown = probe(f"{rtsp.rtsp}/no_such_camera?token={TOKEN}", "-rtsp_transport", "tcp")
+    assert unknown.returncode != 0 and "404" in unknown.stderr, unknown.stderr
+    assert TOKEN not in rtsp.log()
+
+
+def test_a_udp_setup_is_answered_461_at_once(rtsp):
+    """A CORE I/O admits only inbound TCP: clients that start with UDP must switch at once."""
+    port = int(rtsp.rtsp.split(":")[-1])
+    url = f"{rtsp.rtsp}/{CAMERA}?token={TOKEN}"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        describe = f"DESCRIBE {url} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n\r\n"
+        sock.sendall(describe.encode())
+        reply = _rtsp_reply(sock)
+        assert reply.startswith("RTSP/1.0 200"), reply
+        base = next(
+            line.split(":", 1)[1].strip()
+            for line in reply.splitlines()
+            if line.lower().startswith("content-base")
+        )
+        setup = (
+            f"SETUP {base}stream=0 RTSP/1.0\r\nCSeq: 2\r\n"
+            "Transport: RTP/AVP;unicast;client_port=40000-40001\r\n\r\n"
+        )
+        start = time.monotonic()
+        sock.sendall(setup.encode())
+        answer = _rtsp_reply(sock)
+        assert answer.startswith("RTSP/1.0 461"), answer
+        assert time.monotonic() - start < 1.0
+
+
+def _rtsp_reply(sock: socket.socket) -> str:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    while len(rest) < length:
+        rest += sock.recv(4096)
+    return (head + b"\r\n\r\n" + rest).decode(errors="replace")
+
+
+def test_ten_clients_of_one_camera_are_one_encoder(rtsp):
+    url = f"{rtsp.rtsp}/back_fisheye_image?token={TOKEN}"
+    cmd = [FFMPEG or "ffmpeg", "-v", "error", "-rtsp_transport", "tcp", "-i", url]
+    cmd += ["-t", "20", "-c", "copy", "-f", "null", "-"]
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(spawn(cmd)) for _ in range(10)]
+
+        def playing() -> dict | None:  # ten clients, each a good part of a second in
+            s = state(rtsp)["rtsp"]
+            mine = [c for c in s["clients"] if c["source"] == "back_fisheye_image"]
+            return s if len(mine) == 10 and all(c["bytes_sent"] > 50_000 for c in mine) else None
+
+        seen = wait_until(playing, 30, "ten RTSP clients playing")
+        encoders = [e for e in seen["encoders"] if e.startswith("back_fisheye_image|")]
+        assert len(encoders) == 1, seen
+        assert metric(rtsp, "spotrelay_rtsp_clients", source="back_fisheye_image") == 10
+        assert all(p.poll() is None for p in procs)
+
+    def encoding() -> bool:
+        return any(e.startswith("back_fisheye_image|") for e in state(rtsp)["rtsp"]["encoders"])
+
+    wait_until(lambda: not encoding(), 15, "the encoder gone with its last viewer")
+    assert metric(rtsp, "spotrelay_rtsp_bytes_sent_total", source="back_fisheye_image") > 500_000
+
+
+def test_a_client_that_stops_reading_is_dropped_within_the_client_timeout(rtsp):
+    """It sends nothing more and reads nothing: GStreamer alone would keep it for a minute or
+    more; the relay closes it within --client-timeout (3 s here) of falling behind."""
+    port = int(rtsp.rtsp.split(":")[-1])
+    url = f"{rtsp.rtsp}/left_fisheye_image?token={TOKEN}"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    try:
+        sock.settimeout(10)
+        sock.sendall(f"DESCRIBE {url} RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode())
+        reply = _rtsp_reply(sock)
+        base = next(
+            line.split(":", 1)[1].strip()
+            for line in reply.splitlines()
+            if line.lower().startswith("content-base")
+        )
+        sock.sendall(
+            f"SETUP {base}stream=0 RTSP/1.0\r\nCSeq: 2\r\n"
+            "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n".encode()
+        )
+        setup = _rtsp_reply(sock)
+        session = next(
+            line.split(":", 1)[1].split(";")[0].strip()
+            for line in setup.splitlines()
+            if line.lower().startswith("session")
+        )
+        sock.sendall(f"PLAY {base} RTSP/1.0\r\nCSeq: 3\r\nSession: {session}\r\n\r\n".encode())
+        started = time.monotonic()
+        wait_until(
+            lambda: (
+                not any(c["source"] == "left_fisheye_image" for c in state(rtsp)["rtsp"]["clients"])
+            ),
+            20,
+            "the stalled client closed",
+        )
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    print(f"closed {took:.1f} s after PLAY")
+    assert took < 3 + 6  # --client-timeout, plus the seconds its buffers take to fill
+
+
+def test_vlc_plays_it(rtsp):
+    """VLC opens RTSP through its live555 module, which Debian does not ship (liblivemedia is
+    not in Debian): there, this cannot be tested, and VLC users get ffplay or OpenCV instead."""
+    if CVLC is None:
+        pytest.skip("VLC not installed (.ci/run installs vlc-bin)")
+    modules = subprocess.run(
+        [CVLC, "--list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        user="nobody" if os.geteuid() == 0 else None,
+    )
+    if "live555" not in modules.stdout:
+        pytest.skip("this VLC has no live555 module (Debian's): it cannot open RTSP at all")
+    out = Path(tempfile.mkdtemp(prefix="spotrelay-vlc-rtsp-"))
+    out.chmod(0o777)
+    url = f"rtsp://spotrelay:{TOKEN}@127.0.0.1:{rtsp.rtsp.split(':')[-1]}/{CAMERA}?width=320"
+    cmd = [CVLC, "-I", "dummy", "--no-audio", "--vout=dummy", "--video-filter=scene"]
+    cmd += [f"--scene-path={out}", "--scene-format=png", "--scene-ratio=1", "--rtsp-tcp", url]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "nobody", "--", *cmd]
+    try:
+        with spawn(cmd):
+            wait_until(lambda: len(list(out.glob("*.png"))) >= 12, 30, "VLC decoding 12 pictures")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_the_api_says_each_cameras_rtsp_address(rtsp):
+    status, _, body = rtsp.get("/api/sources", headers=rtsp.headers)
+    assert status == 200
+    port = rtsp.rtsp.split(":")[-1]
+    for source in json.loads(body)["sources"]:
+        assert source["rtsp"] == f"rtsp://127.0.0.1:{port}/{source['name']}", source
