@@ -11,7 +11,7 @@ RTSP_PORT ?= $(shell expr $(PORT) + 2)
 ARGS ?=
 CAPTURES ?= .cache/captures
 
-.PHONY: setup run mission-demo test test-fast lint fmt bench soak lock clean
+.PHONY: setup run mission-demo test test-fast lint fmt bench bench-trust soak lock clean
 SOAK_SECONDS ?= 600
 
 setup: $(STAMP)
@@ -60,6 +60,11 @@ bench: setup
 ## faults each minute): memory and descriptors bounded, viewers served, no secret logged.
 soak: setup
 	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS) $(ARGS)
+
+## Issue 19's attacks on the Autowalk port and the captures routes, each row rerun against this
+## checkout and, with BEFORE=<another checkout>/extension (e.g. main's), that one too.
+bench-trust: setup
+	$(BIN)/python -m tests.bench_trust $(if $(BEFORE),--before $(BEFORE)) $(ARGS)
 
 ## Re-pin runtime dependencies from pyproject's ranges (needs the registry).
 lock:

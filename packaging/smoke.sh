@@ -7,7 +7,8 @@
 #   reports it healthy, and `docker stop` ends it cleanly within 2 s. The Autowalk callback
 #   registers in the robot's directory, answers on the published port 21081 (driven with
 #   bosdyn-mission's RemoteClient from a host-network container) and writes its pictures to the
-#   captures volume as uid 10001.
+#   captures volume as uid 10001; a caller that is not on the allowed address (a container on
+#   Docker's bridge) is refused.
 #   packaging/smoke.sh spotrelay:0.1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ work=$(mktemp -d /tmp/spotrelay-smoke.XXXXXX)
 mkdir -p "$work/sim" "$work/creds" "$work/captures"
 chmod 0777 "$work/sim"
 say() { echo "smoke: $*"; }
-compose() { SPOTRELAY_PUBLISH_IP=127.0.0.1 docker-compose -p "$project" -f docker-compose.yml -f "$work/override.yml" "$@"; }
+compose() { SPOTRELAY_PUBLISH_IP=127.0.0.1 SPOTRELAY_MISSION_PUBLISH_IP=127.0.0.1 docker-compose -p "$project" -f docker-compose.yml -f "$work/override.yml" "$@"; }
 cleanup() {
   compose down -t 1 >/dev/null 2>&1 || true
   docker rm -f "$sim" >/dev/null 2>&1 || true
@@ -45,6 +46,10 @@ chown 0:0 "$work/creds/payload_guid_and_secret"
 chmod 0600 "$work/creds/payload_guid_and_secret"
 chmod 0700 "$work/creds"
 
+# The callback is reached through the loopback port: Docker's proxy calls from the bridge's
+# gateway, so that is the one caller allowed here (on a robot: the robot's own address).
+gateway=$(docker inspect -f '{{.NetworkSettings.Gateway}}' "$sim")
+
 cat > "$work/override.yml" <<YAML
 version: "2.4"
 services:
@@ -54,6 +59,7 @@ services:
       SPOTRELAY_ROBOT: "$sim_ip"
       SPOTRELAY_ROBOT_PORT: "50443"
       SPOTRELAY_ROBOT_CERT: /sim/sim-robot-ca.pem
+      SPOTRELAY_MISSION_ALLOW: "$gateway"
     volumes:
       - $work/sim:/sim:ro
       - $work/creds:/opt/payload_credentials:ro
@@ -134,6 +140,24 @@ shot=$(ls "$work/captures"/*back_fisheye_image.jpg 2>/dev/null | head -1 || true
 [ -n "$shot" ] && [ "$(stat -c %u "$shot")" = 10001 ] \
   || { ls -ln "$work/captures"; say "FAIL: no picture written by uid 10001 in the captures volume"; exit 1; }
 say "a capture through port 21081 is on the volume, written by uid 10001"
+relay_ip=$(docker inspect -f '{{.NetworkSettings.IPAddress}}' "$cid")
+if ! docker run --rm -i "$image" python3 - "$relay_ip" <<'PY'
+import sys, grpc
+from bosdyn.client.exceptions import PermissionDeniedError
+from bosdyn.mission.remote_client import RemoteClient
+c = RemoteClient()
+c.channel = grpc.insecure_channel(f"{sys.argv[1]}:21081")
+try:
+    c.establish_session(lease_resources=(), timeout=10)
+except PermissionDeniedError as exc:
+    print(f"smoke: a caller on the bridge is refused: {exc.error.details()}")
+    sys.exit(0)
+sys.exit(1)
+PY
+then
+  say "FAIL: a caller that is not the robot drove the callback"
+  exit 1
+fi
 
 for _ in $(seq 40); do
   health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")

@@ -73,6 +73,9 @@ def test_secrets_are_not_in_the_repr(monkeypatch, tmp_path):
         (["--sim", "--rtsp-port", "21080"], {}, "--rtsp-port 21080 is --port too"),
         (["--robot", "x", "--mission", "--mission-host", "127.0.0.1"], LOGIN, "cannot reach"),
         (["--robot", "x", "--mission", "--mission-host", "0.0.0.0"], LOGIN, "192.168.50.5"),
+        (["--sim", "--mission-allow", "192.168.50.3,robot"], {}, "'robot' is not an address"),
+        (["--sim", "--captures-full", "never"], {}, "delete-oldest, refuse"),
+        (["--sim", "--captures-keep-days", "-1"], {}, "--captures-keep-days must be in"),
     ],
 )
 def test_bad_options_are_one_readable_error(argv, env, says, monkeypatch, capsys):
@@ -93,6 +96,15 @@ def test_the_autowalk_callback_options(monkeypatch):
     cfg = load(["--robot", "127.0.0.1", "--mission", "--mission-host", "localhost"], None, None)
     assert cfg.mission_host == "localhost"
     assert load(["--sim", "--mission", "--mission-host", "127.0.0.1"], None, None).mission
+    assert (cfg.mission_bind, cfg.mission_allow) == (None, ())  # --bind's; the robot's address
+    assert (cfg.captures_full, cfg.captures_keep_days) == ("delete-oldest", 7.0)
+    cfg = load(
+        ["--sim", "--mission-allow", " 192.168.50.3, 10.0.0.0/8", "--captures-full", "refuse"],
+        {"SPOTRELAY_MISSION_BIND": "192.168.50.5"},
+        monkeypatch,
+    )
+    assert cfg.mission_allow == ("192.168.50.3", "10.0.0.0/8") and cfg.captures_full == "refuse"
+    assert cfg.mission_bind == "192.168.50.5"
 
 
 @pytest.mark.e2e

@@ -5,8 +5,10 @@ already taken, the captures API when the callback is off."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import threading
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -60,20 +62,108 @@ def test_inputs_become_plain_json():
     assert out["msg"]["name"] == "w"
 
 
-def test_sessions_are_bounded(monkeypatch):
+class Peer:
+    """What a handler reads of gRPC's context: who calls."""
+
+    def __init__(self, peer: str = "ipv4:127.0.0.1:40000"):
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+    async def abort(self, code, details):
+        raise PermissionError(details)
+
+
+def test_a_new_session_never_evicts_one_in_use_and_idle_ones_expire(monkeypatch):
     monkeypatch.setattr(mission, "MAX_SESSIONS", 2)
-    service = mission.MissionService(None, None, Metrics(), None, None)  # type: ignore[arg-type]
+    now = [1000.0]
+    metrics = Metrics()
+    service = mission.MissionService(None, None, metrics, None, None, clock=lambda: now[0])  # type: ignore[arg-type]
+    establish = remote_pb2.EstablishSessionRequest()
 
     async def scenario():
-        ids = []
-        for _ in range(3):
-            resp = await service.EstablishSession(remote_pb2.EstablishSessionRequest(), None)
-            assert resp.header.error.code == 1 and resp.status == resp.STATUS_OK
-            ids.append(resp.session_id)
-        return ids
+        first = await service.EstablishSession(establish, Peer())
+        now[0] += 10
+        second = await service.EstablishSession(establish, Peer())
+        third = await service.EstablishSession(establish, Peer())  # both in use: refused
+        assert third.header.error.code == third.header.error.CODE_INTERNAL_SERVER_ERROR
+        assert "most at once" in third.header.error.message and not third.session_id
+        assert set(service.sessions) == {first.session_id, second.session_id}
+        now[0] += mission.SESSION_IDLE - 5  # the first idle an hour, the second not quite
+        fourth = await service.EstablishSession(establish, Peer())
+        assert fourth.status == fourth.STATUS_OK
+        assert set(service.sessions) == {second.session_id, fourth.session_id}
+        assert len(second.session_id) >= 32  # not guessable
+        stop = remote_pb2.StopRequest(session_id=first.session_id)
+        assert (
+            await service.Stop(stop, Peer())
+        ).status == remote_pb2.StopResponse.STATUS_INVALID_SESSION_ID
 
-    ids = asyncio.run(scenario())
-    assert list(service.sessions) == ids[1:]  # the oldest idle one went
+    asyncio.run(scenario())
+    assert sample_of(metrics, "spotrelay_mission_refused_total", reason="sessions") == 1
+
+
+def sample_of(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_only_allowed_addresses_may_call():
+    callers = mission.Callers(["192.168.50.3", "10.1.0.0/16"])
+    assert callers.allows("ipv4:192.168.50.3:51234")
+    assert callers.allows("ipv6:%5B::ffff:192.168.50.3%5D:51234")  # v4-mapped, percent-encoded
+    assert callers.allows("ipv4:10.1.7.9:1")
+    for peer in ("ipv4:192.168.50.30:1", "ipv4:192.168.80.3:1", "unix:/tmp/x", "ipv6:[::1]:5", ""):
+        assert not callers.allows(peer), peer
+    assert mission.robot_addresses("127.0.0.1") == ("127.0.0.1", "::1")
+    assert mission.robot_addresses("192.168.50.3") == ("192.168.50.3",)
+    metrics = Metrics()
+    service = mission.MissionService(None, None, metrics, None, None, callers=callers)  # type: ignore[arg-type]
+    with pytest.raises(PermissionError, match="only the robot"):
+        asyncio.run(service.EstablishSession(remote_pb2.EstablishSessionRequest(), Peer()))
+    assert not service.sessions
+    assert sample_of(metrics, "spotrelay_mission_refused_total", reason="caller") == 1
+
+
+def test_a_nan_duration_and_a_label_too_long_are_refused():
+    p = mission.job_params(mission.Job("record", ("a",), 5.0, ""))
+    p.values["action"].one_of_value.values["record"].values["duration"].double_value.value = float(
+        "nan"
+    )
+    error = mission.parse_params(p, ["a"])
+    assert isinstance(error, sc.CustomParamError) and "duration" in error.error_messages[0]
+    long = mission.job_params(mission.Job("capture", ("a",), 5.0, "g" * 3_900_000))
+    error = mission.parse_params(long, ["a"])
+    assert isinstance(error, sc.CustomParamError) and "at most 256" in error.error_messages[0]
+
+
+def test_a_still_counts_as_waiting_until_its_thread_is_done_even_when_its_caller_left():
+    """A mission's Stop cancels a capture, but its rendering goes on in the thread: counted out
+    early, a Tick/Stop loop queued renderings without bound."""
+    from spotrelay.stills import Busy, Stills
+
+    release = threading.Event()
+    stills = Stills("evidence", 2)
+
+    async def scenario():
+        first = asyncio.create_task(stills.run(release.wait, 10))
+        await async_wait_until(lambda: stills.waiting == 1, 2, "running")
+        first.cancel()  # the caller leaves; the thread still works
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        second = asyncio.create_task(stills.run(lambda: 1))
+        await asyncio.sleep(0)
+        with pytest.raises(Busy):  # the pool is full: two waiting, one of them abandoned
+            await stills.run(lambda: 2)
+        release.set()
+        assert await second == 1
+        await async_wait_until(lambda: stills.waiting == 0, 2, "every thread done")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        stills.close()
 
 
 def test_registration_refuses_an_address_the_robot_cannot_reach():

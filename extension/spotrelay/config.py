@@ -64,8 +64,13 @@ class Config:
     mission: bool = False
     mission_port: int = 21081
     mission_host: str | None = None
+    # -- trust on the LAN (issue 19): who may call the callback, what the folder may delete --
+    mission_bind: str | None = None  # None: --bind
+    mission_allow: tuple[str, ...] = ()  # empty: the robot's address (loopback for a local one)
     captures_dir: str = "captures"
     captures_max_mb: float = 2048.0
+    captures_full: str = "delete-oldest"  # or "refuse"
+    captures_keep_days: float = 7.0
     run_as: tuple[int, int] | None = None
     log_level: str = "INFO"
 
@@ -131,6 +136,28 @@ def _user(text: str) -> tuple[int, int]:
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """Comma-separated addresses or networks (``192.168.50.3``, ``10.0.0.0/8``), checked."""
+    nets = _csv(text)
+    for net in nets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--mission-allow: {net!r} is not an address or network (a.b.c.d or a.b.c.d/n)"
+            ) from None
+    return nets
+
+
+def _choice(name: str, allowed: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(f"{name} must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
 
 
 # (flag, type, default, help). The env var name is derived from the flag.
@@ -252,12 +279,38 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         "address the robot reaches the Autowalk callback at (default: ours on the route to the "
         "robot; in a container give the host's, e.g. 192.168.50.5 on a CORE I/O)",
     ),
+    (
+        "--mission-bind",
+        str,
+        None,
+        "address the Autowalk callback listens on (default: --bind's)",
+    ),
+    (
+        "--mission-allow",
+        _networks,
+        (),
+        "addresses (or networks, a.b.c.d/n) allowed to call the Autowalk callback, "
+        "comma-separated (default: the robot's address; loopback for a local robot)",
+    ),
     ("--captures-dir", str, "captures", "folder for Autowalk pictures and clips (with --mission)"),
     (
         "--captures-max-mb",
         _number_in("--captures-max-mb", float, 1.0, 10_000_000.0),
         2048.0,
-        "size limit of the captures folder; the oldest are deleted first",
+        "size limit of the captures folder (see --captures-full)",
+    ),
+    (
+        "--captures-full",
+        _choice("--captures-full", ("delete-oldest", "refuse")),
+        "delete-oldest",
+        "when the folder is full: delete-oldest (only captures older than --captures-keep-days) "
+        "or refuse (never delete); new work that does not fit is refused",
+    ),
+    (
+        "--captures-keep-days",
+        _number_in("--captures-keep-days", float, 0.0, 36500.0),
+        7.0,
+        "captures younger than this are never deleted to make room",
     ),
     (
         "--run-as",

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from spotrelay import __version__, logs, process, tls
 from spotrelay.autowalk import routes as captures_routes
-from spotrelay.autowalk.service import MissionServer
+from spotrelay.autowalk.service import MAX_CLIPS, MAX_JOBS, MissionServer
 from spotrelay.autowalk.store import Store
 from spotrelay.config import Config, load_or_exit
 from spotrelay.http.app import build_app
@@ -44,7 +44,9 @@ from spotrelay.stills import Stills
 log = logging.getLogger("spotrelay")
 
 SNAPSHOTS_WAITING = 8  # snapshots queued for rendering before more are refused (503)
-EVIDENCE_WAITING = 32  # Autowalk pictures queued for encoding before a tick is refused
+# Autowalk pictures queued for encoding: one per running capture and one thumbnail per clip, so
+# the callback's own bounds (service.MAX_JOBS, MAX_CLIPS) never meet it: a tick is never Busy.
+EVIDENCE_WAITING = MAX_JOBS + MAX_CLIPS
 
 
 def target_for(cfg: Config) -> Target:
@@ -92,7 +94,12 @@ def build_relay_app(
                 mission=mission,
                 rtsp=rtsp,
             ),
-            partial(captures_routes.add_routes, store=store),
+            partial(
+                captures_routes.add_routes,
+                store=store,
+                client_timeout=streams.client_timeout,
+                refused=lambda reason: metrics.requests_refused.labels(reason=reason).inc(),
+            ),
         ],
         token=token,
         allow_origin=allow_origin,
@@ -164,19 +171,25 @@ class Relay:
             store = Store(
                 cfg.captures_dir,
                 int(cfg.captures_max_mb * 1e6),
+                delete_after=(
+                    cfg.captures_keep_days * 86400 if cfg.captures_full == "delete-oldest" else None
+                ),
                 on_deleted=metrics.captures_deleted.inc,
             )
-            self.evidence = Stills("evidence", EVIDENCE_WAITING)
+            # below the streams' priority: a flood of captures costs pictures time, not viewers
+            self.evidence = Stills("evidence", EVIDENCE_WAITING, nice=10)
             self.mission = MissionServer(
                 self.hub,
                 store,
                 metrics,
                 self.evidence,
-                bind=cfg.bind,
+                bind=cfg.mission_bind or cfg.bind,
                 port=cfg.mission_port,
                 host=cfg.mission_host,
                 robot_host=target.host,
+                allow=cfg.mission_allow,
                 robot_clock=lambda local: local + self.conn.skew,
+                capture_rate=lambda source: self.poller.timing(source)["capture_hz"],
             )
         # Every client of every output takes a slot: --max-clients, and a share of it per address.
         self.slots = Slots(

@@ -69,8 +69,10 @@ REFUSAL_REASONS = (
     "max_variants",
     "max_encoders",
     "snapshots_busy",
+    "downloads_busy",
 )
 MISSION_ACTIONS = ("capture", "record", "unknown")
+MISSION_REFUSALS = ("caller", "sessions", "busy", "captures_full", "limits")
 MISSION_RESULTS = ("success", "failure", "stopped", "invalid")
 """success / failure: the job's outcome as the mission saw it; stopped: the mission stopped the
 node first; invalid: parameters refused (STATUS_CUSTOM_PARAMS_ERROR), the job never started."""
@@ -251,6 +253,16 @@ class Metrics:
             "Captures deleted, oldest first, to stay under --captures-max-mb.",
             registry=r,
         )
+        self.mission_refused = Counter(
+            "spotrelay_mission_refused_total",
+            "Autowalk callback calls refused to stay bounded, by reason: caller (not an allowed "
+            "address), sessions, busy (jobs or clips at once), captures_full, limits (a value "
+            "too long or not finite).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in MISSION_REFUSALS:
+            self.mission_refused.labels(reason=reason)
         self._services: set[str] = set()
         for action in MISSION_ACTIONS:
             for result in MISSION_RESULTS:

@@ -105,15 +105,20 @@ def own_folder(path: str, uid: int, gid: int) -> None:
     volume is root's, and the relay no longer is once it has read the credentials.
 
     Links are never followed: a link planted in the folder must not make root hand the file it
-    points to (anywhere on the machine) to the relay's user."""
+    points to (anywhere on the machine) to the relay's user. Every change is made through the
+    descriptor of the folder that holds the name (``os.fwalk``, ``dir_fd``, no following), so a
+    folder swapped for a link while we walk cannot redirect a change either; a folder that is
+    itself a link is left alone."""
     with contextlib.suppress(OSError):  # if this fails, opening the store says why
         os.makedirs(path, exist_ok=True)
         if os.path.islink(path):
             return
-        for root, dirs, files in os.walk(path):  # os.walk does not enter linked folders
-            for name in (root, *(os.path.join(root, f) for f in (*files, *dirs))):
+        for _root, dirs, files, fd in os.fwalk(path, follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.chown(fd, uid, gid)  # the folder itself, through its descriptor
+            for name in (*files, *dirs):
                 with contextlib.suppress(OSError):
-                    os.chown(name, uid, gid, follow_symlinks=False)
+                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
 
 
 def check_port(host: str, port: int, option: str) -> None:

@@ -8,13 +8,21 @@ PNG for stills, colour-mapped JPEG in clips) and the thumbnails. Disk work runs 
 threads, rendering on the evidence's own bounded pool (``stills``, apart from snapshots); the
 event loop only waits.
 
-A failure raises ``JobFailed`` with the sentence the operator reads on the tablet.
+A failure raises ``JobFailed`` with the sentence the operator reads on the tablet; work refused to
+keep evidence (a full folder whose captures are all younger than the user allows deleting)
+raises ``Refused``, which is counted apart. A recording's worst case (duration x the camera's
+measured rate x its frames' measured size, within the AVI's 1 GiB) is reserved before it starts,
+so a burst of recordings is refused at once instead of filling the folder frame by frame.
+
+A job ends only once the threads it started have finished (a cancelled job waits for them), so
+the service's bound on running jobs bounds the work, not just the tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -22,11 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotrelay import codec
+from spotrelay.autowalk import avi
 from spotrelay.autowalk.avi import ClipError
 from spotrelay.autowalk.store import (
     MEDIA_TYPES,
     Capture,
     Clip,
+    Full,
     Picture,
     StorageError,
     Store,
@@ -43,8 +53,20 @@ THUMB_WIDTH = 320
 MAX_PENDING = 150  # frames waiting for the disk (10 s at 15 Hz) before a recording gives up
 
 
+CLIP_MARGIN = 1.25  # frames vary in size: the reservation allows this much more than measured
+DEFAULT_RATE = 15.0  # Hz, Spot's cameras, when the camera's rate is not known yet
+
+
 class JobFailed(Exception):
     """A capture or recording that could not be done; the message goes to the operator."""
+
+
+class Refused(JobFailed):
+    """Work not started to stay bounded (``reason``: the metric's label), said to the operator."""
+
+    def __init__(self, message: str, reason: str = "captures_full"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -68,10 +90,12 @@ class Evidence:
         stills: Stills,
         *,
         robot_clock: Callable[[float], float] = lambda local: local,
+        capture_rate: Callable[[str], float | None] = lambda source: None,
         deadline: float = FRAME_DEADLINE,
     ):
         self.hub, self.store, self.io, self.stills = hub, store, io, stills
         self.robot_clock = robot_clock  # local epoch seconds -> robot clock
+        self.capture_rate = capture_rate  # a camera's learnt capture rate (Hz), None if unknown
         self.deadline = deadline
 
     async def run(self, job: Job, context: dict[str, Any]) -> None:
@@ -83,7 +107,29 @@ class Evidence:
             await self.record(job, context)
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+        """``fn`` in an io thread. Cancelled, it still waits for the thread to finish before
+        ending (then re-raises): a stopped job holds its place until its work is done."""
+        work = asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await work
+            raise
+
+    def clip_reserve(self, source: str, duration: float) -> int:
+        """A recording's worst case in bytes: ``duration`` x the camera's rate x its newest
+        frame's size (what a frame adds to the AVI), with a margin, within the AVI's limit."""
+        rate = self.capture_rate(source) or max(self.hub.fps(source), DEFAULT_RATE)
+        frame = self.hub.frame(source)
+        if frame is None:
+            per_frame = 0
+        elif frame.image.format == JPEG:
+            per_frame = avi.frame_bytes(frame.image.data)
+        else:  # colour-mapped JPEG of depth: two bits a pixel is generous for it
+            per_frame = frame.image.rows * frame.image.cols // 4
+        worst = math.ceil(duration * rate * per_frame * CLIP_MARGIN)
+        return min(worst, avi.MAX_BYTES)
 
     def _meta(self, job: Job, context: dict[str, Any], source: str) -> dict[str, Any]:
         mission = {k: v for k, v in context.items() if k != "tick_clock"}
@@ -122,30 +168,50 @@ class Evidence:
         items = [(self.store.new_stem(f.acquired, f.source), p) for f, p in pictures]
         try:
             return await self._io(self.store.write_pictures, items)
+        except Full as exc:
+            raise Refused(str(exc)) from exc
         except StorageError as exc:
             raise JobFailed(str(exc)) from exc
 
     # record ----------------------------------------------------------------------------------
 
     async def record(self, job: Job, context: dict[str, Any]) -> None:
+        """Every camera's clip, each reserved before any starts: all start, or none."""
+        clips: dict[str, Clip] = {}
+        try:
+            for source in job.cameras:
+                clips[source] = await self._open_clip(job, source)
+        except BaseException:
+            for clip in clips.values():
+                await self._io(clip.discard)
+            raise
         results = await asyncio.gather(
-            *(self._record_one(job, context, s) for s in job.cameras), return_exceptions=True
+            *(self._record_one(job, context, s, clips[s]) for s in job.cameras),
+            return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _record_one(self, job: Job, context: dict[str, Any], source: str) -> None:
+    async def _open_clip(self, job: Job, source: str) -> Clip:
+        stem = self.store.new_stem(time.time(), source)
+        reserve = self.clip_reserve(source, job.duration)
+        try:
+            return await self._io(self.store.clip, stem, reserve)
+        except Full as exc:
+            raise Refused(
+                f"recording {source} for {job.duration:g} s needs up to {reserve / 1e6:.0f} MB: "
+                f"{exc}"
+            ) from exc
+        except (OSError, StorageError) as exc:
+            raise JobFailed(f"cannot start recording {source}: {exc}") from exc
+
+    async def _record_one(self, job: Job, context: dict[str, Any], source: str, clip: Clip) -> None:
         """Frames captured from the first after the tick for ``duration`` seconds of capture
         time, the robot's JPEG bytes as they come (colour-mapped JPEG for depth).
 
         Reading and writing are apart: frames wait in a queue for the writer, so that the
         reader is ready for the hub's next frame at once and a slow disk costs no frame."""
-        stem = self.store.new_stem(time.time(), source)
-        try:
-            clip = await self._io(self.store.clip, stem)
-        except (OSError, StorageError) as exc:
-            raise JobFailed(f"cannot start recording {source}: {exc}") from exc
         pending: asyncio.Queue[bytes | None] = asyncio.Queue()
         writer = asyncio.create_task(self._write(clip, pending))
         state = _Recording(start=context["tick_started"])
@@ -153,7 +219,7 @@ class Evidence:
             problem = await self._follow(source, job.duration, state, pending, writer)
             try:
                 await self._written(writer, pending)
-            except ClipError as exc:  # a frame of another size, a broken JPEG
+            except (ClipError, Full) as exc:  # another size, a broken JPEG; past the worst case
                 problem = str(exc)
         except asyncio.CancelledError:
             with contextlib.suppress(ClipError, StorageError):
