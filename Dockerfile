@@ -1,4 +1,5 @@
-# spotrelay container image: Debian bookworm's Python 3.11, pinned wheels, non-root, no compilers.
+# spotrelay container image: Debian bookworm's Python 3.11, pinned wheels, GStreamer from Debian
+# (RTSP), non-root, no compilers.
 # Built for linux/amd64 (Spot CORE, laptops) and linux/arm64 (CORE I/O). See `make image`.
 #   BASE:   debian:bookworm-slim where a registry is reachable; CI makes one with debootstrap.
 #   WHEELS: a folder of wheels made on the host by packaging/wheels.sh (pip cannot fetch in here).
@@ -29,7 +30,7 @@ RUN printf 'path-exclude %s\n' '/usr/share/doc/*' '/usr/share/man/*' '/usr/share
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin spotrelay
-# The RTSP output's engine from Debian (GStreamer's RTSP server, x264, PyGObject): +~20 MB.
+# The RTSP output's engine from Debian (GStreamer's RTSP server, x264, PyGObject): +23 MB.
 # Installed whole, Debian's dependencies would add ~600 MB (plugins-bad, GL); the script takes
 # only the files the relay loads and says why (README, "Install on a robot").
 COPY packaging/gst-runtime.sh /tmp/packaging/
