@@ -98,8 +98,12 @@ then
 fi
 
 url=rtsp://127.0.0.1:21082/back_fisheye_image
-docker logs "$cid" 2>&1 | grep -q "RTSP on " \
-  || { docker logs "$cid" 2>&1 | grep -m1 "RTSP off" || true; say "FAIL: RTSP is not on"; exit 1; }
+rtsp_state() { docker logs "$cid" 2>&1 | grep -m1 -oE "RTSP (on |off: .*)" || true; }
+for _ in $(seq 40); do [ -n "$(rtsp_state)" ] && break; sleep 0.5; done
+case "$(rtsp_state)" in
+  "RTSP on ") ;;
+  *) say "FAIL: RTSP is not on ($(rtsp_state))"; exit 1 ;;
+esac
 say "reading RTSP through 127.0.0.1:21082"
 rtsp_ok=""
 for _ in 1 2 3; do
