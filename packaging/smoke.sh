@@ -8,7 +8,9 @@
 #   registers in the robot's directory, answers on the published port 21081 (driven with
 #   bosdyn-mission's RemoteClient from a host-network container) and writes its pictures to the
 #   captures volume as uid 10001; a caller that is not on the allowed address (a container on
-#   Docker's bridge) is refused.
+#   Docker's bridge) is refused. RTSP (H.264) plays through the published port 21082: ffprobe
+#   decodes a frame (or, without ffprobe, packaging/rtsp_frame.py receives a key frame), with
+#   GStreamer's registry read from the image and nothing written to /tmp.
 #   packaging/smoke.sh spotrelay:0.1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -100,6 +102,44 @@ then
   say "FAIL: no frame through the mapped port"
   exit 1
 fi
+
+url=rtsp://127.0.0.1:21082/back_fisheye_image
+rtsp_state() { docker logs "$cid" 2>&1 | grep -m1 -oE "RTSP (on |off: .*)" || true; }
+for _ in $(seq 40); do [ -n "$(rtsp_state)" ] && break; sleep 0.5; done
+case "$(rtsp_state)" in
+  "RTSP on ") ;;
+  *) say "FAIL: RTSP is not on ($(rtsp_state))"; exit 1 ;;
+esac
+say "reading RTSP through 127.0.0.1:21082"
+rtsp_ok=""
+for _ in 1 2 3; do
+  if command -v ffprobe >/dev/null; then
+    # ffprobe decodes the first frame; one JSON document, summed up in one line.
+    rtsp_ok=$(timeout 60 ffprobe -v error -rtsp_transport tcp -select_streams v -read_intervals '%+#1' \
+      -show_entries stream=codec_name:frame=width,height,pict_type -of json "$url" 2>/dev/null \
+      | python3 -c 'import json, sys
+d = json.load(sys.stdin); s, f = d["streams"][0], d["frames"][0]
+assert s["codec_name"] == "h264"
+print("ffprobe decoded an H.264 frame (%s, %dx%d)" % (f["pict_type"], f["width"], f["height"]))' \
+      2>/dev/null) && break
+  else
+    rtsp_ok=$(python3 packaging/rtsp_frame.py --timeout 60 "$url" 2>&1) && break
+  fi
+  rtsp_ok=""
+  sleep 2
+done
+[ -n "$rtsp_ok" ] || { docker logs "$cid" 2>&1 | tail -20; say "FAIL: no RTSP frame through 127.0.0.1:21082"; exit 1; }
+say "RTSP: $rtsp_ok"
+tmp_used=$(docker exec "$cid" sh -c 'ls -A /tmp | wc -l')
+[ "$tmp_used" = 0 ] || { docker exec "$cid" ls -la /tmp; say "FAIL: the relay wrote to /tmp"; exit 1; }
+# GStreamer as the relay's user starts it: the image's registry is current, so nothing is rescanned.
+docker exec -u 10001:10001 -e GST_DEBUG=GST_REGISTRY:4 "$cid" python3 -c 'import gi
+gi.require_version("Gst", "1.0")
+from gi.repository import Gst
+Gst.init(None)' 2>&1 | grep -q "Registry cache has not changed" \
+  || { say "FAIL: GStreamer rescans its plugins as uid 10001 (GST_REGISTRY)"; exit 1; }
+say "GStreamer's registry read from the image; nothing written to /tmp; $(docker stats --no-stream \
+  --format '{{.MemUsage}}' "$cid" | sed 's| / | of |') memory in use"
 
 uid=$(docker exec "$cid" awk '/^Uid:/ {print $2 "/" $3}' /proc/1/status)
 [ "$uid" = "10001/10001" ] || { say "FAIL: the relay runs as uid $uid, not 10001"; exit 1; }

@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 FORBIDDEN_IN_NAME = ("coreio", "mission_control")
+# A CORE I/O admits inbound TCP on these ports only (its firewall, not Docker, drops the rest).
+OPEN_PORTS = range(21000, 22001)
+# The relay's listening ports, each of which the compose file must publish.
+LISTEN_VARS = ("SPOTRELAY_PORT", "SPOTRELAY_MISSION_PORT", "SPOTRELAY_RTSP_PORT")
 
 
 def project_version() -> str:
@@ -38,6 +42,27 @@ def project_version() -> str:
 
 def compose_images(compose_text: str) -> list[str]:
     return re.findall(r"^\s*image:\s*[\"']?([^\s\"']+)", compose_text, re.M)
+
+
+def check_ports(compose_text: str) -> list[str]:
+    """Published ports the robot's firewall would drop, and listening ports left unpublished."""
+    errors = []
+    published = set()
+    block = re.search(r"^(\s*)ports:\s*\n((?:\1\s+(?:-.*|#.*)\n)+)", compose_text, re.M)
+    for entry in re.findall(r"^\s*-\s*[\"']?([^\"'\s#]+)", block.group(2) if block else "", re.M):
+        parts = entry.split("/")[0].rsplit(":", 2)
+        host, container = (parts[-2], parts[-1]) if len(parts) > 1 else (parts[0], parts[0])
+        if not (host.isdigit() and container.isdigit()) or host != container:
+            errors.append(f"port {entry}: publish one number as itself (host:container, the same)")
+            continue
+        if int(host) not in OPEN_PORTS:
+            errors.append(f"port {host} is outside 21000-22000, which a CORE I/O drops")
+        published.add(int(container))
+    for var in LISTEN_VARS:
+        value = re.search(rf"^\s*{var}:\s*[\"']?(\d+)", compose_text, re.M)
+        if value and int(value.group(1)) not in published:
+            errors.append(f"{var} is {value.group(1)} but the compose file does not publish it")
+    return errors
 
 
 def image_archive_contents(data: bytes) -> dict[str, str]:
@@ -111,6 +136,7 @@ def check_spx(path: Path, arch: str | None = None, version: str | None = None) -
         if errors:
             return errors
         compose = tar.extractfile("docker-compose.yml").read().decode()  # type: ignore[union-attr]
+        errors += check_ports(compose)
         tags: dict[str, str] = {}
         for archive in manifest["images"]:
             tags.update(image_archive_contents(tar.extractfile(archive).read()))  # type: ignore[union-attr]

@@ -22,5 +22,8 @@ platforms+=(--platform "manylinux2014_${machine}")
   --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
   "${platforms[@]}" -r requirements.lock -d "$out"
 rm -f "$out"/spotrelay-*.whl
-"$py" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$out" . >/dev/null
+# Dated by the last commit, not now: the same sources give the same wheel, so Docker's cache holds
+# (otherwise every build reinstalls the venv, a minute under qemu).
+SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+  "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$out" . >/dev/null
 ls "$out" | wc -l | xargs echo "wheels: $arch:" >&2

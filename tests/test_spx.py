@@ -66,6 +66,22 @@ def test_shipped_files_agree_with_the_project():
     # the compose file's captures volume is the folder kept across upgrades
     compose = (ROOT / "docker-compose.yml").read_text()
     assert manifest["directories_to_save"] == ["captures"] and "./captures:/captures" in compose
+    # HTTP, the Autowalk callback and RTSP are published as themselves, inside 21000-22000
+    assert spx.check_ports(compose) == []
+    assert 'SPOTRELAY_RTSP_PORT: "21082"' in compose
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        (("21082:21082", "21082:8554"), "publish one number as itself"),
+        (("21082:21082", "8554:8554"), "outside 21000-22000"),
+        (('SPOTRELAY_RTSP_PORT: "21082"', 'SPOTRELAY_RTSP_PORT: "21090"'), "does not publish it"),
+    ],
+)
+def test_ports_the_robot_would_drop_are_refused(change, complaint):
+    compose = (ROOT / "docker-compose.yml").read_text().replace(*change)
+    assert any(complaint in e for e in spx.check_ports(compose)), spx.check_ports(compose)
 
 
 def test_a_good_package_passes(tmp_path):
