@@ -59,6 +59,7 @@ RUN sh /tmp/packaging/link-gi.sh /opt/spotrelay \
 EXPOSE 21080 21082
 # The relay ends its streams and exits within a second of SIGTERM.
 STOPSIGNAL SIGTERM
+# /healthz on SPOTRELAY_PORT, over HTTPS when the relay serves it (SPOTRELAY_TLS).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SPOTRELAY_PORT', '21080'), timeout=2)"]
+  CMD ["python3", "-m", "spotrelay.healthcheck"]
 CMD ["spotrelay"]

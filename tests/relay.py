@@ -45,6 +45,19 @@ def port_free(port: int) -> bool:
     return True
 
 
+# A traced relay writes its own data file beside the test run's, which pytest-cov combines at the
+# end; it saves it when it exits (SIGTERM ends the relay normally).
+_COVERAGE = ("-m", "coverage", "run", "--parallel-mode")
+
+
+def _coverage_on() -> bool:
+    try:
+        import coverage
+    except ImportError:
+        return False
+    return coverage.Coverage.current() is not None
+
+
 class Relay:
     """A `python -m spotrelay` process on 127.0.0.1 with its log captured to a file."""
 
@@ -55,10 +68,13 @@ class Relay:
         port: int | None = None,
         preexec_fn=None,
         code: str | None = None,
+        covered: bool = False,
     ):
         """``code``: a folder holding another version's ``spotrelay`` package to run instead of
         this checkout's (a benchmark's baseline; ``RELAY_UNDER_TEST`` does the same for every
-        relay of a run)."""
+        relay of a run). ``covered``: the process is traced for the test run's coverage report
+        (when one is being made): for the code that only runs in a relay process, like the RTSP
+        server. Only where asked, since tracing slows the relay by a sixth."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
@@ -75,6 +91,7 @@ class Relay:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
+                *(_COVERAGE if covered and _coverage_on() else ()),
                 "-m",
                 "spotrelay",
                 "--bind",

@@ -51,7 +51,7 @@ CAMERA = "frontleft_fisheye_image"
 def rtsp(sim):
     port = free_port()
     r = Relay.for_sim(
-        sim, "--rtsp-port", str(port), "--token", TOKEN, "--client-timeout", "3"
+        sim, "--rtsp-port", str(port), "--token", TOKEN, "--client-timeout", "3", covered=True
     ).wait_ready()
     r.rtsp = f"rtsp://127.0.0.1:{port}"  # type: ignore[attr-defined]
     r.headers = {"Authorization": f"Bearer {TOKEN}"}  # type: ignore[attr-defined]

@@ -63,9 +63,10 @@ def test_shipped_files_agree_with_the_project():
     assert spx.check_manifest(manifest, version) == []
     assert spx.compose_images((ROOT / "docker-compose.yml").read_text()) == [f"spotrelay:{version}"]
     assert (ROOT / manifest["icon"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the compose file's captures volume is the folder kept across upgrades
+    # the compose file's captures and certificate volumes are the folders kept across upgrades
     compose = (ROOT / "docker-compose.yml").read_text()
-    assert manifest["directories_to_save"] == ["captures"] and "./captures:/captures" in compose
+    assert manifest["directories_to_save"] == ["captures", "tls"]
+    assert "./captures:/captures" in compose and "./tls:/tls" in compose
     # HTTP, the Autowalk callback and RTSP are published as themselves, inside 21000-22000
     assert spx.check_ports(compose) == []
     assert 'SPOTRELAY_RTSP_PORT: "21082"' in compose

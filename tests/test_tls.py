@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -62,7 +63,13 @@ def https_get(relay: Relay, path: str, ca: Path) -> bytes:
 def tls_relay(sim, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     r = Relay.for_sim(
-        sim, "--tls", "--tls-dir", str(folder), "--sources", "left_fisheye_image,back_depth"
+        sim,
+        "--tls",
+        "--tls-dir",
+        str(folder),
+        "--sources",
+        "left_fisheye_image,back_depth",
+        covered=True,
     )
     r.url = f"https://127.0.0.1:{r.port}"
     r.folder = folder  # type: ignore[attr-defined]
@@ -188,3 +195,16 @@ def test_prometheus_scrapes_over_tls_with_the_certificate_and_server_name(tls_re
             wait_until(up, 30, "Prometheus scraping over TLS", ignore=(OSError, KeyError))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_containers_health_check_asks_over_https(tls_relay):
+    """Docker's HEALTHCHECK runs this command; asked in plain HTTP, a TLS relay would look dead
+    and be restarted for ever."""
+    env = {"SPOTRELAY_PORT": str(tls_relay.port), "PATH": os.environ["PATH"]}
+    cmd = [sys.executable, "-m", "spotrelay.healthcheck"]
+    healthy = subprocess.run(
+        cmd, env={**env, "SPOTRELAY_TLS": "1"}, capture_output=True, timeout=30
+    )
+    assert healthy.returncode == 0, healthy.stderr
+    plain = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+    assert plain.returncode == 1 and "/healthz" in plain.stderr, plain.stderr
