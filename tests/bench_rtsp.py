@@ -146,7 +146,9 @@ def frames_read(url: str, seconds: float) -> float:
         text=True,
         timeout=seconds + 60,
     )
-    times = sorted(float(x) for x in out.stdout.split() if x.replace(".", "").isdigit())
+    # after the first sender report, each line also ends with a comma (a packet's side data)
+    values = (x.strip(",") for x in out.stdout.split())
+    times = sorted(float(x) for x in values if x.replace(".", "").isdigit())
     times = [t for t in times if t >= times[0] + 2] if times else []
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
 

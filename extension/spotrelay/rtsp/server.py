@@ -188,6 +188,18 @@ class Feed:
         src.add_probe(g.PadProbeType.BUFFER, took_out)
         sink.add_probe(g.PadProbeType.BUFFER, took_in)
 
+    def set_rate(self, fps: int) -> None:
+        """The stream's nominal frame rate, before its first frame. Without one (JPEG caps carry
+        none) x264 takes the input as variable-rate and holds every frame until the next one
+        arrives: a frame's interval (67 ms at 15 fps) added to every frame's latency. With one,
+        it encodes each frame as it comes; the rate is also what its bitrate is spread over, and
+        each frame keeps its capture time."""
+        g = self.gst.Gst
+        if self.appsrc is not None:
+            self.appsrc.set_property("caps", g.Caps.from_string(f"image/jpeg,framerate={fps}/1"))
+        if self.encoder is not None:
+            self.encoder.set_property("key-int-max", fps)  # an IDR every second
+
     def push(self, enc: Encoded) -> None:
         """One rendering into the encoder (event loop thread; appsrc is thread-safe)."""
         g = self.gst.Gst
@@ -547,6 +559,7 @@ class RtspOutput:
 
     async def _feed(self, feed: Feed) -> None:
         r = feed.r
+        feed.set_rate(max(1, round(r.fps or self.hub.fps(r.source) or 15)))
         client = Client("rtsp", r.source, r.spec, "rtsp encoder", r.fps)
         with contextlib.suppress(asyncio.CancelledError):
             async with contextlib.aclosing(self.hub.frames(client)) as frames:

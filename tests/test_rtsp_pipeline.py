@@ -1,0 +1,88 @@
+"""The RTSP encoder's pipeline in-process (GStreamer, x264, real JPEG in, H.264 RTP out): what its
+latency and timestamps are made of, without a server or a network."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from spotrelay.frames import RenderSpec
+from spotrelay.hub import Encoded
+from spotrelay.rtsp import engine
+from spotrelay.rtsp.server import Feed, Rendering, pipeline
+from tests.wait import wait_until
+
+try:
+    GST: engine.Gst | None = engine.load()
+    REASON = ""
+except engine.Unavailable as exc:
+    GST, REASON = None, str(exc)
+pytestmark = pytest.mark.skipif(
+    GST is None and not os.environ.get("CI"), reason=f"needs GStreamer and x264: {REASON}"
+)
+
+
+class Media:
+    """What a Feed reads of GstRTSPMedia: its element (the bin the launch line makes)."""
+
+    def __init__(self, element):
+        self.element = element
+
+    def get_element(self):
+        return self.element
+
+
+@pytest.fixture
+def encoder():
+    """The launch line's bin in a pipeline of its own, the payloader's packets counted by
+    their presentation time."""
+    g = GST.Gst
+    r = Rendering("frontleft_fisheye_image", RenderSpec(), None, 1400, (640, 480))
+    element = g.parse_launch(pipeline(r))
+    pipe = g.Pipeline.new("test")
+    pipe.add(element)
+    sink = g.ElementFactory.make("fakesink")
+    sink.set_property("sync", False)
+    sink.set_property("async", False)  # playing at once, as a live RTSP media is
+    pipe.add(sink)
+    pad = g.GhostPad.new("src", element.get_by_name("pay0").get_static_pad("src"))
+    element.add_pad(pad)
+    pad.link(sink.get_static_pad("sink"))
+    sent: list[int] = []  # running times of the frames the encoder handed over
+
+    def encoded(pad, info):
+        seg = pad.get_sticky_event(g.EventType.SEGMENT, 0).parse_segment()
+        sent.append(seg.to_running_time(g.Format.TIME, info.get_buffer().pts))
+        return g.PadProbeReturn.OK
+
+    element.get_by_name("enc").get_static_pad("src").add_probe(g.PadProbeType.BUFFER, encoded)
+    feed = Feed(GST, r, Media(element), lambda seconds: None)
+    feed.set_rate(15)
+    pipe.set_state(g.State.PLAYING)
+    pipe.get_state(5 * g.SECOND)
+    yield feed, sent
+    pipe.set_state(g.State.NULL)
+    feed.close()
+
+
+def jpeg(i: int) -> bytes:
+    picture = np.full((480, 640, 3), (i * 37) % 256, np.uint8)
+    cv2.putText(picture, str(i), (200, 300), cv2.FONT_HERSHEY_SIMPLEX, 6, (255, 255, 255), 8)
+    return cv2.imencode(".jpg", picture)[1].tobytes()
+
+
+def test_each_frame_leaves_the_encoder_before_the_next_is_captured(encoder):
+    """JPEG caps carry no frame rate; without one x264 held each frame until the next arrived,
+    a frame's interval (67 ms at 15 fps) added to every frame's latency."""
+    feed, sent = encoder
+    base = feed.pipeline.get_base_time()
+    for i in range(6):
+        captured = time.time() - 0.030  # as the robot stamps it, some time before it arrives
+        feed.push(Encoded(jpeg(i), captured, i))
+        wait_until(lambda n=i: len(sent) > n, 5, f"frame {i} out of the encoder")
+        # its capture time, not the time it was pushed or encoded
+        assert abs(sent[i] - (int(captured * 1e9) - base)) < 1_000_000
