@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     FIVE,
                 )
             )
+        print("five cameras through 10 Mbit/s, fps: RTSP", [round(f, 1) for f in rtsp_fps])
+        print("  MJPEG", [round(f, 1) for f in mjpeg], flush=True)
         rows.append(
             (
                 "five cameras through 10 Mbit/s: worst camera fps (MJPEG vs RTSP)",

@@ -111,6 +111,19 @@ def test_ten_seconds_are_h264_640x480_at_the_cameras_rate_within_the_bitrate(rts
     assert keys >= span - 1  # an IDR at least every second: a late joiner starts at once
 
 
+def test_a_camera_nobody_watched_streams_within_its_bitrate(rtsp):
+    """Unwatched, a camera is refreshed about once a second; the stream that starts then is
+    still budgeted for the frames it will send, not for the rate it had."""
+    source = "right_fisheye_image"
+    wait_until(
+        lambda: 0 < metric(rtsp, "spotrelay_source_fps", source=source) < 3, 30, "an idle camera"
+    )
+    got = packets(f"rtsp://spotrelay:{TOKEN}@127.0.0.1:{rtsp.rtsp.split(':')[-1]}/{source}", 6)
+    times = [float(p["pts_time"]) for p in got]
+    mbit = sum(int(p["size"]) for p in got) * 8 / (max(times) - min(times)) / 1e6
+    assert len(got) >= 80 and mbit <= 1.5, (len(got), mbit)
+
+
 def test_a_rendering_from_the_query_and_the_token_in_the_url(rtsp):
     url = f"{rtsp.rtsp}/hand_color_image?width=320&fps=5&bitrate=300&token={TOKEN}"
     stream = probe(url, "-show_entries", "stream=codec_name,width,height")

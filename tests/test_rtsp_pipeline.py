@@ -13,7 +13,7 @@ import pytest
 from spotrelay.frames import RenderSpec
 from spotrelay.hub import Encoded
 from spotrelay.rtsp import engine
-from spotrelay.rtsp.server import Feed, Rendering, pipeline
+from spotrelay.rtsp.server import Feed, Rendering, nominal_rate, pipeline
 from tests.wait import wait_until
 
 try:
@@ -61,7 +61,7 @@ def encoder():
 
     element.get_by_name("enc").get_static_pad("src").add_probe(g.PadProbeType.BUFFER, encoded)
     feed = Feed(GST, r, Media(element), lambda seconds: None)
-    feed.set_rate(15)
+    feed.set_rate(15, start=True)
     pipe.set_state(g.State.PLAYING)
     pipe.get_state(5 * g.SECOND)
     yield feed, sent
@@ -86,3 +86,33 @@ def test_each_frame_leaves_the_encoder_before_the_next_is_captured(encoder):
         wait_until(lambda n=i: len(sent) > n, 5, f"frame {i} out of the encoder")
         # its capture time, not the time it was pushed or encoded
         assert abs(sent[i] - (int(captured * 1e9) - base)) < 1_000_000
+
+
+def test_a_new_frame_rate_midstream_keeps_every_frame_flowing(encoder):
+    """The hand camera changes rate (15, 30, 60 Hz): the encoder's budget per frame follows."""
+    feed, sent = encoder
+    for i in range(12):
+        if i == 6:
+            feed.set_rate(30)
+        feed.push(Encoded(jpeg(i), time.time() - 0.030, i))
+        wait_until(lambda n=i: len(sent) > n, 5, f"frame {i} out of the encoder")
+
+
+@pytest.mark.parametrize(
+    ("asked", "measured", "current", "expected"),
+    [
+        (5, 15.0, None, 5),  # the client's fps
+        (0.4, 15.0, None, 1),
+        (None, 1.0, None, 15),  # an unwatched camera, refreshed once a second: Spot's rate
+        (None, 0.0, None, 15),
+        (None, 29.6, None, 30),  # a hand camera someone already watches at 30 Hz
+        (None, 14.2, 15, 15),  # jitter: unchanged
+        (None, 59.8, 15, 60),  # the hand camera went to 60 Hz
+        (None, 33.0, 30, 30),  # ... then jitters
+        (None, 14.9, 60, 15),  # ... and back to 15 Hz
+        (None, 0.0, 15, 15),  # no measure yet
+        (None, 7.0, 15, 15),  # a moment's hiccup: the budget stays
+    ],
+)
+def test_the_rate_the_bitrate_is_spread_over(asked, measured, current, expected):
+    assert nominal_rate(asked, measured, current) == expected

@@ -65,6 +65,8 @@ LAG = 2.0  # seconds of its stream a client may fall behind (unsent) before it c
 WATCH_EVERY = 0.5  # seconds between looks at every client's connection
 ENCODE_SAMPLE_EVERY = 4  # looks between timings of one frame's encode, per encoder
 SEND_BUFFER = 256 * 1024  # what the kernel may hold for a client (a few seconds of video)
+RATE = 15  # Hz: Spot's body cameras; a stream's nominal rate unless it measures faster
+RATE_CHECK_EVERY = 45  # frames between looks at the camera's rate (3 s at 15 fps)
 PRESET = "ultrafast"  # measured: 5.5-6.7 % of a core per 640x480@15 stream here; veryfast 8-10 %
 
 
@@ -95,6 +97,23 @@ def rendering(hub: Hub, source: str, query: str | None) -> Rendering:
     bitrate = int_param(q, "bitrate", *BITRATES) or BITRATE
     the_plan = plan(source, hub.shape(source), ask.spec)
     return Rendering(source, ask.spec, ask.fps, bitrate, the_plan.out_size)
+
+
+def nominal_rate(asked: float | None, measured: float, current: int | None = None) -> int:
+    """The frame rate x264 spreads its bitrate over (and puts an IDR every so many frames).
+
+    The client's ``fps`` if it gave one. Otherwise the camera's measured rate, but never under
+    Spot's 15 Hz: a camera nobody watched was only refreshed about once a second, and a robot's
+    hiccup can halve a rate for a moment, while a stream budgeted for 2 fps and sent at 15 takes
+    seven times its bitrate (a shared link then starves every stream on it). While streaming
+    (``current`` given) it changes once the measure is a quarter away: the hand camera runs at
+    15, 30 or 60 Hz."""
+    if asked:
+        return max(1, round(asked))
+    now = max(RATE, round(measured))
+    if current is None or abs(now - current) > current / 4:
+        return now
+    return current
 
 
 def pipeline(r: Rendering) -> str:
@@ -188,7 +207,7 @@ class Feed:
         src.add_probe(g.PadProbeType.BUFFER, took_out)
         sink.add_probe(g.PadProbeType.BUFFER, took_in)
 
-    def set_rate(self, fps: int) -> None:
+    def set_rate(self, fps: int, start: bool = False) -> None:
         """The stream's nominal frame rate, before its first frame. Without one (JPEG caps carry
         none) x264 takes the input as variable-rate and holds every frame until the next one
         arrives: a frame's interval (67 ms at 15 fps) added to every frame's latency. With one,
@@ -197,29 +216,31 @@ class Feed:
         g = self.gst.Gst
         if self.appsrc is not None:
             self.appsrc.set_property("caps", g.Caps.from_string(f"image/jpeg,framerate={fps}/1"))
-        if self.encoder is not None:
+        if start and self.encoder is not None:  # x264 takes it only before it starts
             self.encoder.set_property("key-int-max", fps)  # an IDR every second
 
-    def push(self, enc: Encoded) -> None:
-        """One rendering into the encoder (event loop thread; appsrc is thread-safe)."""
+    def push(self, enc: Encoded) -> bool:
+        """One rendering into the encoder (event loop thread; appsrc is thread-safe); False if
+        it was skipped."""
         g = self.gst.Gst
         appsrc, pipeline = self.appsrc, self.pipeline
         if appsrc is None or pipeline is None:
-            return
+            return False
         if pipeline.get_state(0)[1] != g.State.PLAYING:
-            return  # the base time is not known yet
+            return False  # the base time is not known yet
         if appsrc.get_property("current-level-buffers") >= 2:
-            return  # nobody is playing it yet, or the encoder is behind: skip, never queue
+            return False  # nobody is playing it yet, or the encoder is behind: skip, never queue
         base = pipeline.get_base_time()
         # a STALE repeat carries an old capture time: shown now, its banner says how old
         pts = int((time.time() if enc.stale else enc.acquired) * 1e9) - base
         if pts <= self.last_pts:
-            return
+            return False
         self.last_pts = pts
         buf = g.Buffer.new_wrapped(enc.data)
         buf.pts = pts
         appsrc.emit("push-buffer", buf)
         self.pushed += 1
+        return True
 
     def key_frame(self) -> None:
         """An IDR (with SPS/PPS) now: a viewer joined a running stream."""
@@ -559,12 +580,18 @@ class RtspOutput:
 
     async def _feed(self, feed: Feed) -> None:
         r = feed.r
-        feed.set_rate(max(1, round(r.fps or self.hub.fps(r.source) or 15)))
+        rate = nominal_rate(r.fps, self.hub.fps(r.source))
+        feed.set_rate(rate, start=True)
         client = Client("rtsp", r.source, r.spec, "rtsp encoder", r.fps)
         with contextlib.suppress(asyncio.CancelledError):
             async with contextlib.aclosing(self.hub.frames(client)) as frames:
                 async for enc in frames:
-                    feed.push(enc)
+                    if feed.push(enc) and feed.pushed % RATE_CHECK_EVERY == 0:
+                        now = nominal_rate(r.fps, self.hub.fps(r.source), rate)
+                        if now != rate:
+                            log.info("RTSP encoder for %s: %d fps now (was %d)", r.key, now, rate)
+                            rate = now
+                            feed.set_rate(rate)
 
     def _stop_feed(self, feed: Feed) -> None:
         if feed.task is not None:
