@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"capture to decoded p{q}, ms",
                     f"{pct(ml, q) * 1e3:.1f}",
                     f"{pct(rl, q) * 1e3:.1f}",
-                    f"+{(pct(rl, q) - pct(ml, q)) * 1e3:.1f} ms"
+                    f"{(pct(rl, q) - pct(ml, q)) * 1e3:+.1f} ms"
                     + ("; target <= +60" if q == 95 else ""),
                 )
             )
