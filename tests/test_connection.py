@@ -42,27 +42,36 @@ def source(name: str, service: str = "image") -> SourceInfo:
 
 
 class FakeTime:
-    """A clock the connection's sleeps move forward; real time barely passes. ``frozen`` holds
-    every sleep before it moves the clock (``parked`` counts those held), until unfrozen."""
+    """A clock the connection's sleeps move forward; real time barely passes. Sleepers wake in
+    the order of their wake times and the clock moves to each in turn (two tasks sleeping a
+    second side by side take one second, not two). ``frozen`` holds every sleep that has not
+    ended (``parked`` counts them), until unfrozen."""
 
     def __init__(self) -> None:
         self.now = 1000.0
         self.frozen = False
-        self.parked = 0
+        self.sleepers: list[float] = []  # when each sleeping task wakes
 
     def __call__(self) -> float:
         return self.now
 
+    @property
+    def parked(self) -> int:
+        return len(self.sleepers) if self.frozen else 0
+
     async def sleep(self, seconds: float) -> None:
-        if self.frozen:
-            self.parked += 1
-            try:
-                while self.frozen:
-                    await asyncio.sleep(0.001)
-            finally:
-                self.parked -= 1
-        self.now += max(seconds, 0.0)
-        await asyncio.sleep(0.001)  # let the test and the connection's other tasks run
+        wake = self.now + max(seconds, 0.0)
+        self.sleepers.append(wake)
+        try:
+            while True:
+                await asyncio.sleep(0.001)  # let the test and the connection's other tasks run
+                if wake <= self.now:
+                    return
+                if not self.frozen and wake <= min(self.sleepers):  # the next to wake
+                    self.now = wake
+                    return
+        finally:
+            self.sleepers.remove(wake)
 
 
 @dataclass
@@ -77,6 +86,7 @@ class FakeRobot:
     login_error: BaseException | None = None
     failing: dict[str, BaseException] = field(default_factory=dict)  # ListImageSources raises
     revoked: set[str] = field(default_factory=set)  # tokens it no longer honours
+    freeze_when_refused: bool = False  # freeze the clock when it refuses a revoked token
     logins: list[float] = field(default_factory=list)  # fake times of every login attempt
     asked: list[tuple[str, float]] = field(default_factory=list)  # ListImageSources calls
     sessions: list[FakeSession] = field(default_factory=list)
@@ -102,6 +112,7 @@ class FakeSession:
     async def discover(self, service: str, timeout: float) -> list[SourceInfo]:
         self.fake.asked.append((service, self.fake.time()))
         if self.user_token in self.fake.revoked:
+            self.fake.time.frozen |= self.fake.freeze_when_refused
             raise UnauthenticatedError(None, "token unknown")
         if service in self.fake.failing:
             raise self.fake.failing[service]
@@ -230,9 +241,11 @@ async def test_an_expired_token_means_a_new_login_at_once(robot):
     async with running(robot) as (conn, seen):
         await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
         first, expired = robot.sessions[0], robot.time()
+        robot.time.frozen = True  # no sleep ends from here: a login after a backoff never comes
         conn.report("image", UnauthenticatedError(None, "token expired"))  # from a GetImage
-        await async_wait_until(lambda: len(robot.sessions) == 2, what="a second login")
-        assert robot.logins[1] - expired < 1.0  # no backoff: the robot is there
+        await async_wait_until(lambda: len(robot.sessions) == 2, what="a second login at once")
+        assert robot.logins[1] == expired
+        robot.time.frozen = False
         await async_wait_until(lambda: conn.connected.is_set(), what="connected again")
         assert first.closed and seen.sessions == [first.robot, None, robot.sessions[1].robot]
         assert seen.tokens == ["token-1", "token-2"]
@@ -325,10 +338,12 @@ async def test_a_robot_back_without_our_token_is_logged_in_again_at_once(robot):
         await async_wait_until(lambda: conn.connected.is_set() and seen.sources, what="up")
         _lose_robot(robot, conn)
         robot.revoked.add(robot.sessions[0].user_token)  # it comes back, forgetting our token
+        robot.freeze_when_refused = True  # no sleep ends once it says so: see below
         del robot.failing["image"]
-        returned = robot.time()
-        await async_wait_until(lambda: len(robot.sessions) == 2, what="a second login")
-        assert robot.logins[1] - returned < 1.0
+        await async_wait_until(lambda: len(robot.sessions) == 2, what="a second login at once")
+        refused = next(t for service, t in reversed(robot.asked) if service == "image")
+        assert robot.logins[1] == refused  # no backoff once the robot answered
+        robot.time.frozen = False
         await async_wait_until(lambda: conn.connected.is_set(), what="connected again")
         assert conn.status()["problem"] is None
 
