@@ -118,12 +118,16 @@ def folder(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("captures")
 
 
+def mission_relay(robot, folder: Path, *extra: str) -> InProcessRelay:
+    """A relay with the Autowalk callback on ``robot``, its captures in ``folder``."""
+    argv = ["--sim", "--bind", "127.0.0.1", "--port", str(free_port()), "--mission"]
+    argv += ["--mission-port", str(free_port()), "--captures-dir", str(folder), *extra]
+    return InProcessRelay(argv, Target("127.0.0.1", robot.port, robot.ca_path, "user", "password"))
+
+
 @pytest.fixture(scope="module")
 def relay(robot, folder):
-    argv = ["--sim", "--bind", "127.0.0.1", "--port", str(free_port()), "--mission"]
-    argv += ["--mission-port", str(free_port()), "--captures-dir", str(folder)]
-    argv += ["--stale-after", "1"]
-    r = InProcessRelay(argv, Target("127.0.0.1", robot.port, robot.ca_path, "user", "password"))
+    r = mission_relay(robot, folder, "--stale-after", "1")
     r.relay.mission.service.evidence.deadline = 2.0  # a silent camera fails the tick after 2 s
     try:
         wait_until(lambda: r.get("/readyz")[0] == 200, 20, "the relay ready")

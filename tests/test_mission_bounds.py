@@ -31,7 +31,6 @@ from bosdyn.client.exceptions import (
 from bosdyn.mission.remote_client import RemoteClient
 
 from spotrelay.autowalk import service as mission
-from spotrelay.robot import Target
 from tests.forward import Forwarder
 from tests.relay import Relay as RelayProcess
 from tests.relay import free_port
@@ -39,7 +38,7 @@ from tests.test_mission import (
     FAILURE,
     RUNNING,
     SUCCESS,
-    InProcessRelay,
+    mission_relay,
     params,
     sidecars,
     tick_until_done,
@@ -62,10 +61,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def relay(robot, folder):
-    argv = ["--sim", "--bind", "127.0.0.1", "--port", str(free_port()), "--mission"]
-    argv += ["--mission-port", str(free_port()), "--captures-dir", str(folder)]
-    argv += ["--captures-max-mb", str(LIMIT_MB)]
-    r = InProcessRelay(argv, Target("127.0.0.1", robot.port, robot.ca_path, "user", "password"))
+    r = mission_relay(robot, folder, "--captures-max-mb", str(LIMIT_MB))
     try:
         wait_until(lambda: r.get("/readyz")[0] == 200, 20, "the relay ready")
         wait_until(lambda: r.relay.mission.service.callers.networks, 10, "listening")
