@@ -116,3 +116,14 @@ def test_a_new_frame_rate_midstream_keeps_every_frame_flowing(encoder):
 )
 def test_the_rate_the_bitrate_is_spread_over(asked, measured, current, expected):
     assert nominal_rate(asked, measured, current) == expected
+
+
+def test_a_camera_that_changes_resolution_keeps_its_stream(encoder):
+    """The gripper camera switches modes (640x480 to 1280x720) while clients watch: the stream
+    keeps its size (the new pictures scaled into it) rather than failing to negotiate."""
+    feed, sent = encoder
+    wide = np.zeros((720, 1280, 3), np.uint8)
+    for i in range(8):
+        data = jpeg(i) if i < 4 else cv2.imencode(".jpg", wide)[1].tobytes()
+        feed.push(Encoded(data, time.time() - 0.030, i))
+        wait_until(lambda n=i: len(sent) > n, 5, f"frame {i} out of the encoder")

@@ -117,10 +117,14 @@ def nominal_rate(asked: float | None, measured: float, current: int | None = Non
 
 
 def pipeline(r: Rendering) -> str:
-    """The media's launch line: JPEG in, H.264 RTP out. x264 wants even sizes (4:2:0)."""
+    """The media's launch line: JPEG in, H.264 RTP out, at the size the stream started with
+    (x264 wants even sizes, 4:2:0). A camera that changes mode while clients watch (the gripper
+    camera's 640x480 to 1280x720) is scaled into that size, with borders if its shape changed:
+    a stream cannot change size under its clients, and a pipeline that could not negotiate the
+    new size would end. ``videoscale`` passes frames of the right size through untouched."""
     w, h = r.size
     even = f"video/x-raw,format=I420,width={w // 2 * 2},height={max(2, h // 2 * 2)}"
-    scale = "videoscale ! " if (w % 2 or h % 2) else ""
+    scale = "videoscale ! "
     fps = round(r.fps) if r.fps else 15
     return (
         "( appsrc name=src is-live=true format=time do-timestamp=false block=false "
