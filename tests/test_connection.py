@@ -301,11 +301,11 @@ async def test_a_lost_robot_keeps_its_session_and_is_probed_often_then_with_back
         assert gaps[-1] > 4 * PROBE_EVERY and max(gaps) <= BACKOFF_MAX * 1.2, gaps
         assert len(robot.logins) == 1  # no login while it is down
         del robot.failing["image"]  # it answers again
-        back = robot.time()
+        back, asked = robot.time(), len(robot.asked)
         await async_wait_until(lambda: conn.connected.is_set(), what="back")
         # asked again within one backoff of answering (the fake clock also moves with the
         # connection's other sleeps, so the reconnection's own steps are not timed)
-        first = min(t for service, t in robot.asked if service == "image" and t >= back)
+        first = next(t for service, t in robot.asked[asked:] if service == "image")
         assert first - back <= BACKOFF_MAX * 1.2
         assert conn.status()["problem"] is None and seen.services == {"image": True}
         assert len(robot.logins) == 1 and robot.sessions[0].closed is False
@@ -321,8 +321,10 @@ async def test_a_channel_that_connects_again_is_probed_at_once(robot):
         lost = _lose_robot(robot, conn)
         await async_wait_until(lambda: robot.time() - lost > 120, what="two minutes down")
         robot.time.frozen = True  # from here on, no probe falls due by the clock
-        await async_wait_until(lambda: robot.time.parked, what="the connection waiting")
-        assert conn.state["image"].retry_at > robot.time()
+        await async_wait_until(
+            lambda: robot.time.parked and conn.state["image"].retry_at > robot.time(),
+            what="the connection waiting for its next probe",
+        )
         del robot.failing["image"]
         returned = robot.time()
         robot.sessions[0].on_ready("image")

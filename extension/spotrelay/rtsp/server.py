@@ -66,6 +66,9 @@ WATCH_EVERY = 0.5  # seconds between looks at every client's connection
 ENCODE_SAMPLE_EVERY = 4  # looks between timings of one frame's encode, per encoder
 SEND_BUFFER = 256 * 1024  # what the kernel may hold for a client (a few seconds of video)
 RATE = 15  # Hz: Spot's body cameras; a stream's nominal rate unless it measures faster
+MAX_RATE = 60  # Hz: the hand camera's fastest; a burst measured faster is not a rate
+KEY_EVERY = 1.0  # seconds of stream between IDRs (with SPS/PPS): what a late joiner waits at most
+KEY_INT_MAX = 4 * RATE  # x264's own keyframe interval, frames: only a backstop to KEY_EVERY
 RATE_CHECK_EVERY = 45  # frames between looks at the camera's rate (3 s at 15 fps)
 PRESET = "ultrafast"  # measured: 5.5-6.7 % of a core per 640x480@15 stream here; veryfast 8-10 %
 
@@ -100,17 +103,17 @@ def rendering(hub: Hub, source: str, query: str | None) -> Rendering:
 
 
 def nominal_rate(asked: float | None, measured: float, current: int | None = None) -> int:
-    """The frame rate x264 spreads its bitrate over (and puts an IDR every so many frames).
+    """The frame rate x264 spreads its bitrate over.
 
-    The client's ``fps`` if it gave one. Otherwise the camera's measured rate, but never under
-    Spot's 15 Hz: a camera nobody watched was only refreshed about once a second, and a robot's
-    hiccup can halve a rate for a moment, while a stream budgeted for 2 fps and sent at 15 takes
-    seven times its bitrate (a shared link then starves every stream on it). While streaming
-    (``current`` given) it changes once the measure is a quarter away: the hand camera runs at
-    15, 30 or 60 Hz."""
+    The camera's measured rate, but never under Spot's 15 Hz (a camera nobody watched was only
+    refreshed about once a second, and a robot's hiccup can halve a rate for a moment, while a
+    stream budgeted for 2 fps and sent at 15 takes seven times its bitrate: a shared link then
+    starves every stream on it) nor over 60; the client's ``fps`` if it asked for fewer frames
+    than that. While streaming (``current`` given) it changes once the measure is a quarter
+    away: the hand camera runs at 15, 30 or 60 Hz."""
+    now = max(RATE, min(MAX_RATE, round(measured)))
     if asked:
-        return max(1, round(asked))
-    now = max(RATE, round(measured))
+        now = max(1, min(now, round(asked)))
     if current is None or abs(now - current) > current / 4:
         return now
     return current
@@ -124,14 +127,16 @@ def pipeline(r: Rendering) -> str:
     new size would end. ``videoscale`` passes frames of the right size through untouched."""
     w, h = r.size
     even = f"video/x-raw,format=I420,width={w // 2 * 2},height={max(2, h // 2 * 2)}"
+    # square pixels: videoscale then keeps a new picture's shape with borders, not a pixel
+    # aspect ratio that players which ignore it (OpenCV...) would show squashed
+    even += ",pixel-aspect-ratio=1/1"
     scale = "videoscale ! "
-    fps = round(r.fps) if r.fps else 15
     return (
         "( appsrc name=src is-live=true format=time do-timestamp=false block=false "
         "max-buffers=3 leaky-type=downstream caps=image/jpeg "
         f"! jpegdec ! videoconvert ! {scale}{even} "
         f"! x264enc name=enc tune=zerolatency speed-preset={PRESET} bitrate={r.bitrate} "
-        f"key-int-max={max(1, fps)} bframes=0 b-adapt=false threads=1 rc-lookahead=0 "
+        f"key-int-max={KEY_INT_MAX} bframes=0 b-adapt=false threads=1 rc-lookahead=0 "
         "sync-lookahead=0 vbv-buf-capacity=1000 "
         "! video/x-h264,profile=constrained-baseline "
         # a queue before the payloader, or the stream's sink warns of an invalid pipeline
@@ -184,6 +189,7 @@ class Feed:
         self.encoder = element.get_by_name("enc")
         self.pipeline = element.get_parent()
         self.last_pts = -1
+        self.key_pts = -(1 << 62)  # the stream's last IDR asked for (the first frame is one)
         self.pushed = 0
         self.task: asyncio.Task | None = None
         self._observe = observe
@@ -211,17 +217,15 @@ class Feed:
         src.add_probe(g.PadProbeType.BUFFER, took_out)
         sink.add_probe(g.PadProbeType.BUFFER, took_in)
 
-    def set_rate(self, fps: int, start: bool = False) -> None:
-        """The stream's nominal frame rate, before its first frame. Without one (JPEG caps carry
-        none) x264 takes the input as variable-rate and holds every frame until the next one
-        arrives: a frame's interval (67 ms at 15 fps) added to every frame's latency. With one,
-        it encodes each frame as it comes; the rate is also what its bitrate is spread over, and
-        each frame keeps its capture time."""
+    def set_rate(self, fps: int) -> None:
+        """The stream's nominal frame rate, before its first frame and when the camera's
+        changes. Without one (JPEG caps carry none) x264 takes the input as variable-rate and
+        holds every frame until the next one arrives: a frame's interval (67 ms at 15 fps) added
+        to every frame's latency. With one, it encodes each frame as it comes; the rate is also
+        what its bitrate is spread over, and each frame keeps its capture time."""
         g = self.gst.Gst
         if self.appsrc is not None:
             self.appsrc.set_property("caps", g.Caps.from_string(f"image/jpeg,framerate={fps}/1"))
-        if start and self.encoder is not None:  # x264 takes it only before it starts
-            self.encoder.set_property("key-int-max", fps)  # an IDR every second
 
     def push(self, enc: Encoded) -> bool:
         """One rendering into the encoder (event loop thread; appsrc is thread-safe); False if
@@ -239,6 +243,9 @@ class Feed:
         pts = int((time.time() if enc.stale else enc.acquired) * 1e9) - base
         if pts <= self.last_pts:
             return False
+        if pts - self.key_pts >= KEY_EVERY * 1e9:  # by the clock, whatever the camera's rate
+            self.key_pts = pts
+            self.key_frame()
         self.last_pts = pts
         buf = g.Buffer.new_wrapped(enc.data)
         buf.pts = pts
@@ -247,7 +254,8 @@ class Feed:
         return True
 
     def key_frame(self) -> None:
-        """An IDR (with SPS/PPS) now: a viewer joined a running stream."""
+        """An IDR (with SPS/PPS) for the next frame: every second, and when a viewer joins a
+        running stream (any thread)."""
         g = self.gst.Gst
         if self.encoder is not None:
             s = g.Structure.new_from_string("GstForceKeyUnit, all-headers=(boolean)true")
@@ -585,7 +593,7 @@ class RtspOutput:
     async def _feed(self, feed: Feed) -> None:
         r = feed.r
         rate = nominal_rate(r.fps, self.hub.fps(r.source))
-        feed.set_rate(rate, start=True)
+        feed.set_rate(rate)
         client = Client("rtsp", r.source, r.spec, "rtsp encoder", r.fps)
         with contextlib.suppress(asyncio.CancelledError):
             async with contextlib.aclosing(self.hub.frames(client)) as frames:
