@@ -91,6 +91,31 @@ def test_slow_client_gets_the_newest_frame_and_counts_what_it_skipped():
     assert dropped == 4
 
 
+def test_frames_passed_over_for_a_fresher_one_count_as_dropped_too():
+    """On a link slower than the camera the viewer may wait for the next capture (hold): the
+    frame it passes over then is a slow-link drop like the ones published during its write."""
+
+    async def scenario() -> tuple[list[int], int]:
+        async with hub_for_test() as (hub, _):
+            c = client()
+            asked: list[float] = []
+            c.hold = lambda age: asked.append(age) or 5.0  # wait for the next capture
+            frames = hub.frames(c)
+            hub.publish(frame(1))
+            got = await take(frames, 1)
+            for seq in range(2, 5):  # three frames while the client writes #1
+                hub.publish(frame(seq))
+            later = asyncio.ensure_future(take(frames, 1))
+            await async_wait_until(lambda: asked, what="the hub holding for a fresher capture")
+            hub.publish(frame(5))  # ... which comes
+            got += await later
+            return [e.seq for e in got], c.frames_dropped
+
+    seqs, dropped = run(scenario())
+    assert seqs == [1, 5]
+    assert dropped == 3
+
+
 def test_passthrough_hands_every_client_the_same_bytes_and_renders_nothing():
     async def scenario() -> tuple[list[bytes], bytes, int]:
         async with hub_for_test() as (hub, executor):

@@ -432,15 +432,17 @@ class Hub:
                             await self._hold(variant, client.hold)
                         enc, taken = variant.latest, variant.version
                         assert enc is not None
-                        client.writing = taken
-                        yield enc
-                        client.writing = 0
-                        if not min_gap and variant.version > taken + 1:
-                            skipped = variant.version - taken - 1
+                        if seen and not min_gap and taken > seen + 1:
+                            # counted as taken: frames passed over while the link was busy
+                            # with the last, and while waiting for a fresher one (hold)
+                            skipped = taken - seen - 1
                             client.frames_dropped += skipped
                             self.metrics.frames_dropped.labels(
                                 source=source, reason="slow_link"
                             ).inc(skipped)
+                        client.writing = taken
+                        yield enc
+                        client.writing = 0
                         seen = taken
                 finally:
                     self._unsubscribe(source, variant)

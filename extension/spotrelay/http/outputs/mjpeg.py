@@ -47,10 +47,11 @@ def add_routes(app: web.Application, streams: Streams) -> None:
         await resp.prepare(request)
 
         async def send(enc: Encoded, client: Client) -> int:
-            if client.ladder:  # adaptive: says which rendering (the same for all its viewers)
+            if client.ladder:  # adaptive: says which rendering, and its step on this viewer's
+                # ladder (viewers with other ceilings may share the rendering at another step)
                 now = stream.rendering(client)
                 extra = f"X-Rendering: {now['rendering']}\r\nX-Adapt-Step: {now['step']}\r\n"
-                data = enc.framed("mjpeg-adapt", lambda e: part(e, extra))
+                data = enc.framed(f"mjpeg-adapt-{now['step']}", lambda e: part(e, extra))
             else:
                 data = enc.framed("mjpeg", part)
             await resp.write(data)

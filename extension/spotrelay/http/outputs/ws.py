@@ -44,7 +44,9 @@ def add_routes(app: web.Application, streams: Streams) -> None:
         source = source_or_error(request, hub)
         ask = parse_request(request.query, snapshot=False)
         client = stream.viewer(streams, request, "ws", source, ask)
-        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1024)
+        # no permessage-deflate: JPEG does not compress, and deflating each frame for each viewer
+        # cost about a millisecond per 70 KB frame (browsers ask for it by default)
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=1024, compress=False)
         await ws.prepare(request)
         reader = asyncio.create_task(_read(ws))
 
