@@ -7,6 +7,7 @@ relay runs without RTSP and these tests skip, except in CI, where they fail.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -51,7 +52,10 @@ CAMERA = "frontleft_fisheye_image"
 def rtsp(sim):
     port = free_port()
     r = Relay.for_sim(
-        sim, "--rtsp-port", str(port), "--token", TOKEN, "--client-timeout", "3", covered=True
+        sim,
+        *("--rtsp-port", str(port), "--token", TOKEN),
+        *("--client-timeout", "3", "--idle-timeout", "3"),
+        covered=True,
     ).wait_ready()
     r.rtsp = f"rtsp://127.0.0.1:{port}"  # type: ignore[attr-defined]
     r.headers = {"Authorization": f"Bearer {TOKEN}"}  # type: ignore[attr-defined]
@@ -256,6 +260,75 @@ def test_a_client_that_stops_reading_is_dropped_within_the_client_timeout(rtsp):
         sock.close()
     print(f"closed {took:.1f} s after PLAY")
     assert took < 3 + 6  # --client-timeout, plus the seconds its buffers take to fill
+
+
+def _request(sock: socket.socket, line: str, cseq: int, *headers: str) -> str:
+    auth = base64.b64encode(f"spotrelay:{TOKEN}".encode()).decode()
+    head = "".join(f"{h}\r\n" for h in (f"CSeq: {cseq}", f"Authorization: Basic {auth}", *headers))
+    sock.sendall(f"{line} RTSP/1.0\r\n{head}\r\n".encode())
+    return _rtsp_reply(sock)
+
+
+def test_a_setup_without_describe_is_admitted_like_any_client_and_counted_once(rtsp):
+    """RTSP does not require a DESCRIBE: a client that goes straight to SETUP meets the same
+    limits and shows in the state and metrics; pausing and playing again (a player's pause
+    button) is still one client."""
+    port = int(rtsp.rtsp.split(":")[-1])
+    source = "frontright_fisheye_image"
+    media = f"rtsp://127.0.0.1:{port}/{source}"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        bad = _request(
+            sock,
+            f"SETUP rtsp://127.0.0.1:{port}/{source}/stream=0?width=5",
+            1,
+            "Transport: RTP/AVP/TCP;unicast;interleaved=0-1",
+        )
+        assert bad.startswith("RTSP/1.0 400"), bad
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        setup = _request(
+            sock,
+            f"SETUP {media}/stream=0",
+            1,
+            "Transport: RTP/AVP/TCP;unicast;interleaved=0-1",
+        )
+        assert setup.startswith("RTSP/1.0 200"), setup
+        session = next(
+            line.split(":", 1)[1].split(";")[0].strip()
+            for line in setup.splitlines()
+            if line.lower().startswith("session")
+        )
+        for cseq, method in enumerate(("PLAY", "PAUSE", "PLAY"), start=2):
+            sock.sendall(
+                f"{method} {media} RTSP/1.0\r\nCSeq: {cseq}\r\nSession: {session}\r\n"
+                f"Authorization: Basic {base64.b64encode(f'spotrelay:{TOKEN}'.encode()).decode()}"
+                "\r\n\r\n".encode()
+            )
+
+        def encoding() -> dict | None:
+            s = state(rtsp)
+            fed = [c for c in s["clients"] if c["kind"] == "rtsp" and c["source"] == source]
+            mine = [c for c in s["rtsp"]["clients"] if c["source"] == source]
+            return s if mine and fed and fed[0]["frames_sent"] > 15 else None
+
+        wait_until(encoding, 20, "the client listed, its encoder fed")
+        assert metric(rtsp, "spotrelay_rtsp_clients", source=source) == 1
+    wait_until(lambda: metric(rtsp, "spotrelay_rtsp_clients", source=source) == 0, 20, "it left")
+    assert "Traceback" not in rtsp.log()
+
+
+def test_a_connection_that_never_plays_is_closed_and_its_slot_given_back(rtsp):
+    """Connected and silent, or a DESCRIBE and nothing more: GStreamer alone keeps it for ever,
+    holding a slot of --max-clients (and any encoder the DESCRIBE started)."""
+    port = int(rtsp.rtsp.split(":")[-1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as idle:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as described:
+            reply = _request(described, f"DESCRIBE {rtsp.rtsp}/back_depth?width=200", 1)
+            assert reply.startswith("RTSP/1.0 200"), reply
+            started = time.monotonic()
+            assert described.recv(1024) == b""  # closed by the relay
+            assert idle.recv(1024) == b""
+        took = time.monotonic() - started
+    assert took < 3 + 2, took  # --idle-timeout, and the watch's half-second look
 
 
 def test_vlc_plays_it(rtsp):

@@ -209,6 +209,7 @@ class Relay:
                     token=cfg.token,
                     client_timeout=cfg.client_timeout,
                     max_encoders=cfg.rtsp_max_encoders,
+                    idle_timeout=cfg.idle_timeout,
                     tls_files=tls_files,
                 )
             except rtsp_engine.Unavailable as exc:

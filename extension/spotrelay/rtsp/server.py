@@ -171,6 +171,7 @@ class Viewer:
     source: str | None = None  # after its DESCRIBE
     rendering: Rendering | None = None
     refused: str | None = None  # a slot was not given: answered 503
+    played: bool = False  # it sent a PLAY: a connection that never does is closed in time
     token_ok: bool = False  # gave ?token= (only DESCRIBE carries the query)
     acked: int = 0
     progress_at: float = field(default_factory=time.monotonic)
@@ -280,6 +281,7 @@ class RtspOutput:
         token: str | None,
         client_timeout: float,
         max_encoders: int,
+        idle_timeout: float | None = None,
         tls_files: tuple[Any, Any] | None = None,
     ):
         """``tls_files``: (certificate, key): RTSPS (``rtsps://``) instead of RTSP."""
@@ -287,6 +289,8 @@ class RtspOutput:
         self.tls_files = tls_files
         self.bind, self.port, self.token = bind, port, token
         self.client_timeout, self.max_encoders = client_timeout, max_encoders
+        # a connection that has not played after this long is closed (--idle-timeout, as HTTP)
+        self.idle_after = idle_timeout or client_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self.feeds: dict[str, Feed] = {}  # media key -> feed (GLib threads write, under lock)
         self.viewers: dict[int, Viewer] = {}
@@ -450,14 +454,30 @@ class RtspOutput:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
         def describing(client: Any, ctx: Any) -> Any:
+            """Admission, at DESCRIBE: a slot, a camera, good parameters, an encoder."""
             codes = g.GstRtsp.RTSPStatusCode
             if viewer.refused:
                 return codes.SERVICE_UNAVAILABLE
             source = (ctx.uri.abspath if ctx.uri is not None else "/").strip("/")
+            return admit(source, ctx.uri.query if ctx.uri is not None else None)
+
+        def setting_up(client: Any, ctx: Any) -> Any:
+            """RTSP does not require a DESCRIBE first: a SETUP without one is admitted here
+            (its URL is the media's, ``/<source>/stream=0``), or it would pass every limit."""
+            codes = g.GstRtsp.RTSPStatusCode
+            if viewer.refused:
+                return codes.SERVICE_UNAVAILABLE
+            if viewer.source is not None:
+                return codes.OK  # admitted at its DESCRIBE
+            path = (ctx.uri.abspath if ctx.uri is not None else "/").strip("/")
+            return admit(path.split("/")[0], ctx.uri.query if ctx.uri is not None else None)
+
+        def admit(source: str, query: str | None) -> Any:
+            codes = g.GstRtsp.RTSPStatusCode
             if source not in self.hub.sources:
                 return codes.NOT_FOUND
             try:
-                r = rendering(self.hub, source, ctx.uri.query)
+                r = rendering(self.hub, source, query)
             except BadParam as exc:
                 log.info("RTSP: %s", exc.message)
                 return codes.BAD_REQUEST
@@ -474,11 +494,13 @@ class RtspOutput:
             session.set_property("extra-timeout", 0)
 
         def playing(client: Any, ctx: Any) -> None:
+            viewer.played = True
             with self._lock:
                 feed = self.feeds.get(viewer.rendering.key) if viewer.rendering else None
             if feed is not None:
                 feed.key_frame()
-            if viewer.source and self.loop is not None:
+            # counted once per connection (a player's pause sends PLAY again to resume)
+            if viewer.source and self.loop is not None and -1 not in viewer.handlers:
                 self.loop.call_soon_threadsafe(self._gauge, viewer.source, +1)
                 viewer.handlers.append(-1)  # marks it counted in the gauge
 
@@ -498,6 +520,7 @@ class RtspOutput:
 
         viewer.handlers = [
             client.connect("pre-describe-request", describing),
+            client.connect("pre-setup-request", setting_up),
             client.connect("new-session", session),
             client.connect("play-request", playing),
             client.connect("closed", closed),
@@ -556,6 +579,12 @@ class RtspOutput:
         with self._lock:
             viewers = list(self.viewers.values())
         for v in viewers:
+            if v.client is not None and not v.played and time.time() - v.since > self.idle_after:
+                # never played (idle, or a DESCRIBE and nothing more): GStreamer keeps such a
+                # connection for ever, with its slot and any encoder its DESCRIBE started
+                log.info("RTSP client %d: closing, nothing played in %.0f s", v.id, self.idle_after)
+                v.client.close()
+                continue
             info = _tcp_info(v.fd) if v.client is not None else None
             if info is None:
                 continue
@@ -598,7 +627,10 @@ class RtspOutput:
         with contextlib.suppress(asyncio.CancelledError):
             async with contextlib.aclosing(self.hub.frames(client)) as frames:
                 async for enc in frames:
-                    if feed.push(enc) and feed.pushed % RATE_CHECK_EVERY == 0:
+                    if not feed.push(enc):
+                        continue
+                    self.hub.sent(client, enc, 0)  # its frames and rate in /api/state
+                    if feed.pushed % RATE_CHECK_EVERY == 0:
                         now = nominal_rate(r.fps, self.hub.fps(r.source), rate)
                         if now != rate:
                             log.info("RTSP encoder for %s: %d fps now (was %d)", r.key, now, rate)
@@ -650,7 +682,10 @@ def _factory_class(g: Gst) -> type:
                     return None  # not shared; its DESCRIBE is refused anyway
 
             def do_create_element(self, url):
-                return self.output._create(self, url)
+                try:
+                    return self.output._create(self, url)
+                except (BadParam, KeyError):  # refused at DESCRIBE or SETUP already
+                    return None
 
         _classes["factory"] = Factory
     return _classes["factory"]
