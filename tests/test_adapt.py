@@ -143,31 +143,6 @@ def test_an_adaptive_viewers_ladder_is_reserved_so_its_steps_never_meet_the_limi
     assert steps == {s: (1.0 if s == n - 1 else 0.0) for s in range(n)}
 
 
-def test_at_a_step_too_small_to_measure_it_still_tries_the_step_above():
-    """Down at the bottom after a dip, frames of a couple of segments go through in one go and
-    measure nothing (the link's rate is None): the viewer must not stay tiny for good. It tries
-    the step above after a while; a link that got faster keeps it, a slow one sends it back."""
-    clock = Clock()
-    adapter = adapt.Adapter(STEPS, clock)
-    run(adapter, clock, rate=40_000, frames=20)
-    bottom = len(STEPS) - 1
-    assert adapter.step == bottom
-    tries = []
-    for _ in range(15 * 60):  # a minute on a link still slow, measured only above the bottom
-        step = adapter.step
-        adapter.delivered(step, SIZES[step], None if step == bottom else 40_000, 15.0)
-        if adapter.step < step:
-            tries.append(clock.now)
-        clock.now += 1 / 15
-    assert 2 <= len(tries) <= 5, tries  # tried, ever more rarely, and sent back each time
-    assert adapter.step == bottom or clock.now - tries[-1] < 1
-    for _ in range(15 * 60):  # now the link is fast: measured as such once frames are larger
-        step = adapter.step
-        adapter.delivered(step, SIZES[step], None if step == bottom else 10_000_000, 15.0)
-        clock.now += 1 / 15
-    assert adapter.step == 0
-
-
 def test_a_step_that_did_not_hold_is_tried_again_ever_more_rarely():
     """A link shared with others looks free between their frames, so the step above looks fine
     until it is taken: each failed try doubles the wait before the next (a flapping viewer

@@ -53,20 +53,6 @@ def test_small_frames_and_instant_deliveries_do_not_make_up_a_rate():
     assert qc.taken(Reading(0, 0.0, MSS)) and qc.rate is None
 
 
-def test_a_measure_stands_for_the_link_only_a_few_seconds():
-    """Frames too small to time say nothing of a link that got faster: the old rate goes."""
-    clock = Clock()
-    qc = QueueControl(clock)
-    qc.wrote(30_000)
-    clock.now += 1.0  # 30 KB/s
-    assert qc.taken(Reading(0, 0.0, MSS)) and qc.rate == pytest.approx(30_000)
-    for _ in range(int(link_mod.RATE_KEPT * 15) + 1):  # tiny frames at 15 fps
-        qc.wrote(2_000)
-        assert qc.taken(Reading(0, 0.0, MSS))
-        clock.now += 1 / 15
-    assert qc.rate is None
-
-
 def test_the_rate_is_the_median_of_recent_frames_so_one_stall_does_not_move_it():
     clock = Clock()
     qc = QueueControl(clock)

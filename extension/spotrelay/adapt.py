@@ -96,18 +96,13 @@ class Adapter:
         bytes/s; frames come at ``fps``. Returns the step for the next frames."""
         old = self._sizes.measured.get(step)
         self._sizes.measured[step] = nbytes if old is None else 0.7 * old + 0.3 * nbytes
-        if step != self.step or fps <= 0:
+        if step != self.step or not rate or fps <= 0:
             return self.step
+        budget = rate / fps  # bytes a frame may take for the link to keep up with the camera
         now = self.clock()
         if self._went_up is not None and now - self._went_up[1] >= KEPT:
             self._failed.pop(self._went_up[0], None)  # it held: that step is fine again
             self._went_up = None
-        if not rate:
-            # Nothing measured lately: this step's frames are too small to time (a link takes
-            # a couple of segments in one go, however slow it is). Try the step above now and
-            # then, as after a measure that says it fits: its frames will tell.
-            return self._up(now) if step > 0 else self.step
-        budget = rate / fps  # bytes a frame may take for the link to keep up with the camera
         if self._sizes.measured[step] > FIT * budget:
             self._misfits += 1
             self._up_since = None
@@ -123,17 +118,12 @@ class Adapter:
         if above is None or above > UP_FIT * budget:
             self._up_since = None
             return self.step
-        return self._up(now)
-
-    def _up(self, now: float) -> int:
-        """One step up once the room has lasted: UP_AFTER, doubled for each time the step above
-        was tried and did not hold."""
-        wait = min(UP_AFTER_MAX, UP_AFTER * 2 ** self._failed.get(self.step - 1, 0))
+        wait = min(UP_AFTER_MAX, UP_AFTER * 2 ** self._failed.get(step - 1, 0))
         if self._up_since is None:
             self._up_since = now
         elif now - self._up_since >= wait:
             self._up_since = None
-            self.step -= 1
+            self.step = step - 1
             self._went_up = (self.step, now)
         return self.step
 

@@ -52,9 +52,6 @@ SLACK_SEGMENTS = 2  # unacknowledged segments allowed: a receiver may delay its 
 HOLD_FRACTION = 0.3  # wait for the next capture if it comes within this share of a transfer
 LOOK_MIN, LOOK_MAX = 0.001, 0.020  # between looks at a frame still in flight
 RATE_SAMPLES = 8  # frames the delivery rate is measured over
-RATE_KEPT = 5.0  # seconds a measure stands for the link: frames of a couple of segments, which
-# a link takes in one go however slow it is, measure nothing, and an old measure must not hold
-# a viewer at a small step for good
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +74,6 @@ class QueueControl:
         self._sent_at: float | None = None
         self._bytes = 0
         self._samples: deque[float] = deque(maxlen=RATE_SAMPLES)  # bytes/s, one per frame
-        self._sampled_at = -RATE_KEPT  # when the newest of them was measured
         self.transfer = 0.0  # seconds the last frame took, write to acknowledgement
         self._last: Reading | None = None  # the last reading (None: a frame just written) ...
         self._progress_at = clock()  # ... and when the link last took a byte
@@ -107,7 +103,6 @@ class QueueControl:
             busy = self.transfer - reading.min_rtt  # what the link spent carrying the bytes
             if self._bytes >= reading.mss and busy > 0.001:
                 self._samples.append(self._bytes / busy)
-                self._sampled_at = self.clock()
             self._sent_at = None
         return True
 
@@ -121,8 +116,8 @@ class QueueControl:
     @property
     def rate(self) -> float | None:
         """What the link delivered per second while carrying recent frames (median), or None
-        when no frame of the last RATE_KEPT seconds was large enough to tell."""
-        if not self._samples or self.clock() - self._sampled_at > RATE_KEPT:
+        before a frame large enough to tell."""
+        if not self._samples:
             return None
         ordered = sorted(self._samples)
         return ordered[len(ordered) // 2]
