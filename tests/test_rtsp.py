@@ -158,11 +158,7 @@ def test_a_udp_setup_is_answered_461_at_once(rtsp):
         sock.sendall(describe.encode())
         reply = _rtsp_reply(sock)
         assert reply.startswith("RTSP/1.0 200"), reply
-        base = next(
-            line.split(":", 1)[1].strip()
-            for line in reply.splitlines()
-            if line.lower().startswith("content-base")
-        )
+        base = _header(reply, "content-base")
         setup = (
             f"SETUP {base}stream=0 RTSP/1.0\r\nCSeq: 2\r\n"
             "Transport: RTP/AVP;unicast;client_port=40000-40001\r\n\r\n"
@@ -172,6 +168,15 @@ def test_a_udp_setup_is_answered_461_at_once(rtsp):
         answer = _rtsp_reply(sock)
         assert answer.startswith("RTSP/1.0 461"), answer
         assert time.monotonic() - start < 1.0
+
+
+def _header(reply: str, name: str) -> str:
+    """The value of header ``name`` (any case) in an RTSP reply."""
+    return next(
+        line.split(":", 1)[1].strip()
+        for line in reply.splitlines()
+        if line.lower().startswith(name.lower() + ":")
+    )
 
 
 def _rtsp_reply(sock: socket.socket) -> str:
@@ -231,21 +236,13 @@ def test_a_client_that_stops_reading_is_dropped_within_the_client_timeout(rtsp):
         sock.settimeout(10)
         sock.sendall(f"DESCRIBE {url} RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode())
         reply = _rtsp_reply(sock)
-        base = next(
-            line.split(":", 1)[1].strip()
-            for line in reply.splitlines()
-            if line.lower().startswith("content-base")
-        )
+        base = _header(reply, "content-base")
         sock.sendall(
             f"SETUP {base}stream=0 RTSP/1.0\r\nCSeq: 2\r\n"
             "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n".encode()
         )
         setup = _rtsp_reply(sock)
-        session = next(
-            line.split(":", 1)[1].split(";")[0].strip()
-            for line in setup.splitlines()
-            if line.lower().startswith("session")
-        )
+        session = _header(setup, "session").split(";")[0]
         sock.sendall(f"PLAY {base} RTSP/1.0\r\nCSeq: 3\r\nSession: {session}\r\n\r\n".encode())
         started = time.monotonic()
         wait_until(
@@ -262,10 +259,15 @@ def test_a_client_that_stops_reading_is_dropped_within_the_client_timeout(rtsp):
     assert took < 3 + 6  # --client-timeout, plus the seconds its buffers take to fill
 
 
-def _request(sock: socket.socket, line: str, cseq: int, *headers: str) -> str:
+def _send(sock: socket.socket, line: str, cseq: int, *headers: str) -> None:
+    """One request with the token as Basic credentials; its reply is left unread."""
     auth = base64.b64encode(f"spotrelay:{TOKEN}".encode()).decode()
     head = "".join(f"{h}\r\n" for h in (f"CSeq: {cseq}", f"Authorization: Basic {auth}", *headers))
     sock.sendall(f"{line} RTSP/1.0\r\n{head}\r\n".encode())
+
+
+def _request(sock: socket.socket, line: str, cseq: int, *headers: str) -> str:
+    _send(sock, line, cseq, *headers)
     return _rtsp_reply(sock)
 
 
@@ -292,17 +294,9 @@ def test_a_setup_without_describe_is_admitted_like_any_client_and_counted_once(r
             "Transport: RTP/AVP/TCP;unicast;interleaved=0-1",
         )
         assert setup.startswith("RTSP/1.0 200"), setup
-        session = next(
-            line.split(":", 1)[1].split(";")[0].strip()
-            for line in setup.splitlines()
-            if line.lower().startswith("session")
-        )
+        session = _header(setup, "session").split(";")[0]
         for cseq, method in enumerate(("PLAY", "PAUSE", "PLAY"), start=2):
-            sock.sendall(
-                f"{method} {media} RTSP/1.0\r\nCSeq: {cseq}\r\nSession: {session}\r\n"
-                f"Authorization: Basic {base64.b64encode(f'spotrelay:{TOKEN}'.encode()).decode()}"
-                "\r\n\r\n".encode()
-            )
+            _send(sock, f"{method} {media}", cseq, f"Session: {session}")
 
         def encoding() -> dict | None:
             s = state(rtsp)

@@ -126,15 +126,16 @@ def pipeline(r: Rendering) -> str:
     a stream cannot change size under its clients, and a pipeline that could not negotiate the
     new size would end. ``videoscale`` passes frames of the right size through untouched."""
     w, h = r.size
-    even = f"video/x-raw,format=I420,width={w // 2 * 2},height={max(2, h // 2 * 2)}"
     # square pixels: videoscale then keeps a new picture's shape with borders, not a pixel
     # aspect ratio that players which ignore it (OpenCV...) would show squashed
-    even += ",pixel-aspect-ratio=1/1"
-    scale = "videoscale ! "
+    size = (
+        f"video/x-raw,format=I420,width={w // 2 * 2},height={max(2, h // 2 * 2)},"
+        "pixel-aspect-ratio=1/1"
+    )
     return (
         "( appsrc name=src is-live=true format=time do-timestamp=false block=false "
         "max-buffers=3 leaky-type=downstream caps=image/jpeg "
-        f"! jpegdec ! videoconvert ! {scale}{even} "
+        f"! jpegdec ! videoconvert ! videoscale ! {size} "
         f"! x264enc name=enc tune=zerolatency speed-preset={PRESET} bitrate={r.bitrate} "
         f"key-int-max={KEY_INT_MAX} bframes=0 b-adapt=false threads=1 rc-lookahead=0 "
         "sync-lookahead=0 vbv-buf-capacity=1000 "
@@ -454,26 +455,21 @@ class RtspOutput:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
         def describing(client: Any, ctx: Any) -> Any:
-            """Admission, at DESCRIBE: a slot, a camera, good parameters, an encoder."""
-            codes = g.GstRtsp.RTSPStatusCode
-            if viewer.refused:
-                return codes.SERVICE_UNAVAILABLE
-            source = (ctx.uri.abspath if ctx.uri is not None else "/").strip("/")
-            return admit(source, ctx.uri.query if ctx.uri is not None else None)
+            return admit(*_target(ctx))
 
         def setting_up(client: Any, ctx: Any) -> Any:
             """RTSP does not require a DESCRIBE first: a SETUP without one is admitted here
             (its URL is the media's, ``/<source>/stream=0``), or it would pass every limit."""
+            if viewer.source is not None:
+                return g.GstRtsp.RTSPStatusCode.OK  # admitted at its DESCRIBE
+            path, query = _target(ctx)
+            return admit(path.split("/")[0], query)
+
+        def admit(source: str, query: str | None) -> Any:
+            """A slot, a camera, good parameters, an encoder: or the status that says which not."""
             codes = g.GstRtsp.RTSPStatusCode
             if viewer.refused:
                 return codes.SERVICE_UNAVAILABLE
-            if viewer.source is not None:
-                return codes.OK  # admitted at its DESCRIBE
-            path = (ctx.uri.abspath if ctx.uri is not None else "/").strip("/")
-            return admit(path.split("/")[0], ctx.uri.query if ctx.uri is not None else None)
-
-        def admit(source: str, query: str | None) -> Any:
-            codes = g.GstRtsp.RTSPStatusCode
             if source not in self.hub.sources:
                 return codes.NOT_FOUND
             try:
@@ -655,6 +651,13 @@ class RtspOutput:
         if self.loop is not None:
             refused = self.metrics.requests_refused.labels(reason=reason)
             self.loop.call_soon_threadsafe(refused.inc)
+
+
+def _target(ctx: Any) -> tuple[str, str | None]:
+    """The path (without its slashes) and the query a request's URL names."""
+    if ctx.uri is None:
+        return "", None
+    return ctx.uri.abspath.strip("/"), ctx.uri.query
 
 
 def _same(given: str, token: str) -> bool:
