@@ -119,10 +119,15 @@ def test_captures_are_on_a_jittered_grid_and_available_after_a_delay(robot, sim)
         asked_at.append(before)
     stamps = sorted(stamps)
     assert 20 <= len(stamps) <= 24
+    # A busy machine can hold this loop past a whole period, so a capture may be missed: the
+    # gap is then two periods. Each gap is judged against the whole number of periods it spans.
     gaps = np.diff(stamps)
-    assert abs(np.median(gaps) - 1 / 15) < 0.002
-    assert gaps.min() < 1 / 15 - 0.0005 and gaps.max() > 1 / 15 + 0.0005  # jitter
-    assert gaps.max() < 1 / 15 + 0.0045
+    periods = np.rint(gaps * 15)
+    assert (periods >= 1).all() and (periods == 1).mean() > 0.8
+    off_grid = gaps - periods / 15
+    assert abs(np.median(off_grid)) < 0.002
+    assert off_grid.min() < -0.0005 and off_grid.max() > 0.0005  # jitter
+    assert np.abs(off_grid).max() < 0.0045
     # no capture is returned before it is available (25 ms after acquisition)
     assert max(stamps) < max(asked_at) - 0.025 + 0.005
     img = cv2.imdecode(
