@@ -15,6 +15,20 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("spotrelay")
 
+GRPC_EXPERIMENTS = "-event_engine_client"
+
+
+def tune_grpc() -> None:
+    """Before gRPC's core starts: client calls on gRPC's classic I/O instead of its EventEngine.
+
+    With the EventEngine (grpc 1.85's default), each reply is read on one of its threads, handed
+    to the completion queue's poller thread, then to the event loop: three threads and about
+    five futex waits a frame. On the classic path the poller thread reads the socket itself.
+    Measured with six passthrough viewers: futex calls 4,400 -> 400 and context switches
+    8,000 -> 4,100 in 10 s, CPU -10 %. Only the client's I/O changes; calls, statuses and
+    errors are the same. An operator's own ``GRPC_EXPERIMENTS`` wins (empty: gRPC's default)."""
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+
 
 async def supervise(
     name: str,
