@@ -407,7 +407,9 @@ def test_a_camera_that_stops_fails_the_tick_and_other_streams_go_on(client, rela
     assert resp.status == FAILURE and f"no frame from {source} within 2 s" in resp.error_message
     client.teardown_session(session)
     watcher.join(10)
-    assert distinct_fps(watched) > 12  # the other cameras never noticed
+    # the other cameras never noticed: over 4 s, above 10 fps whatever captures a busy machine
+    # makes the poller miss (a stall that held up the other cameras costs them seconds)
+    assert distinct_fps(watched) > 10
     assert len(sidecars(folder, before)) == 1 and not list(folder.glob("*.tmp"))
 
 
@@ -425,7 +427,8 @@ def test_a_full_disk_fails_the_tick_and_leaves_nothing(client, relay, folder, mo
     resp, _ = tick_until_done(client, session, p)
     assert resp.status == FAILURE and "No space left on device" in resp.error_message
     assert {p.name for p in folder.iterdir()} == names  # not a byte of it stayed
-    assert distinct_fps(collect(relay.url + "/stream/frontright_fisheye_image", 1.0)) > 12
+    # the camera streams on (3 s, above 10 fps: a busy machine makes the poller miss a few)
+    assert distinct_fps(collect(relay.url + "/stream/frontright_fisheye_image", 3.0)) > 10
     monkeypatch.undo()  # space again: the next run of the node succeeds
     client.stop(session)
     resp, _ = tick_until_done(client, session, p)

@@ -143,8 +143,10 @@ def test_bad_statuses_are_counted_per_source_and_never_lose_the_robot(relay, cle
             10,
             f"{label} counted",
         )
-        other = collect(relay.url + "/stream/left_fisheye_image", seconds=1.0)
-        assert distinct_fps(other) > 12  # the other cameras go on
+        # the other cameras go on: above 10 fps over 3 s, whatever captures a busy machine makes
+        # the poller miss (a status that failed the whole batch would stop them)
+        other = collect(relay.url + "/stream/left_fisheye_image", seconds=3.0)
+        assert distinct_fps(other) > 10
         sim.set_status(source, None)
         assert any(not p.stale for p in stream)  # and this one recovers
         stream.close()
