@@ -90,7 +90,9 @@ def test_services_need_a_token(sim):
 def test_time_sync_recovers_the_robots_clock_skew(robot, sim):
     robot.time_sync.wait_for_sync(timeout_sec=10)
     skew = robot.time_sync.get_robot_clock_skew()
-    assert abs(skew.seconds + skew.nanos * 1e-9 - sim.clock_skew) < 0.01
+    # within 0.1 s of the robot's 2.5 s: round trips on a busy machine blur the estimate by
+    # milliseconds, a skew not recovered (or its sign wrong) is seconds off
+    assert abs(skew.seconds + skew.nanos * 1e-9 - sim.clock_skew) < 0.1
 
 
 def test_sources_look_like_spots(robot):
@@ -105,31 +107,35 @@ def test_sources_look_like_spots(robot):
     assert (sources["hand_depth"].cols, sources["hand_depth"].rows) == (224, 171)
 
 
-def test_captures_are_on_a_jittered_grid_and_available_after_a_delay(robot, sim):
+def test_captures_are_on_a_jittered_grid_and_available_after_a_delay(robot):
     """GetImage returns the newest capture available when the request arrives: within a period
     the same capture; over a second ~15 distinct ones, each a little off the 15 Hz grid."""
     client = robot.ensure_client("image")
     request = [req("hand_color_image", quality_percent=75, image_format=I.FORMAT_JPEG)]
-    stamps = set()
-    asked_at = []
+    seen = []  # (acquisition, when the request reached the robot), both on the robot's clock
     end = time.time() + 1.5
     while time.time() < end:
-        before = time.time() + sim.clock_skew
-        stamps.add(stamp(client.get_image(request)[0]))
-        asked_at.append(before)
-    stamps = sorted(stamps)
-    assert 20 <= len(stamps) <= 24
+        whole = client.get_image_async(request).original_future.result()
+        arrived = whole.header.request_received_timestamp
+        seen.append((stamp(whole.image_responses[0]), arrived.seconds + arrived.nanos * 1e-9))
+    # The newest capture available when each request arrived: 25 ms after its acquisition or
+    # later, and not a period older than it need be (the next capture was not available yet).
+    # Judged on the robot's own stamps: how long a request took to get there does not matter.
+    for acquired, arrived in seen:
+        assert acquired + 0.025 <= arrived + 1e-6, (acquired, arrived)
+        assert arrived - acquired < 0.025 + 1 / 15 + 0.0045, (acquired, arrived)
+    stamps = sorted({acquired for acquired, _ in seen})
+    span = seen[-1][1] - seen[0][1]  # the requests' span: at most 15 new captures a second
     # A busy machine can hold this loop past a whole period, so a capture may be missed: the
     # gap is then two periods. Each gap is judged against the whole number of periods it spans.
+    assert 0.6 * 15 * span <= len(stamps) <= 15 * span + 2, (len(stamps), span)
     gaps = np.diff(stamps)
     periods = np.rint(gaps * 15)
-    assert (periods >= 1).all() and (periods == 1).mean() > 0.8
+    assert (periods >= 1).all() and (periods == 1).mean() > 0.5
     off_grid = gaps - periods / 15
     assert abs(np.median(off_grid)) < 0.002
     assert off_grid.min() < -0.0005 and off_grid.max() > 0.0005  # jitter
     assert np.abs(off_grid).max() < 0.0045
-    # no capture is returned before it is available (25 ms after acquisition)
-    assert max(stamps) < max(asked_at) - 0.025 + 0.005
     img = cv2.imdecode(
         np.frombuffer(client.get_image(request)[0].shot.image.data, np.uint8), cv2.IMREAD_COLOR
     )
@@ -146,8 +152,10 @@ def test_rpc_latency_is_split_and_stamped(robot, clean_sim):
     took = time.time() - start
     received = whole.header.request_received_timestamp
     arrived = received.seconds + received.nanos * 1e-9 - sim.clock_skew
-    assert 0.2 <= took < 0.3
-    assert 0.09 < arrived - start < 0.15  # the robot saw it half a round trip later
+    # the whole round trip at least (a busy machine may add to it), split in half: the robot
+    # saw the request 0.1 s after it was sent and answered 0.1 s before the answer came
+    assert 0.2 <= took < 1.2
+    assert arrived - start >= 0.099 and (start + took) - arrived >= 0.099, (start, arrived, took)
 
 
 def test_depth_rle_matches_raw_and_has_no_data_as_0_and_65535(robot):
