@@ -212,7 +212,10 @@ def test_prometheus_rate_matches_what_clients_received(relay, prometheus_server)
     rate = promql(prometheus_server, query, at)
     assert got > 8
     print(f"prometheus {rate:.3f}/s, client {got:.3f}/s")
-    assert abs(rate - got) / got < 0.10, (rate, got)
+    # within 20 %: a scrape answered late on a busy machine moves its sample by a frame or two
+    # of the ~50; counting frames not written (the camera's 15/s for this 10 fps client) is 50 %
+    # off, counting each frame twice 100 %
+    assert abs(rate - got) / got < 0.20, (rate, got)
 
 
 # -- latency: time sync applied -------------------------------------------------------------------
@@ -247,7 +250,8 @@ def test_received_latency_is_the_rpc_delay_despite_clock_skew(robots):
     assert n >= 20
     mean = total / n
     print(f"mean received latency {mean * 1000:.1f} ms over {n:.0f} frames")
-    # the way back plus the simulated robot's and the relay's own overheads; a skew not applied
-    # would be off by seconds
-    assert 0.075 <= mean < 0.075 + 0.05, mean
+    # the way back plus the simulated robot's and the relay's own overheads, which a busy
+    # machine stretches; a skew not applied would be 7.3 s off (one estimated without the
+    # round trip, 75 ms off, fails the check on the skew below)
+    assert 0.075 <= mean < 0.075 + 0.5, mean
     assert abs(sample(after, "spotrelay_time_sync_skew_seconds") - 7.3) < 0.05
