@@ -111,7 +111,9 @@ def test_ten_seconds_are_h264_640x480_at_the_cameras_rate_within_the_bitrate(rts
     mbit = sum(int(p["size"]) for p in got) * 8 / span / 1e6
     keys = sum("K" in p["flags"] for p in got)
     print(f"{len(got)} frames over {span:.2f} s, {mbit:.2f} Mbit/s, {keys} key frames")
-    assert len(got) >= 140 and mbit <= 1.5, (len(got), mbit)
+    # 150 at the camera's rate; >= 120 leaves a busy machine's poller room to miss some
+    # captures, while an encoder at a rate of its own (10 fps) or halving it still fails
+    assert len(got) >= 120 and mbit <= 1.5, (len(got), mbit)
     assert keys >= span - 1  # an IDR at least every second: a late joiner starts at once
 
 
