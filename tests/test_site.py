@@ -498,8 +498,11 @@ def test_h264_runs_at_the_cameras_rate(station):
     pts = [t for t in got[0] if t > got[0][0] + 1]  # past the start-up burst
     h264_fps = (len(pts) - 1) / (pts[-1] - pts[0])
     print(f"H.264 {h264_fps:.2f} fps, camera {camera_fps:.2f} fps ({len(pts)} packets)")
-    assert camera_fps > 13
-    assert abs(h264_fps - camera_fps) <= 1.0
+    # The camera at about its 15 Hz (a busy machine's poller misses a few captures, and the
+    # counter's window runs a little past the pull), and H.264 within 2 fps of it: ffmpeg's
+    # own guess, the 25 fps grid, is 10 fps off.
+    assert camera_fps > 12
+    assert abs(h264_fps - camera_fps) <= 2.0
 
 
 @e2e
