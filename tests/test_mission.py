@@ -243,10 +243,11 @@ def test_capture_keeps_the_robots_jpeg_and_the_depth_in_16_bits(client, relay, r
         assert meta["received"] >= meta["mission"]["tick_started"]  # a frame after the tick
         cam = robot.cameras[meta["source"]]
         # the capture time is the frame's: one of the camera's captures, to the microsecond,
-        # and local time is that minus the robot's clock skew
+        # and local time is that minus the robot's clock skew (as time sync estimates it, which
+        # round trips on a busy machine blur by milliseconds; a skew not applied is 2.5 s off)
         k = round((meta["robot_time"] - cam.epoch_t - cam.phase) * cam.rate) + cam.epoch_k
         assert abs(cam.capture_time(k) - meta["robot_time"]) < 1e-6
-        assert abs(meta["robot_time"] - meta["time"] - robot.clock_skew) < 0.02
+        assert abs(meta["robot_time"] - meta["time"] - robot.clock_skew) < 0.1
         data = (folder / meta["file"]).read_bytes()
         if meta["source"] == "frontleft_depth":
             depth = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
