@@ -273,6 +273,37 @@ def _request(sock: socket.socket, line: str, cseq: int, *headers: str) -> str:
     return _rtsp_reply(sock)
 
 
+def test_without_the_token_nothing_is_learnt_about_cameras_or_parameters(rtsp):
+    """A stranger on the LAN gets the same 401 (with the Basic and Digest challenges, so a
+    player that has the token still logs in) whether the camera exists, the parameters are
+    bad or the path is empty: names and limits are told only to a client with the token."""
+    port = int(rtsp.rtsp.split(":")[-1])
+    base = f"rtsp://127.0.0.1:{port}"
+    asked = [
+        f"DESCRIBE {base}/{CAMERA}",
+        f"DESCRIBE {base}/no_such_camera",
+        f"DESCRIBE {base}/{CAMERA}?width=5",
+        f"DESCRIBE {base}/",
+        f"SETUP {base}/no_such_camera/stream=0",
+        f"SETUP {base}/{CAMERA}/stream=0?width=5",
+    ]
+    transport = "Transport: RTP/AVP/TCP;unicast;interleaved=0-1"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for cseq, line in enumerate(asked, start=1):
+            sock.sendall(f"{line} RTSP/1.0\r\nCSeq: {cseq}\r\n{transport}\r\n\r\n".encode())
+            reply = _rtsp_reply(sock)
+            assert reply.startswith("RTSP/1.0 401"), (line, reply)
+            assert _header(reply, "cseq") == str(cseq), (line, reply)  # one reply a request
+            challenges = [x for x in reply.split("\r\n") if x.lower().startswith("www-auth")]
+            assert any("Digest" in c for c in challenges), reply
+            assert any("Basic" in c for c in challenges), reply
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # with the token
+        unknown = _request(sock, f"DESCRIBE {base}/no_such_camera", 1)
+        assert unknown.startswith("RTSP/1.0 404"), unknown
+        bad = _request(sock, f"DESCRIBE {base}/{CAMERA}?width=5", 2)
+        assert bad.startswith("RTSP/1.0 400"), bad
+
+
 def test_a_setup_without_describe_is_admitted_like_any_client_and_counted_once(rtsp):
     """RTSP does not require a DESCRIBE: a client that goes straight to SETUP meets the same
     limits and shows in the state and metrics; pausing and playing again (a player's pause

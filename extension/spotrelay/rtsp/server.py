@@ -26,7 +26,8 @@ What is the relay's and what is GStreamer's:
   never reads, and drops a slow one only after 10 s *and* 100 queued messages); sessions time
   out after ``--client-timeout`` (GStreamer's default is 60 s).
 * **Token:** with ``--token``, RTSP Basic or Digest (user ``spotrelay``, the token as password,
-  as ``rtsp://spotrelay:TOKEN@HOST:PORT/source``), or ``?token=`` in the URL.
+  as ``rtsp://spotrelay:TOKEN@HOST:PORT/source``), or ``?token=`` in the URL; asked before
+  anything else is said about a DESCRIBE or SETUP (``Auth.do_check``).
 
 GStreamer runs its own threads (a GLib main loop here, its clients' and its encoders'); the
 hub and metrics belong to the event loop, and everything crossing over goes through
@@ -402,6 +403,9 @@ class RtspOutput:
     def _auth(self) -> Any:
         g = self.gst
         output = self
+        guarded = g.GstRtsp.RTSPMethod.DESCRIBE | g.GstRtsp.RTSPMethod.SETUP
+        url_check = g.GstRtspServer.RTSP_AUTH_CHECK_URL
+        client_check = g.GstRtspServer.RTSP_AUTH_CHECK_TRANSPORT_CLIENT_SETTINGS
 
         class Auth(g.GstRtspServer.RTSPAuth):
             """Basic or Digest (user ``spotrelay``, the token as password), or ``?token=``."""
@@ -418,6 +422,21 @@ class RtspOutput:
                     ctx.set_token(output._viewer_token)
                     return True
                 return g.GstRtspServer.RTSPAuth.do_authenticate(self, ctx)
+
+            def do_check(self, ctx, check):
+                """DESCRIBE and SETUP without the token: 401 with the challenges, before the
+                hooks that admit them (``_connected``) can answer 404 for a name that is not a
+                camera or 400 for a bad parameter: without the token nothing is learnt."""
+                base = g.GstRtspServer.RTSPAuth
+                if check == url_check and output.token and ctx.method & guarded:
+                    if ctx.token is None:
+                        self.do_authenticate(ctx)  # sets the token if the request has it
+                    if ctx.token is None:
+                        # GStreamer's own 401 and challenges: this check starts by requiring
+                        # an authenticated request, which this one is not
+                        base.do_check(self, ctx, client_check)
+                        return False
+                return base.do_check(self, ctx, check)
 
         auth = Auth()
         if self.tls_files:  # RTSPS on the same port: the RTSP session itself is encrypted
