@@ -22,7 +22,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import argparse
 import contextlib
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -213,13 +212,9 @@ def run(row: str, variant: str, before: str | None, sim: SimProcess, tmp: Path) 
         os.environ.pop("RELAY_UNDER_TEST", None)
     mission_port = free_port()
     args = ["--mission", "--mission-port", str(mission_port), "--captures-dir", str(folder)]
-    preexec = None
-    if row == "6":  # the container's descriptor limit as the issue measured it
-
-        def preexec() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
-
-    relay = Relay.for_sim(sim, *args, preexec_fn=preexec).wait_ready()
+    # row 6: the container's descriptor limit as the issue measured it
+    nofile = 1024 if row == "6" else None
+    relay = Relay.for_sim(sim, *args, nofile=nofile).wait_ready()
     out: dict[str, Any] = {"row": row, "variant": variant}
     robot = robot_client(mission_port)
     viewers = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -66,7 +67,7 @@ class Relay:
         args: list[str],
         env: dict[str, str] | None = None,
         port: int | None = None,
-        preexec_fn=None,
+        nofile: int | None = None,
         code: str | None = None,
         covered: bool = False,
     ):
@@ -74,7 +75,10 @@ class Relay:
         this checkout's (a benchmark's baseline; ``RELAY_UNDER_TEST`` does the same for every
         relay of a run). ``covered``: the process is traced for the test run's coverage report
         (when one is being made): for the code that only runs in a relay process, like the RTSP
-        server. Only where asked, since tracing slows the relay by a sixth."""
+        server. Only where asked, since tracing slows the relay by a sixth. ``nofile``: its
+        descriptor limit, set once it has started (not with ``preexec_fn``: forking a test
+        process whose simulated robot runs gRPC threads can abort the child in gRPC's fork
+        handling before it even execs, which CI once read as the relay crashing)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
@@ -103,8 +107,9 @@ class Relay:
             env=full_env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=preexec_fn,
         )
+        if nofile is not None:  # the relay's descriptor limit, soft and hard
+            resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
         self._log_text: str | None = None
 
     @classmethod

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import resource
 import socket
 import time
 
@@ -154,12 +153,8 @@ def _viewers(r: Relay, source: str) -> int:
     return next(s["clients"] for s in r.json("/api/sources")["sources"] if s["name"] == source)
 
 
-def _few_descriptors() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
-
-
 def test_out_of_descriptors_the_log_stays_short_and_the_relay_recovers(sim):
-    r = Relay.for_sim(sim, "--idle-timeout", "2", preexec_fn=_few_descriptors).wait_ready()
+    r = Relay.for_sim(sim, "--idle-timeout", "2", nofile=96).wait_ready()
     socks = []
     try:
         for _ in range(150):  # more than the relay has descriptors for
