@@ -152,7 +152,7 @@ if docker exec "$cid" sh -c 'touch /opt/spotrelay/x' 2>/dev/null; then
 fi
 say "the root filesystem is read-only"
 
-registered() { docker logs "$cid" 2>&1 | grep -q "registered in the robot's directory"; }
+registered() { grep -q "registered in the robot's directory" <<<"$(docker logs "$cid" 2>&1)"; }
 for _ in $(seq 40); do registered && break; sleep 0.5; done
 registered || { docker logs "$cid" 2>&1 | tail -20; say "FAIL: the Autowalk callback did not register"; exit 1; }
 say "the Autowalk callback registered in the robot's directory"
