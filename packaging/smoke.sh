@@ -140,7 +140,7 @@ gi.require_version("Gst", "1.0")
 from gi.repository import Gst
 Gst.init(None)' 2>&1) || true
 grep -q "Registry cache has not changed" <<<"$registry_log" \
-  || { say "FAIL: GStreamer rescans its plugins as uid 10001 (GST_REGISTRY)"; exit 1; }
+  || { tail -20 <<<"$registry_log"; say "FAIL: GStreamer rescans its plugins as uid 10001 (GST_REGISTRY)"; exit 1; }
 say "GStreamer's registry read from the image; nothing written to /tmp; $(docker stats --no-stream \
   --format '{{.MemUsage}}' "$cid" | sed 's| / | of |') memory in use"
 

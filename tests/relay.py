@@ -108,9 +108,13 @@ class Relay:
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
         )
-        if nofile is not None:  # the relay's descriptor limit, soft and hard
-            resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
         self._log_text: str | None = None
+        if nofile is not None:  # the relay's descriptor limit, soft and hard
+            try:
+                resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
+            except (OSError, ValueError):
+                self.stop()
+                raise
 
     @classmethod
     def for_sim(cls, sim: Any, *extra: str, payload: bool = False, **kw: Any) -> Relay:

@@ -10,6 +10,7 @@ with a gRPC status and details, raise, stall, or send bytes that do not deserial
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent import futures
 
@@ -253,3 +254,22 @@ def test_a_robot_that_is_not_there_fails_as_the_sdk_does(loop, server):
         assert same(gone, ["ok"])[0].__name__ == "ProxyConnectionError"
     finally:
         gone.close()
+
+
+def test_grpc_classic_client_io_is_chosen_before_grpc_loads():
+    """gRPC reads GRPC_EXPERIMENTS once, when imported: the package sets it first, imports no
+    grpc to do so (or the setting would silently stop applying), and leaves an operator's own."""
+    import subprocess
+    import sys
+
+    check = (
+        "import os, sys, spotrelay; "
+        "assert 'grpc' not in sys.modules, 'spotrelay imports grpc before choosing its I/O'; "
+        "print(os.environ['GRPC_EXPERIMENTS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    ours = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert ours.returncode == 0 and ours.stdout.strip() == "-event_engine_client", ours.stderr
+    env["GRPC_EXPERIMENTS"] = ""
+    theirs = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert theirs.returncode == 0 and theirs.stdout.strip() == "", theirs.stderr

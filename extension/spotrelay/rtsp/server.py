@@ -431,10 +431,10 @@ class RtspOutput:
                 if check == url_check and output.token and ctx.method & guarded:
                     if ctx.token is None:
                         self.do_authenticate(ctx)  # sets the token if the request has it
-                    if ctx.token is None:
-                        # GStreamer's own 401 and challenges: this check starts by requiring
-                        # an authenticated request, which this one is not
-                        base.do_check(self, ctx, client_check)
+                    # GStreamer's own 401 and challenges: this check starts by requiring an
+                    # authenticated request, and answers 401 when it is not (were it ever to
+                    # pass, the request goes on as before rather than wait for a reply)
+                    if ctx.token is None and not base.do_check(self, ctx, client_check):
                         return False
                 return base.do_check(self, ctx, check)
 
