@@ -22,7 +22,9 @@ capture is not yet due.
 
 Until the grid is known (first watch, or the camera changed mode) the source is probed at short
 intervals that grow with the silence; a request between grid points every ten seconds checks that
-the camera has not become faster than the grid, and index gaps that all share a factor show it
+the camera has not become faster than the grid, as do any two captures closer together than the
+grid allows (a probe starved by a busy machine can lock on a multiple of the period, and the
+checks may land on that grid's own points), and index gaps that all share a factor show it
 became slower. All times are local epoch seconds; the poller converts robot times first.
 """
 
@@ -46,6 +48,8 @@ RETRIES = 3  # early replies retried per capture
 CHECK_EVERY = 10.0  # seconds between checks for captures between grid points ...
 FIRST_CHECK = 1.0  # ... and the first, soon after locking: a probe that stalled (a busy
 # machine) may have missed every other capture and locked on twice the period
+FASTER = 0.7  # consecutive captures closer than this share of the period: the grid is wrong
+# (capture jitter stays under a sixth of the period either way)
 MAX_INFLIGHT_FLOOR = 3
 FAILED_MAX = 0.5  # the longest wait after a failed request, before the next
 
@@ -246,6 +250,10 @@ class Schedule:
             return Outcome.NEW
         if self.grid is None:
             self._probe(capture, now)
+        elif last is not None and capture - last < FASTER * self.grid.period:
+            # two captures closer than the grid allows: it was learnt on a multiple of the
+            # camera's period (a probe starved by a busy machine) or the camera became faster
+            self._relearn()
         else:
             self._fit(capture, ask, now)
         return Outcome.NEW
