@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from concurrent import futures
 
@@ -259,9 +261,6 @@ def test_a_robot_that_is_not_there_fails_as_the_sdk_does(loop, server):
 def test_grpc_classic_client_io_is_chosen_before_grpc_loads():
     """gRPC reads GRPC_EXPERIMENTS once, when imported: the package sets it first, imports no
     grpc to do so (or the setting would silently stop applying), and leaves an operator's own."""
-    import subprocess
-    import sys
-
     check = (
         "import os, sys, spotrelay; "
         "assert 'grpc' not in sys.modules, 'spotrelay imports grpc before choosing its I/O'; "

@@ -46,6 +46,7 @@ pytestmark = [
 ]
 TOKEN = "rtsp-token-5c1e9a"
 CAMERA = "frontleft_fisheye_image"
+TCP_TRANSPORT = "Transport: RTP/AVP/TCP;unicast;interleaved=0-1"  # a SETUP's, interleaved
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +241,7 @@ def test_a_client_that_stops_reading_is_dropped_within_the_client_timeout(rtsp):
         reply = _rtsp_reply(sock)
         base = _header(reply, "content-base")
         sock.sendall(
-            f"SETUP {base}stream=0 RTSP/1.0\r\nCSeq: 2\r\n"
-            "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n".encode()
+            f"SETUP {base}stream=0 RTSP/1.0\r\nCSeq: 2\r\n{TCP_TRANSPORT}\r\n\r\n".encode()
         )
         setup = _rtsp_reply(sock)
         session = _header(setup, "session").split(";")[0]
@@ -261,10 +261,13 @@ def test_a_client_that_stops_reading_is_dropped_within_the_client_timeout(rtsp):
     assert took < 3 + 6  # --client-timeout, plus the seconds its buffers take to fill
 
 
-def _send(sock: socket.socket, line: str, cseq: int, *headers: str) -> None:
-    """One request with the token as Basic credentials; its reply is left unread."""
-    auth = base64.b64encode(f"spotrelay:{TOKEN}".encode()).decode()
-    head = "".join(f"{h}\r\n" for h in (f"CSeq: {cseq}", f"Authorization: Basic {auth}", *headers))
+def _send(sock: socket.socket, line: str, cseq: int, *headers: str, token: bool = True) -> None:
+    """One request, with the token as Basic credentials unless ``token=False``; its reply is
+    left unread."""
+    if token:
+        basic = base64.b64encode(f"spotrelay:{TOKEN}".encode()).decode()
+        headers = (f"Authorization: Basic {basic}", *headers)
+    head = "".join(f"{h}\r\n" for h in (f"CSeq: {cseq}", *headers))
     sock.sendall(f"{line} RTSP/1.0\r\n{head}\r\n".encode())
 
 
@@ -287,10 +290,9 @@ def test_without_the_token_nothing_is_learnt_about_cameras_or_parameters(rtsp):
         f"SETUP {base}/no_such_camera/stream=0",
         f"SETUP {base}/{CAMERA}/stream=0?width=5",
     ]
-    transport = "Transport: RTP/AVP/TCP;unicast;interleaved=0-1"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         for cseq, line in enumerate(asked, start=1):
-            sock.sendall(f"{line} RTSP/1.0\r\nCSeq: {cseq}\r\n{transport}\r\n\r\n".encode())
+            _send(sock, line, cseq, TCP_TRANSPORT, token=False)
             reply = _rtsp_reply(sock)
             assert reply.startswith("RTSP/1.0 401"), (line, reply)
             assert _header(reply, "cseq") == str(cseq), (line, reply)  # one reply a request
@@ -312,20 +314,10 @@ def test_a_setup_without_describe_is_admitted_like_any_client_and_counted_once(r
     source = "frontright_fisheye_image"
     media = f"rtsp://127.0.0.1:{port}/{source}"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        bad = _request(
-            sock,
-            f"SETUP rtsp://127.0.0.1:{port}/{source}/stream=0?width=5",
-            1,
-            "Transport: RTP/AVP/TCP;unicast;interleaved=0-1",
-        )
+        bad = _request(sock, f"SETUP {media}/stream=0?width=5", 1, TCP_TRANSPORT)
         assert bad.startswith("RTSP/1.0 400"), bad
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        setup = _request(
-            sock,
-            f"SETUP {media}/stream=0",
-            1,
-            "Transport: RTP/AVP/TCP;unicast;interleaved=0-1",
-        )
+        setup = _request(sock, f"SETUP {media}/stream=0", 1, TCP_TRANSPORT)
         assert setup.startswith("RTSP/1.0 200"), setup
         session = _header(setup, "session").split(";")[0]
         for cseq, method in enumerate(("PLAY", "PAUSE", "PLAY"), start=2):

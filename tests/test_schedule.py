@@ -65,16 +65,22 @@ def test_a_camera_that_becomes_slower_is_found_and_not_polled_twice_a_frame():
     assert stats.requests_per_frame <= 1.15, describe(stats)
 
 
+def _locked_on(seen, cam: Camera) -> tuple[Schedule, Camera]:
+    """A schedule whose probe saw only captures ``seen`` of ``cam`` (as a probe stalled by a
+    busy machine does), so it locked on the grid they suggest."""
+    sched = Schedule()
+    sched.watch(True, 999.0)
+    cam.build(1000.0, 30)
+    for k in seen:
+        t = cam.captures[k] - cam.skew
+        sched.reply(sched.ask(t + 0.03, 1.0), t, t + 0.025, t + 0.03)
+    return sched, cam
+
+
 def test_a_grid_locked_on_twice_the_period_is_corrected_within_seconds():
     """A probe stalled by a busy machine may see only every other capture and lock on twice
     the period; the first check between grid points, a second after locking, finds out."""
-    sched = Schedule()
-    sched.watch(True, 999.0)
-    cam = Camera(jitter=0.001)
-    cam.build(1000.0, 30)
-    for k in range(0, 8, 2):  # every other capture, as a stalled probe sees them
-        t = cam.captures[k] - cam.skew
-        sched.reply(sched.ask(t + 0.03, 1.0), t, t + 0.025, t + 0.03)
+    sched, cam = _locked_on(range(0, 8, 2), Camera(jitter=0.001))  # every other capture
     assert sched.period == pytest.approx(2 / 15, rel=0.05)
     stats = run(cam, LOOPBACK, seconds=10, warmup=3, schedule=sched)
     assert sched.period == pytest.approx(1 / 15, rel=0.01)
@@ -91,13 +97,7 @@ def test_a_grid_locked_wrong_on_a_busy_machine_is_corrected_by_any_closer_captur
     grids locked at 4.2-7.4 Hz. Over a link whose delays vary (a starved event loop), the checks
     between grid points land on the wrong grid's own points; but two captures closer together
     than the grid allows prove it wrong, whichever request fetched them."""
-    sched = Schedule()
-    sched.watch(True, 999.0)
-    cam = Camera(jitter=0.002)
-    cam.build(1000.0, 30)
-    for k in seen:  # the captures a starved probe saw
-        t = cam.captures[k] - cam.skew
-        sched.reply(sched.ask(t + 0.03, 1.0), t, t + 0.025, t + 0.03)
+    sched, cam = _locked_on(seen, Camera(jitter=0.002))
     assert sched.period > 1.9 / 15
     run(cam, link, seconds=3, warmup=0, schedule=sched)
     assert sched.period == pytest.approx(1 / 15, rel=0.01)
