@@ -103,6 +103,31 @@ def test_a_grid_locked_wrong_on_a_busy_machine_is_corrected_by_any_closer_captur
     assert sched.period == pytest.approx(1 / 15, rel=0.01)
 
 
+def test_a_camera_watched_a_moment_every_few_seconds_answers_at_once_every_time():
+    """The robot's mission captures a camera nobody watches every 5 s: each capture watches it
+    until one new frame arrives, a moment too short for the probe to see four captures. Those
+    moments' captures, 5 s apart, once made a 5 s grid, and the next capture then waited for
+    that grid's next point and timed out (soak: 'no frame from frontright_depth within 5 s')."""
+    period, available = 1 / 15, 0.025
+    sched = Schedule()
+    waits = []
+    start = 1000.0
+    for session in range(10):
+        start = now = start + 5 + 0.1 * (session % 3)  # each tick takes its own time
+        sched.watch(True, now)
+        while now < start + 5:
+            now = max(now, sched.next_due)
+            ask = sched.ask(now, 1.0)
+            newest = (now - available) // period * period
+            if sched.reply(ask, newest, now + 0.001, now + 0.002) is Outcome.NEW:
+                break
+            now += 0.002
+        waits.append(round(now - start, 3))
+        sched.watch(False, now + 0.003)
+        sched.reply(sched.ask(now + 0.5, 1.0), now + 0.45, now + 0.501, now + 0.502)  # idle
+    assert max(waits) < period, str(waits)
+
+
 def test_a_stalled_camera_costs_one_request_a_period_not_a_flood():
     stats = run(Camera(stall_after=5), LOOPBACK, seconds=30, warmup=10)
     assert stats.delivered == 0

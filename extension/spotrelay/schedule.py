@@ -156,6 +156,10 @@ class Schedule:
     def watch(self, watched: bool, now: float) -> None:
         self.watched = watched
         if watched:  # a grid learnt before may be stale: check it early
+            # and a probe learns only from captures of one watch: those of earlier moments
+            # (a mission capture every 5 s watches a camera for one frame) would make a grid of
+            # the moments, not the camera
+            self._probe_seen = []
             self._next_check = now + FIRST_CHECK
             self._new_at = now
             self._restart(now)
