@@ -178,9 +178,12 @@ def depth_to_colour(
     data" (bosdyn.client.image: MAX_DEPTH_IMAGE_RANGE marks invalid depth too) and are black.
 
     One lookup in a table of every uint16 value (``_depth_table``): the same bytes as colouring
-    each pixel (``colour_depth``) at a third of the cost, which the viewer's five depth tiles pay
-    75 times a second."""
-    return _depth_table(depth_scale, colormap, max_m).take(depth, axis=0)
+    each pixel (``colour_depth``) at a sixth of the cost (48 vs 314 us a 320x181 tile), which
+    the viewer's five depth tiles pay 75 times a second. Each colour is packed in one uint32
+    (B, G, R, 0): a lookup of scalars, then a conversion that drops the fourth byte, is less
+    than half the cost of looking up rows of three bytes (112 us)."""
+    packed = _depth_table(depth_scale, colormap, max_m).take(depth)
+    return cv2.cvtColor(packed.view(np.uint8).reshape(*depth.shape, 4), cv2.COLOR_BGRA2BGR)
 
 
 def colour_depth(
@@ -200,12 +203,16 @@ def colour_depth(
 
 @functools.lru_cache(maxsize=16)
 def _depth_table(depth_scale: float, colormap: str, max_m: float) -> np.ndarray:
-    """The colour of every uint16 depth value, (65536, 3) BGR (192 KiB), made once per depth
-    scale and colour map by ``colour_depth`` itself, so the lookup is bit-identical to it."""
+    """The colour of every uint16 depth value as a little-endian uint32 of B, G, R, 0 (256 KiB),
+    made once per depth scale and colour map by ``colour_depth`` itself, so the lookup is
+    bit-identical to it."""
     every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
-    table = colour_depth(every, depth_scale, colormap, max_m).reshape(65536, 3)
+    bgr = colour_depth(every, depth_scale, colormap, max_m).reshape(65536, 3)
+    bgr0 = np.zeros((65536, 4), np.uint8)
+    bgr0[:, :3] = bgr
+    table = bgr0.view("<u4").reshape(65536)
     table.setflags(write=False)  # shared by every codec thread
-    return np.ascontiguousarray(table)
+    return table
 
 
 def to_display(img: np.ndarray, image: ImageData, colormap: str) -> np.ndarray:
