@@ -103,29 +103,53 @@ def test_a_grid_locked_wrong_on_a_busy_machine_is_corrected_by_any_closer_captur
     assert sched.period == pytest.approx(1 / 15, rel=0.01)
 
 
-def test_a_camera_watched_a_moment_every_few_seconds_answers_at_once_every_time():
+PERIOD, AVAILABLE = 1 / 15, 0.025
+
+
+def _watch_one_frame(sched: Schedule, start: float) -> float:
+    """Watch until a new capture arrives (loopback, the camera at PERIOD); the wait."""
+    now = start
+    sched.watch(True, now)
+    while now < start + 5:
+        now = max(now, sched.next_due)
+        ask = sched.ask(now, 1.0)
+        newest = (now - AVAILABLE) // PERIOD * PERIOD
+        if sched.reply(ask, newest, now + 0.001, now + 0.002) is Outcome.NEW:
+            break
+        now += 0.002
+    sched.watch(False, now + 0.003)
+    sched.reply(sched.ask(now + 0.5, 1.0), now + 0.45, now + 0.501, now + 0.502)  # idle
+    return now - start
+
+
+@pytest.mark.parametrize(
+    ("learnt", "spacing"),
+    [
+        (False, lambda i: 5 + 0.1 * (i % 3)),  # each tick takes its own time
+        (True, lambda i: 76 * PERIOD),  # a metronome: always the same number of periods
+    ],
+    ids=["grid-unknown", "grid-learnt"],
+)
+def test_a_camera_watched_a_moment_every_few_seconds_answers_at_once_every_time(learnt, spacing):
     """The robot's mission captures a camera nobody watches every 5 s: each capture watches it
-    until one new frame arrives, a moment too short for the probe to see four captures. Those
-    moments' captures, 5 s apart, once made a 5 s grid, and the next capture then waited for
-    that grid's next point and timed out (soak: 'no frame from frontright_depth within 5 s')."""
-    period, available = 1 / 15, 0.025
+    until one new frame arrives. Unknown, the grid was probed from those moments' captures, one
+    each, 5 s apart: it became a 5 s grid, and a capture waited for its next point (soak: 'no
+    frame from frontright_depth within 5 s'). Learnt, two dozen evenly spaced moments filled
+    the fit's window with gaps of 76 periods, read as a camera 76 times slower."""
     sched = Schedule()
-    waits = []
     start = 1000.0
-    for session in range(10):
-        start = now = start + 5 + 0.1 * (session % 3)  # each tick takes its own time
-        sched.watch(True, now)
-        while now < start + 5:
-            now = max(now, sched.next_due)
-            ask = sched.ask(now, 1.0)
-            newest = (now - available) // period * period
-            if sched.reply(ask, newest, now + 0.001, now + 0.002) is Outcome.NEW:
-                break
-            now += 0.002
-        waits.append(round(now - start, 3))
-        sched.watch(False, now + 0.003)
-        sched.reply(sched.ask(now + 0.5, 1.0), now + 0.45, now + 0.501, now + 0.502)  # idle
-    assert max(waits) < period, str(waits)
+    if learnt:
+        cam = Camera(jitter=0.0, available_after=AVAILABLE, phase=0.0, skew=0.0)
+        sched = run(cam, LOOPBACK, seconds=10, warmup=3).schedule  # captures at k * PERIOD
+        assert sched.period == pytest.approx(PERIOD, rel=0.001)
+        sched.watch(False, 1010.0)
+        start = 1011.0
+    waits = []
+    for i in range(30):
+        start += spacing(i)
+        waits.append(round(_watch_one_frame(sched, start), 3))
+    assert max(waits) < PERIOD, str(waits)
+    assert sched.period is None or sched.period == pytest.approx(PERIOD, rel=0.01)
 
 
 def test_a_stalled_camera_costs_one_request_a_period_not_a_flood():

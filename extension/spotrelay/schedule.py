@@ -111,6 +111,21 @@ class Grid:
             self.jitter = max([abs(x - (t0 + k * period)) for k, x in points])
         return residual
 
+    def copy(self) -> Grid:
+        twin = Grid(self.period, self.t0)
+        twin.points = collections.deque(self.points, maxlen=FIT_WINDOW)
+        twin.jitter = self.jitter
+        return twin
+
+    def keep_newest(self) -> None:
+        """A new watch: the line stays, but its points start again from the newest, so the
+        index gaps the slower-camera check reads are those of one watch. One capture per watch
+        for two dozen evenly spaced watches would otherwise leave only gaps of the watches'
+        spacing in the window, and the grid would be 'rebased' onto it."""
+        self.points = collections.deque(self.points, maxlen=FIT_WINDOW)
+        while len(self.points) > 1:
+            self.points.popleft()
+
     def rebase(self, factor: int) -> None:
         """The camera is ``factor`` times slower than thought: every index divides by it."""
         base = self.points[0][0]
@@ -156,10 +171,12 @@ class Schedule:
     def watch(self, watched: bool, now: float) -> None:
         self.watched = watched
         if watched:  # a grid learnt before may be stale: check it early
-            # and a probe learns only from captures of one watch: those of earlier moments
+            # and a grid is learnt only from captures of one watch: those of earlier moments
             # (a mission capture every 5 s watches a camera for one frame) would make a grid of
             # the moments, not the camera
             self._probe_seen = []
+            if self.grid is not None:
+                self.grid.keep_newest()
             self._next_check = now + FIRST_CHECK
             self._new_at = now
             self._restart(now)
@@ -264,8 +281,11 @@ class Schedule:
 
     def keep_learning(self, old: Schedule) -> None:
         """After a reconnect: what was learned about the camera still holds."""
-        self.grid, self.avail_lo, self.avail_hi = old.grid, old.avail_lo, old.avail_hi
-        self._oneway, self._roundtrip = old._oneway, old._roundtrip
+        # copies: replies still in flight to the old schedule must not move the new one's model
+        self.grid = old.grid.copy() if old.grid is not None else None
+        self.avail_lo, self.avail_hi = old.avail_lo, old.avail_hi
+        self._oneway = collections.deque(old._oneway, maxlen=ONEWAY_WINDOW)
+        self._roundtrip = collections.deque(old._roundtrip, maxlen=ONEWAY_WINDOW)
         self._low, self._rt_max = None, old._rt_max
 
     def reset(self) -> None:
