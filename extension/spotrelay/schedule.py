@@ -31,6 +31,7 @@ became slower. All times are local epoch seconds; the poller converts robot time
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -111,20 +112,14 @@ class Grid:
             self.jitter = max([abs(x - (t0 + k * period)) for k, x in points])
         return residual
 
-    def copy(self) -> Grid:
-        twin = Grid(self.period, self.t0)
-        twin.points = collections.deque(self.points, maxlen=FIT_WINDOW)
-        twin.jitter = self.jitter
-        return twin
-
     def keep_newest(self) -> None:
         """A new watch: the line stays, but its points start again from the newest, so the
         index gaps the slower-camera check reads are those of one watch. One capture per watch
         for two dozen evenly spaced watches would otherwise leave only gaps of the watches'
         spacing in the window, and the grid would be 'rebased' onto it."""
-        self.points = collections.deque(self.points, maxlen=FIT_WINDOW)
-        while len(self.points) > 1:
-            self.points.popleft()
+        newest = self.points[-1]
+        self.points.clear()
+        self.points.append(newest)
 
     def rebase(self, factor: int) -> None:
         """The camera is ``factor`` times slower than thought: every index divides by it."""
@@ -282,10 +277,9 @@ class Schedule:
     def keep_learning(self, old: Schedule) -> None:
         """After a reconnect: what was learned about the camera still holds."""
         # copies: replies still in flight to the old schedule must not move the new one's model
-        self.grid = old.grid.copy() if old.grid is not None else None
+        self.grid = copy.deepcopy(old.grid)
         self.avail_lo, self.avail_hi = old.avail_lo, old.avail_hi
-        self._oneway = collections.deque(old._oneway, maxlen=ONEWAY_WINDOW)
-        self._roundtrip = collections.deque(old._roundtrip, maxlen=ONEWAY_WINDOW)
+        self._oneway, self._roundtrip = old._oneway.copy(), old._roundtrip.copy()
         self._low, self._rt_max = None, old._rt_max
 
     def reset(self) -> None:
