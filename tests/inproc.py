@@ -90,7 +90,7 @@ async def relay_app(
     """(test client, hub, metrics) of a relay app with no robot behind it; snapshots render on
     ``snapshot_executor`` (a test may hold them at its gate)."""
     metrics = Metrics()
-    executor = ThreadPoolExecutor(2)
+    executor = ThreadPoolExecutor(1)  # as the relay has on a 2-core computer
     snapshots = snapshot_executor or GatedExecutor()
     hub = Hub(executor, metrics, max_variants=max_variants)
     hub.set_sources(sources)

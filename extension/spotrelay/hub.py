@@ -306,13 +306,13 @@ class Hub:
     def _render(self, frame: Frame, variants: list[Variant]) -> None:
         """Render in a codec thread, then publish on the loop. The job's own future is handed
         back with one call into the loop, not wrapped in an asyncio future: that wrapping costs
-        two more turns of the loop a frame, which the viewer page's 165 renders a second pay."""
-        self._rendering.add(frame.source)
+        one more turn of the loop a frame, which the viewer page's 165 renders a second pay."""
         plans = [v.plan for v in variants]
         loop = asyncio.get_running_loop()
         job = self.executor.submit(
             codec.render_many, frame.image, plans, self.metrics.observe_codec
         )
+        self._rendering.add(frame.source)  # after submit: a refused job leaves nothing stuck
 
         def done(job: Future) -> None:  # in the codec thread
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is watching
