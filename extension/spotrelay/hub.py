@@ -35,6 +35,7 @@ from spotrelay import codec
 from spotrelay.frames import JPEG, Frame, RenderSpec, Shape, SourceInfo
 from spotrelay.metrics import Metrics, RateWindow
 from spotrelay.plan import DEFAULT_QUALITY, Plan, plan
+from spotrelay.process import call_soon_from_thread
 
 log = logging.getLogger("spotrelay.hub")
 
@@ -313,12 +314,9 @@ class Hub:
             codec.render_many, frame.image, plans, self.metrics.observe_codec
         )
         self._rendering.add(frame.source)  # after submit: a refused job leaves nothing stuck
-
-        def done(job: Future) -> None:  # in the codec thread
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is watching
-                loop.call_soon_threadsafe(self._rendered, frame, variants, job)
-
-        job.add_done_callback(done)
+        job.add_done_callback(
+            lambda job: call_soon_from_thread(loop, self._rendered, frame, variants, job)
+        )
 
     def _rendered(self, frame: Frame, variants: list[Variant], fut: Future) -> None:
         self._rendering.discard(frame.source)

@@ -134,14 +134,8 @@ class Relay:
         # One core for the event loop, the rest for rendering: a codec thread more than that
         # only contends for the interpreter lock (the viewer page's tiles on 2 cores: 1.1 % of
         # a core more with 2 threads than with 1, over four alternated pairs, same latency).
-        # The cores this process may run on, not the host's (a container's cpuset).
-        cores = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 2
-        )
         self.executor = ThreadPoolExecutor(
-            max_workers=max(1, cores - 1), thread_name_prefix="codec"
+            max_workers=max(1, process.usable_cores() - 1), thread_name_prefix="codec"
         )
         self.snapshots = Stills("snapshot", SNAPSHOTS_WAITING)
         # how often the poller refreshes unwatched sources, and so when the hub calls them stale

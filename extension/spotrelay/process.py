@@ -59,6 +59,22 @@ async def supervise(
             pause = min(pause * 2, 30.0)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset), not the host's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2
+
+
+def call_soon_from_thread(
+    loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args
+) -> None:
+    """``fn(*args)`` on ``loop``, from a worker thread; nothing if the loop has closed (a job
+    finishing at shutdown: nobody is left to tell)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
 class EventLoop(asyncio.SelectorEventLoop):
     """asyncio's loop, accepting one connection per turn of the loop.
 

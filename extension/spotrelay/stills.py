@@ -22,6 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
+from spotrelay.process import call_soon_from_thread
+
 T = TypeVar("T")
 
 
@@ -49,7 +51,7 @@ class Stills:
         loop = asyncio.get_running_loop()
         work = self._executor.submit(fn, *args)
         self.waiting += 1
-        work.add_done_callback(lambda _: _call_soon(loop, self._finished))
+        work.add_done_callback(lambda _: call_soon_from_thread(loop, self._finished))
         return await asyncio.wrap_future(work, loop=loop)  # cancelled: cancels it if not started
 
     def _finished(self) -> None:
@@ -57,12 +59,6 @@ class Stills:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
-    """From the worker thread; the loop may be closed already at shutdown."""
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn)
 
 
 def _lower_priority(nice: int) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable
 from typing import TypeVar
+
+from spotrelay.process import call_soon_from_thread
 
 T = TypeVar("T")
 
@@ -33,8 +34,7 @@ def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
             result, exc = fn(), None
         except BaseException as error:
             result, exc = None, error
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, result, exc)
+        call_soon_from_thread(loop, settle, result, exc)
 
     threading.Thread(target=body, name="spotrelay-sdk", daemon=True).start()
     return fut
