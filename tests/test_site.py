@@ -630,9 +630,14 @@ def test_from_rtsp_the_base_takes_the_relays_h264_and_re_encodes_nothing(sim, tm
         with spawn([*reader, "-t", "20", "-c", "copy", "-f", "null", "-"]):
 
             def relay_serving() -> dict | None:
+                # go2rtc drops its pull when ffprobe leaves and makes a new one for ffmpeg: the
+                # old RTSP session can still be listed after its encoder has gone, so wait for
+                # one session that is sending with its encoder feed in place
                 state = json.loads(relay.get("/api/state", headers=HEADERS)[2])
                 mine = [c for c in state["rtsp"]["clients"] if c["source"] == camera]
-                return state if len(mine) == 1 and mine[0]["bytes_sent"] > 50_000 else None
+                sending = len(mine) == 1 and mine[0]["bytes_sent"] > 50_000
+                fed = any(c["source"] == camera for c in state["clients"])
+                return state if sending and fed else None
 
             state = wait_until(relay_serving, 20, "go2rtc pulling the relay's RTSP")
         pulled = {c["kind"] for c in state["clients"] if c["source"] == camera}
