@@ -254,3 +254,39 @@ def test_next_frame_waits_for_a_frame_newer_than_asked_and_times_out_cleanly():
                 await hub.next_frame(SOURCE, after=clock.now, timeout=0)
 
     run(scenario())
+
+
+def test_with_a_budget_short_renders_run_on_the_loop_once_a_thread_has_measured_them(monkeypatch):
+    """The first frame of a rendering is made in a codec thread (it has no cost yet); the next
+    ones on the loop: held codec threads do not hold them up, and each is the real picture."""
+    from spotrelay import codec
+    from spotrelay.inline import InlineBudget
+
+    async def scenario() -> tuple[list, int, int]:
+        async with hub_for_test(inline=InlineBudget()) as (hub, executor):
+            frames = hub.frames(client(RenderSpec(width=320)))
+            hub.publish(frame(1))
+            got = await take(frames, 1)
+            await async_wait_until(lambda: not hub._rendering, what="the thread's result in")
+            executor.gate.clear()  # the codec threads are held from here on
+            for seq in (2, 3):
+                hub.publish(frame(seq))
+                got += await take(frames, 1)
+            real = codec.render_many
+            monkeypatch.setattr(codec, "render_many", lambda *a: 1 / 0)  # a bug, once
+            hub.publish(frame(4))
+            monkeypatch.setattr(codec, "render_many", real)
+            hub.publish(frame(5))
+            got += await take(frames, 1)
+            dropped = hub.metrics.frames_dropped.labels(source=SOURCE, reason="decode_error")
+            executor.gate.set()
+            return got, executor.jobs, int(dropped._value.get())
+
+    got, jobs, dropped = run(scenario())
+    assert [e.seq for e in got] == [1, 2, 3, 5]
+    assert jobs == 1
+    assert dropped == 1  # the frame the bug hit, counted; the next one served
+    for e in got:
+        img = cv2.imdecode(np.frombuffer(e.data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert img.shape == (240, 320)
+        assert abs(int(img.mean()) - e.seq * 20 % 256) <= 2

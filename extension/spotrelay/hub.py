@@ -1,8 +1,9 @@
 """Hub: the newest frame of every stream variant, rendered once and shared by all its clients.
 
 A variant is a source plus a ``Plan`` (see ``plan.py``): requests that render to the same bytes
-share one. However many clients watch a variant, each new frame is rendered for it once, in a
-worker thread, and every client then takes the newest rendering when it is ready for one. Nothing
+share one. However many clients watch a variant, each new frame is rendered for it once (on the
+event loop when that is cheaper, see ``inline.py``, else in a codec thread), and every client
+then takes the newest rendering when it is ready for one. Nothing
 queues per client: a client that is still writing the previous frame simply skips to the newest, so
 a slow viewer costs the others nothing and memory stays bounded by one frame per variant. If
 rendering falls behind the robot for a source, only the newest waiting frame is kept.
@@ -33,6 +34,7 @@ from typing import Any
 
 from spotrelay import codec
 from spotrelay.frames import JPEG, Frame, RenderSpec, Shape, SourceInfo
+from spotrelay.inline import InlineBudget
 from spotrelay.metrics import Metrics, RateWindow
 from spotrelay.plan import DEFAULT_QUALITY, Plan, plan
 from spotrelay.process import call_soon_from_thread
@@ -174,8 +176,10 @@ class Hub:
         on_watch: Callable[[str, bool], None] = lambda source, watched: None,
         clock: Callable[[], float] = time.monotonic,
         max_variants: int = 16,
+        inline: InlineBudget | None = None,
     ):
         self.executor = executor
+        self.inline = inline  # None: every render in a codec thread
         self.max_variants = max_variants
         self.metrics = metrics
         self.stale_after = stale_after
@@ -305,25 +309,48 @@ class Hub:
         self._render(frame, to_render)
 
     def _render(self, frame: Frame, variants: list[Variant]) -> None:
-        """Render in a codec thread, then publish on the loop. The job's own future is handed
-        back with one call into the loop, not wrapped in an asyncio future: that wrapping costs
-        one more turn of the loop a frame, which the viewer page's 165 renders a second pay."""
+        """Render on the loop when ``inline`` says it is short and the loop has room (no hand-off
+        to a thread and back, see ``inline.py``), else in a codec thread, then publish on the
+        loop. A thread's result comes back with one call into the loop, not an asyncio future
+        wrapped around the job's: that wrapping costs one more turn of the loop a frame."""
         plans = [v.plan for v in variants]
+        kind = (frame.source, tuple(plans))
+        observe = self.metrics.observe_codec
+        if self.inline is not None and self.inline.on_loop(kind):
+            started = time.thread_time()
+            try:
+                results, exc = codec.render_many(frame.image, plans, observe), None
+            except Exception as error:  # a bug, not a bad frame: as a thread's job would
+                results, exc = {}, error
+            self.inline.spent(kind, time.thread_time() - started, on_loop=True)
+            self._rendered(frame, variants, results, exc)
+            return
         loop = asyncio.get_running_loop()
-        job = self.executor.submit(
-            codec.render_many, frame.image, plans, self.metrics.observe_codec
-        )
+        job = self.executor.submit(_render_measured, frame.image, plans, observe)
         self._rendering.add(frame.source)  # after submit: a refused job leaves nothing stuck
         job.add_done_callback(
-            lambda job: call_soon_from_thread(loop, self._rendered, frame, variants, job)
+            lambda job: call_soon_from_thread(loop, self._rendered_in_thread, frame, variants, job)
         )
 
-    def _rendered(self, frame: Frame, variants: list[Variant], fut: Future) -> None:
+    def _rendered_in_thread(self, frame: Frame, variants: list[Variant], job: Future) -> None:
         self._rendering.discard(frame.source)
-        if fut.cancelled():
+        if job.cancelled():
             return
-        exc = fut.exception()
-        results = {} if exc else fut.result()
+        exc = job.exception()
+        results: dict = {}
+        if exc is None:
+            results, seconds = job.result()
+            if self.inline is not None:
+                self.inline.spent((frame.source, tuple(v.plan for v in variants)), seconds, False)
+        self._rendered(frame, variants, results, exc)
+
+    def _rendered(
+        self,
+        frame: Frame,
+        variants: list[Variant],
+        results: dict[Plan, bytes | codec.CodecError],
+        exc: BaseException | None,
+    ) -> None:
         failed = exc is not None
         now = self.clock()
         for v in variants:
@@ -572,3 +599,10 @@ class Hub:
         self._closed = True
         for variant in list(self._variants.values()):
             variant.wake()
+
+
+def _render_measured(image, plans: list[Plan], observe) -> tuple[dict, float]:
+    """``codec.render_many`` in a codec thread, and the CPU it took there (for ``inline``)."""
+    started = time.thread_time()
+    results = codec.render_many(image, plans, observe)
+    return results, time.thread_time() - started

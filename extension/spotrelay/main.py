@@ -33,6 +33,7 @@ from spotrelay.http.app import build_app
 from spotrelay.http.outputs import api, mjpeg, snapshot, viewer, ws
 from spotrelay.http.outputs.common import Streams
 from spotrelay.hub import Hub
+from spotrelay.inline import InlineBudget
 from spotrelay.metrics import Metrics
 from spotrelay.poller import Poller
 from spotrelay.robot import RobotConnection, Target
@@ -156,6 +157,7 @@ class Relay:
             idle_interval=idle_interval,
             on_watch=lambda source, watched: self.poller.set_watched(source, watched),
             max_variants=cfg.max_variants,
+            inline=InlineBudget(),
         )
         self.poller = Poller(
             self.conn.get_images,

@@ -1,0 +1,65 @@
+"""Where renders run (inline.py), on a synthetic clock: the loop takes only short renders it has
+measured, up to its share of each second; everything else goes to the codec threads."""
+
+from __future__ import annotations
+
+from spotrelay.inline import KEEP, InlineBudget
+from tests.inproc import FakeClock
+
+
+def budget(**kw) -> tuple[InlineBudget, FakeClock]:
+    clock = FakeClock()
+    return InlineBudget(share=0.25, longest=0.003, window=1.0, clock=clock, **kw), clock
+
+
+def test_a_render_never_measured_goes_to_a_thread_and_is_measured_there():
+    b, _ = budget()
+    assert not b.on_loop("fisheye")
+    b.spent("fisheye", 0.001, on_loop=False)
+    assert b.on_loop("fisheye")
+
+
+def test_a_render_longer_than_the_loop_may_be_held_stays_in_threads():
+    b, _ = budget()
+    b.spent("ptz 1280x720", 0.008, on_loop=False)
+    b.spent("depth", 0.0005, on_loop=False)
+    assert not b.on_loop("ptz 1280x720")
+    assert b.on_loop("depth")
+
+
+def test_the_loop_renders_at_most_its_share_of_each_second():
+    b, clock = budget()
+    cost = 2**-9  # about 2 ms, exact in binary
+    b.spent("fisheye", cost, on_loop=False)
+    taken = 0
+    while b.on_loop("fisheye"):
+        b.spent("fisheye", cost, on_loop=True)
+        taken += 1
+    assert taken == 128  # 0.25 s of each second
+    clock.now += 0.5
+    assert not b.on_loop("fisheye")  # the same second
+    clock.now += 0.5
+    assert b.on_loop("fisheye")  # a new one
+
+
+def test_a_render_that_became_slower_moves_to_threads_and_back_when_it_is_fast_again():
+    b, _ = budget()
+    b.spent("hand", 0.001, on_loop=False)
+    assert b.on_loop("hand")
+    for _ in range(3):  # the hand camera now sends 1280x720: its renders cost 8 ms
+        b.spent("hand", 0.008, on_loop=True)
+    assert not b.on_loop("hand")
+    for _ in range(12):  # back to 640x480, measured in the threads
+        b.spent("hand", 0.001, on_loop=False)
+    assert b.on_loop("hand")
+
+
+def test_it_remembers_a_bounded_number_of_kinds_forgetting_the_least_recent():
+    b, _ = budget()
+    for i in range(KEEP + 10):
+        b.spent(("camera", i), 0.001, on_loop=False)
+        b.spent(("camera", 0), 0.001, on_loop=False)  # in use all along
+    assert len(b._cost) == KEEP
+    assert b.on_loop(("camera", 0))
+    assert not b.on_loop(("camera", 1))  # forgotten: measured again in a thread
+    assert b.on_loop(("camera", KEEP + 9))
