@@ -263,7 +263,8 @@ def test_with_a_budget_short_renders_run_on_the_loop_once_a_thread_has_measured_
     from spotrelay.inline import InlineBudget
 
     async def scenario() -> tuple[list, int, int]:
-        async with hub_for_test(inline=InlineBudget()) as (hub, executor):
+        # longest=1 s: whatever the runner, a measured render is short enough for the loop
+        async with hub_for_test(inline=InlineBudget(longest=1.0)) as (hub, executor):
             frames = hub.frames(client(RenderSpec(width=320)))
             hub.publish(frame(1))
             got = await take(frames, 1)
@@ -290,3 +291,31 @@ def test_with_a_budget_short_renders_run_on_the_loop_once_a_thread_has_measured_
         img = cv2.imdecode(np.frombuffer(e.data, np.uint8), cv2.IMREAD_UNCHANGED)
         assert img.shape == (240, 320)
         assert abs(int(img.mean()) - e.seq * 20 % 256) <= 2
+
+
+def test_a_source_rendering_in_a_thread_keeps_its_newest_waiting_frame_then_renders_on_the_loop():
+    """While a thread renders a source's frame, the loop does not render the next ones: the
+    newest waits (the one it replaces is counted as dropped), and once the thread's render is
+    in, the waiting frame and the next are rendered on the loop."""
+    from spotrelay.inline import InlineBudget
+
+    async def scenario() -> tuple[list[int], int, float]:
+        async with hub_for_test(inline=InlineBudget(longest=1.0)) as (hub, executor):
+            frames = hub.frames(client(RenderSpec(width=320)))
+            first = asyncio.ensure_future(take(frames, 1))
+            await async_wait_until(lambda: hub.viewers(), what="the client subscribed")
+            executor.gate.clear()
+            hub.publish(frame(1))  # never measured: to a thread, held there
+            hub.publish(frame(2))
+            hub.publish(frame(3))  # replaces #2, which is never rendered
+            executor.gate.set()
+            got = await first  # the newest rendering once the client runs: #3, made on the loop
+            hub.publish(frame(4))
+            got += await take(frames, 1)
+            busy = hub.metrics.frames_dropped.labels(source=SOURCE, reason="encoder_busy")
+            return [e.seq for e in got], executor.jobs, busy._value.get()
+
+    seqs, jobs, busy = run(scenario())
+    assert seqs == [3, 4]
+    assert jobs == 1  # only #1 went to a thread
+    assert busy == 1

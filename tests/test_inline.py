@@ -1,5 +1,6 @@
 """Where renders run (inline.py), on a synthetic clock: the loop takes only short renders it has
-measured, up to its share of each second; everything else goes to the codec threads."""
+measured, for at most one render's time a turn and its share of each second; everything else
+goes to the codec threads."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_the_loop_renders_at_most_its_share_of_each_second():
     taken = 0
     while b.on_loop("fisheye"):
         b.spent("fisheye", cost, on_loop=True)
+        b.turn_over()  # one render a turn of the loop
         taken += 1
     assert taken == 128  # 0.25 s of each second
     clock.now += 0.5
@@ -42,14 +44,30 @@ def test_the_loop_renders_at_most_its_share_of_each_second():
     assert b.on_loop("fisheye")  # a new one
 
 
-def test_a_render_that_became_slower_moves_to_threads_and_back_when_it_is_fast_again():
+def test_one_turn_of_the_loop_renders_for_at_most_the_longest_render():
+    """A GetImage reply with several cameras publishes them all in one turn of the loop."""
+    b, _ = budget()
+    for camera in ("left", "right", "back"):
+        b.spent(camera, 0.0013, on_loop=False)
+    assert b.on_loop("left")
+    b.spent("left", 0.0013, on_loop=True)
+    assert b.on_loop("right")
+    b.spent("right", 0.0013, on_loop=True)
+    assert not b.on_loop("back")  # 3.9 ms in one turn: this one goes to a thread
+    b.turn_over()
+    assert b.on_loop("back")
+
+
+def test_a_render_that_became_slower_moves_to_threads_at_once_and_back_by_degrees():
     b, _ = budget()
     b.spent("hand", 0.001, on_loop=False)
     assert b.on_loop("hand")
-    for _ in range(3):  # the hand camera now sends 1280x720: its renders cost 8 ms
-        b.spent("hand", 0.008, on_loop=True)
-    assert not b.on_loop("hand")
-    for _ in range(12):  # back to 640x480, measured in the threads
+    b.spent("hand", 0.008, on_loop=True)  # the hand camera now sends 1280x720
+    b.turn_over()
+    assert not b.on_loop("hand")  # the very next one is not held on the loop
+    b.spent("hand", 0.001, on_loop=False)  # back to 640x480, measured in the threads
+    assert not b.on_loop("hand")  # one cheap render does not undo a dear one
+    for _ in range(12):
         b.spent("hand", 0.001, on_loop=False)
     assert b.on_loop("hand")
 

@@ -3,10 +3,10 @@
 A variant is a source plus a ``Plan`` (see ``plan.py``): requests that render to the same bytes
 share one. However many clients watch a variant, each new frame is rendered for it once (on the
 event loop when that is cheaper, see ``inline.py``, else in a codec thread), and every client
-then takes the newest rendering when it is ready for one. Nothing
-queues per client: a client that is still writing the previous frame simply skips to the newest, so
-a slow viewer costs the others nothing and memory stays bounded by one frame per variant. If
-rendering falls behind the robot for a source, only the newest waiting frame is kept.
+then takes the newest rendering when it is ready for one. Nothing queues per client: a client
+that is still writing the previous frame simply skips to the newest, so a slow viewer costs the
+others nothing and memory stays bounded by one frame per variant. If rendering falls behind the
+robot for a source, only the newest waiting frame is kept.
 
 When a source stalls (robot lost, camera stopped), streams stay open: once a second each variant
 gets its last image again, marked STALE with its age, so a person sees that the picture is old and
@@ -180,6 +180,7 @@ class Hub:
     ):
         self.executor = executor
         self.inline = inline  # None: every render in a codec thread
+        self._turn_marked = False  # a call to _turn_over is scheduled
         self.max_variants = max_variants
         self.metrics = metrics
         self.stale_after = stale_after
@@ -314,34 +315,60 @@ class Hub:
         loop. A thread's result comes back with one call into the loop, not an asyncio future
         wrapped around the job's: that wrapping costs one more turn of the loop a frame."""
         plans = [v.plan for v in variants]
-        kind = (frame.source, tuple(plans))
+        kind = (frame.source, frozenset(plans))
         observe = self.metrics.observe_codec
-        if self.inline is not None and self.inline.on_loop(kind):
-            started = time.thread_time()
-            try:
-                results, exc = codec.render_many(frame.image, plans, observe), None
-            except Exception as error:  # a bug, not a bad frame: as a thread's job would
-                results, exc = {}, error
-            self.inline.spent(kind, time.thread_time() - started, on_loop=True)
-            self._rendered(frame, variants, results, exc)
-            return
         loop = asyncio.get_running_loop()
+        if self.inline is not None and self.inline.on_loop(kind):
+            self._render_here(loop, frame, variants, kind)
+            return
         job = self.executor.submit(_render_measured, frame.image, plans, observe)
         self._rendering.add(frame.source)  # after submit: a refused job leaves nothing stuck
         job.add_done_callback(
-            lambda job: call_soon_from_thread(loop, self._rendered_in_thread, frame, variants, job)
+            lambda job: call_soon_from_thread(
+                loop, self._rendered_in_thread, frame, variants, kind, job
+            )
         )
 
-    def _rendered_in_thread(self, frame: Frame, variants: list[Variant], job: Future) -> None:
+    def _render_here(
+        self, loop: asyncio.AbstractEventLoop, frame: Frame, variants: list[Variant], kind: Any
+    ) -> None:
+        """On the loop: the wall time it held the loop is what the budget counts."""
+        assert self.inline is not None
+        if not self._turn_marked:  # the turn's first render here: count the turn's renders
+            self._turn_marked = True
+            loop.call_soon(self._turn_over)
+        started = time.perf_counter()
+        plans = [v.plan for v in variants]
+        try:
+            results, exc = codec.render_many(frame.image, plans, self.metrics.observe_codec), None
+        except Exception as error:  # a bug, not a bad frame: as a thread's job would
+            results, exc = {}, error
+        self.inline.spent(kind, time.perf_counter() - started, on_loop=True)
+        try:  # inside the poller's reply: a bug here must not cost the rest of its batch
+            self._rendered(frame, variants, results, exc)
+        except Exception:
+            log.exception("publishing %s #%d", frame.source, frame.seq)
+
+    def _turn_over(self) -> None:
+        assert self.inline is not None
+        self._turn_marked = False
+        self.inline.turn_over()
+
+    def _rendered_in_thread(
+        self, frame: Frame, variants: list[Variant], kind: Any, job: Future
+    ) -> None:
+        """On the loop, a codec thread's result: the source may render again (``_rendering``),
+        and what the render cost there tells ``inline`` whether the next may run here."""
         self._rendering.discard(frame.source)
-        if job.cancelled():
+        if job.cancelled():  # shutting down
+            self._waiting.pop(frame.source, None)
             return
         exc = job.exception()
         results: dict = {}
         if exc is None:
             results, seconds = job.result()
             if self.inline is not None:
-                self.inline.spent((frame.source, tuple(v.plan for v in variants)), seconds, False)
+                self.inline.spent(kind, seconds, on_loop=False)
         self._rendered(frame, variants, results, exc)
 
     def _rendered(
