@@ -319,7 +319,7 @@ class Hub:
         observe = self.metrics.observe_codec
         loop = asyncio.get_running_loop()
         if self.inline is not None and self.inline.on_loop(kind):
-            self._render_here(loop, frame, variants, kind)
+            self._render_here(loop, frame, variants, plans, kind)
             return
         job = self.executor.submit(_render_measured, frame.image, plans, observe)
         self._rendering.add(frame.source)  # after submit: a refused job leaves nothing stuck
@@ -330,7 +330,12 @@ class Hub:
         )
 
     def _render_here(
-        self, loop: asyncio.AbstractEventLoop, frame: Frame, variants: list[Variant], kind: Any
+        self,
+        loop: asyncio.AbstractEventLoop,
+        frame: Frame,
+        variants: list[Variant],
+        plans: list[Plan],
+        kind: Any,
     ) -> None:
         """On the loop: the wall time it held the loop is what the budget counts."""
         assert self.inline is not None
@@ -338,7 +343,6 @@ class Hub:
             self._turn_marked = True
             loop.call_soon(self._turn_over)
         started = time.perf_counter()
-        plans = [v.plan for v in variants]
         try:
             results, exc = codec.render_many(frame.image, plans, self.metrics.observe_codec), None
         except Exception as error:  # a bug, not a bad frame: as a thread's job would
