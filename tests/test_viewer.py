@@ -19,7 +19,7 @@ pytestmark = [
 # Each tile, with the rate the viewer itself shows under it ("12.3 fps · 40 ms"), 0 before
 # any picture.
 TILES_JS = """[...document.querySelectorAll('.tile')].map(t => {
-  const w = parseInt(t.querySelector('img').dataset.size || '0');
+  const w = parseInt(t.querySelector('canvas').dataset.size || '0');
   const info = t.querySelector('.info').textContent;
   return {name: t.dataset.source, w, info, stale: t.classList.contains('stale'),
           fps: w > 0 && info.includes(' fps') ? parseFloat(info) : 0};
