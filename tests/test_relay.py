@@ -253,6 +253,21 @@ def test_six_visual_sources_at_full_rate_at_once(relay):
         assert rate >= 11.0, (source, seen)
 
 
+def test_cameras_that_capture_together_share_one_getimage(relay, sim):
+    """The body's cameras capture together (the simulated robot as the SDK documents Spot), so
+    the relay asks for the five fisheyes in one GetImage per capture rather than five: a fifth
+    of the calls, and of their cost on both ends. Idle refreshes of the unwatched sources add
+    a few calls; five calls a capture would be over twice this bound."""
+    calls0 = sim.get_image_calls["image"]
+    images0 = sum(sim.images_requested[s] for s in FISHEYES)
+    seen = _watch_against_the_relay(relay, FISHEYES, frames=30)
+    calls = sim.get_image_calls["image"] - calls0
+    images = sum(sim.images_requested[s] for s in FISHEYES) - images0
+    assert all(got >= 0.95 * received for got, received, _ in seen.values()), seen
+    print(f"{calls} GetImage calls for {images} fisheye images")
+    assert calls <= 0.45 * images, (calls, images)
+
+
 def test_slow_client_does_not_slow_others(relay):
     # A client that connects and never reads: its socket buffers fill, the relay must not care.
     slow = socket.create_connection(("127.0.0.1", relay.port))

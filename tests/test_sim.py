@@ -142,6 +142,21 @@ def test_captures_are_on_a_jittered_grid_and_available_after_a_delay(robot):
     assert img.shape == (480, 640, 3)
 
 
+def test_the_body_cameras_capture_together_and_the_hands_on_their_own(robot):
+    """ "Multiple images requested in a single RPC will be hardware time-synced with one another"
+    (spot-sdk docs/python/understanding_spot_programming.md): every body camera, visual and
+    depth, returns the same acquisition time; the hand's cameras are other devices."""
+    client = robot.ensure_client("image")
+    body = [c.name for c in spot_cameras() if not c.name.startswith("hand")]
+    hand = ["hand_color_image", "hand_image", "hand_depth"]
+    for _ in range(5):  # whatever moment the request lands at
+        replies = client.get_image_async([req(n) for n in body + hand]).original_future.result()
+        times = {r.source.name: stamp(r) for r in replies.image_responses}
+        assert len({times[n] for n in body}) == 1, times
+        assert len({times[n] for n in hand}) == len(hand), times
+        assert not {times[n] for n in hand} & {times[body[0]]}, times
+
+
 def test_rpc_latency_is_split_and_stamped(robot, clean_sim):
     sim = clean_sim
     client = robot.ensure_client("image")

@@ -4,7 +4,8 @@ Timing follows what a client of Spot's image services can observe (see the sched
 ``spotrelay/schedule.py``): captures on a grid at the camera's rate, each a little off it (capture
 jitter), available to GetImage a fixed delay after its acquisition time; GetImage returns the
 newest available capture. The jitter of capture k is a hash of k, so every request that gets
-capture k sees the same acquisition time, as on a robot.
+capture k sees the same acquisition time, as on a robot. Cameras on one hardware trigger (the
+body's) share their grid, jitter and all.
 
 Pictures are a loop of frames with a moving object and a counter, rendered on first use and cached
 with their encodings, so serving costs a protobuf copy. Depth has holes of 0 and a band of 65535
@@ -46,6 +47,7 @@ class Camera:
     available_after: float = 0.025
     jitter: float = 0.002
     phase: float = 0.0  # seconds into the period of capture 0
+    trigger: str = ""  # cameras on one hardware trigger share it: their captures coincide
     depth_scale: float = 1000.0
     # rate changes keep capture indices running: capture k >= epoch_k is at
     # epoch_t + (k - epoch_k) / rate (plus phase and jitter)
@@ -60,7 +62,8 @@ class Camera:
 
     def capture_time(self, k: int) -> float:
         """Acquisition time of capture k on the robot's clock."""
-        frac = ((k * 2654435761 + zlib.crc32(self.name.encode())) & 0xFFFFFFFF) / 2**32
+        trigger = (self.trigger or self.name).encode()
+        frac = ((k * 2654435761 + zlib.crc32(trigger)) & 0xFFFFFFFF) / 2**32
         jitter = min(self.jitter, 0.25 / self.rate) * (2 * frac - 1)
         return self.epoch_t + self.phase + (k - self.epoch_k) / self.rate + jitter
 
@@ -114,22 +117,27 @@ DEPTH16, GREY16 = Image.PIXEL_FORMAT_DEPTH_U16, Image.PIXEL_FORMAT_GREYSCALE_U16
 def spot_cameras() -> list[Camera]:
     """The robot's own ``image`` service, as listed on a Spot with an arm (source names from
     spot-sdk docs/python/understanding_spot_programming.md and the get_depth_plus_visual_image
-    example; sizes as reported by robots, since Boston Dynamics does not document them)."""
-    cams = []
+    example; sizes as reported by robots, since Boston Dynamics does not document them).
+
+    The body's cameras capture together: "Multiple images requested in a single RPC will be
+    hardware time-synced with one another" (the same document, about this service). So they
+    share one grid of captures, jitter and all; the hand's cameras are separate devices, each on
+    its own phase."""
+    body = []
     for n in BODY:
-        cams.append(_camera(f"{n}_fisheye_image", (640, 480), GREY8))
-        cams.append(_camera(f"{n}_depth", (424, 240), DEPTH16))
-        cams.append(_camera(f"{n}_depth_in_visual_frame", (640, 480), DEPTH16))
-    cams += [
+        body.append(_camera(f"{n}_fisheye_image", (640, 480), GREY8, trigger="body"))
+        body.append(_camera(f"{n}_depth", (424, 240), DEPTH16, trigger="body"))
+        body.append(_camera(f"{n}_depth_in_visual_frame", (640, 480), DEPTH16, trigger="body"))
+    hand = [
         _camera("hand_color_image", (640, 480), RGB8),
         _camera("hand_image", (224, 171), GREY8),
         _camera("hand_depth", (224, 171), DEPTH16),
         _camera("hand_depth_in_hand_color_frame", (640, 480), DEPTH16),
         _camera("hand_color_in_hand_depth_frame", (224, 171), RGB8),
     ]
-    for i, cam in enumerate(cams):  # every camera on its own phase
+    for i, cam in enumerate(hand, start=1):  # the body's phase is 0
         cam.phase = (i * 0.37 % 1.0) / cam.rate
-    return cams
+    return body + hand
 
 
 def spot_cam_cameras() -> list[Camera]:
