@@ -157,6 +157,14 @@ def test_the_body_cameras_capture_together_and_the_hands_on_their_own(robot):
         assert not {times[n] for n in hand} & {times[body[0]]}, times
 
 
+def test_free_running_cameras_each_capture_on_their_own():
+    """The bench's worst case for batching (``--free-running``): no two cameras' captures
+    coincide."""
+    for synced, body_times in ((True, 1), (False, 15)):
+        cams = [c for c in spot_cameras(synced=synced) if not c.name.startswith("hand")]
+        assert len({round(c.capture_time(100), 6) for c in cams}) == body_times
+
+
 def test_rpc_latency_is_split_and_stamped(robot, clean_sim):
     sim = clean_sim
     client = robot.ensure_client("image")

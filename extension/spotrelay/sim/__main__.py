@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture to available, seconds; LO-HI spreads it over the cameras",
     )
     p.add_argument("--hand-rate", type=float, default=15.0, help="hand camera rate (Hz)")
+    p.add_argument(
+        "--free-running",
+        action="store_true",
+        help="every body camera on its own phase, not on one trigger (worst case for batching)",
+    )
     p.add_argument("--rpc-latency", type=float, default=0.0, help="round trip (s)")
     p.add_argument("--rpc-jitter", type=float, default=0.0, help="+- on the round trip (s)")
     p.add_argument("--image-cost", type=float, default=0.0, help="server time per image (s)")
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         jitter=args.jitter,
         available_after=args.availability,
         hand_rate=args.hand_rate,
+        free_running=args.free_running,
         rpc_latency=args.rpc_latency,
         rpc_jitter=args.rpc_jitter,
         image_cost=args.image_cost,

@@ -114,7 +114,7 @@ GREY8, RGB8 = Image.PIXEL_FORMAT_GREYSCALE_U8, Image.PIXEL_FORMAT_RGB_U8
 DEPTH16, GREY16 = Image.PIXEL_FORMAT_DEPTH_U16, Image.PIXEL_FORMAT_GREYSCALE_U16
 
 
-def spot_cameras() -> list[Camera]:
+def spot_cameras(*, synced: bool = True) -> list[Camera]:
     """The robot's own ``image`` service, as listed on a Spot with an arm (source names from
     spot-sdk docs/python/understanding_spot_programming.md and the get_depth_plus_visual_image
     example; sizes as reported by robots, since Boston Dynamics does not document them).
@@ -122,12 +122,13 @@ def spot_cameras() -> list[Camera]:
     The body's cameras capture together: "Multiple images requested in a single RPC will be
     hardware time-synced with one another" (the same document, about this service). So they
     share one grid of captures, jitter and all; the hand's cameras are separate devices, each on
-    its own phase."""
-    body = []
+    its own phase. Not ``synced``: every camera on its own phase, the worst case for batching
+    sources into one GetImage (and what this simulator did before)."""
+    body, trigger = [], "body" if synced else ""
     for n in BODY:
-        body.append(_camera(f"{n}_fisheye_image", (640, 480), GREY8, trigger="body"))
-        body.append(_camera(f"{n}_depth", (424, 240), DEPTH16, trigger="body"))
-        body.append(_camera(f"{n}_depth_in_visual_frame", (640, 480), DEPTH16, trigger="body"))
+        body.append(_camera(f"{n}_fisheye_image", (640, 480), GREY8, trigger=trigger))
+        body.append(_camera(f"{n}_depth", (424, 240), DEPTH16, trigger=trigger))
+        body.append(_camera(f"{n}_depth_in_visual_frame", (640, 480), DEPTH16, trigger=trigger))
     hand = [
         _camera("hand_color_image", (640, 480), RGB8),
         _camera("hand_image", (224, 171), GREY8),
@@ -135,7 +136,8 @@ def spot_cameras() -> list[Camera]:
         _camera("hand_depth_in_hand_color_frame", (640, 480), DEPTH16),
         _camera("hand_color_in_hand_depth_frame", (224, 171), RGB8),
     ]
-    for i, cam in enumerate(hand, start=1):  # the body's phase is 0
+    own = hand if synced else body + hand  # the body's trigger at phase 0
+    for i, cam in enumerate(own, start=1):
         cam.phase = (i * 0.37 % 1.0) / cam.rate
     return body + hand
 

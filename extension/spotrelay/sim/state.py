@@ -77,6 +77,7 @@ class RobotState:
         jitter: float = 0.002,
         available_after: float | tuple[float, float] = 0.025,
         hand_rate: float = 15.0,
+        free_running: bool = False,
         rpc_latency: float = 0.0,
         rpc_jitter: float = 0.0,
         image_cost: float = 0.0,
@@ -99,7 +100,7 @@ class RobotState:
         self.cert_dir = cert_dir or tempfile.mkdtemp(prefix="spotrelay-sim-")
         self._rng = random.Random(seed)
         self.services: dict[str, tuple[str, list[Camera]]] = {
-            "image": ("api.spot.robot", spot_cameras())
+            "image": ("api.spot.robot", spot_cameras(synced=not free_running))
         }
         if spot_cam:
             self.services[SPOT_CAM[0]] = (SPOT_CAM[1], spot_cam_cameras())
