@@ -504,7 +504,7 @@ def _profile(pid: int, out: str, seconds: int = 10) -> None:
 
 PASS_CASE = (VISUAL, "mjpeg", "")
 TILES_CASE = (TILES, "ws", TILE_QUERY)
-FREE = ("--free-running",)  # every body camera on its own phase: no two share a GetImage
+FREE = ("--free-running",)  # every body camera on its own phase: 12-15 GetImage a round
 CASES = {  # name: (case, the simulated robot's options)
     "six cameras, one passthrough MJPEG viewer each": (PASS_CASE, ()),
     "the viewer page's 11 tiles (5 fisheye, 5 depth, hand colour) at 320 px q70": (TILES_CASE, ()),

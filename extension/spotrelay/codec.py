@@ -101,7 +101,7 @@ def _raw_to_array(data: bytes, image: ImageData) -> np.ndarray:
     if channels == 4:
         return cv2.cvtColor(arr, cv2.COLOR_RGBA2BGR)
     # little-endian 16-bit is already native: no copy (30 us for a 640x480 depth frame); the
-    # array is read-only, like every decoded picture, which the renders never write into
+    # array is read-only (the robot's bytes), and no render writes into a decoded picture
     return arr.astype(np.uint16, copy=False) if arr.dtype.itemsize == 2 else arr
 
 

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--availability",
         type=_range,
         default=0.025,
-        help="capture to available, seconds; LO-HI spreads it over the cameras",
+        help="capture to available, seconds; LO-HI spreads it over the cameras (one value for "
+        "the cameras on one trigger)",
     )
     p.add_argument("--hand-rate", type=float, default=15.0, help="hand camera rate (Hz)")
     p.add_argument(

@@ -49,10 +49,13 @@ class Camera:
     phase: float = 0.0  # seconds into the period of capture 0
     trigger: str = ""  # cameras on one hardware trigger share it: their captures coincide
     depth_scale: float = 1000.0
-    # rate changes keep capture indices running: capture k >= epoch_k is at
-    # epoch_t + (k - epoch_k) / rate (plus phase and jitter)
+    # rate changes keep capture indices running: capture k >= first_k is at
+    # epoch_t + (k - epoch_k) / rate (plus phase and jitter); ``before`` holds the same four
+    # (first_k, epoch_k, epoch_t, rate) for the captures before the last change
+    first_k: int = 0
     epoch_k: int = 0
     epoch_t: float = 0.0
+    before: tuple[int, int, float, float] | None = None
     stalled_at: int | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
@@ -60,12 +63,24 @@ class Camera:
     def is_depth(self) -> bool:
         return self.pixel_format == Image.PIXEL_FORMAT_DEPTH_U16
 
+    def _segment(self, k: int) -> tuple[int, int, float, float]:
+        if k < self.first_k and self.before is not None:
+            return self.before
+        return self.first_k, self.epoch_k, self.epoch_t, self.rate
+
+    def _slot(self, k: int) -> tuple[float, float]:
+        """Capture k's place on its grid (its time without phase or jitter), and the rate."""
+        _, epoch_k, epoch_t, rate = self._segment(k)
+        return epoch_t + (k - epoch_k) / rate, rate
+
     def capture_time(self, k: int) -> float:
-        """Acquisition time of capture k on the robot's clock."""
+        """Acquisition time of capture k on the robot's clock. The jitter is drawn per slot of
+        the grid, not per index, so cameras on one trigger share it whatever their indices."""
+        slot, rate = self._slot(k)
         trigger = (self.trigger or self.name).encode()
-        frac = ((k * 2654435761 + zlib.crc32(trigger)) & 0xFFFFFFFF) / 2**32
-        jitter = min(self.jitter, 0.25 / self.rate) * (2 * frac - 1)
-        return self.epoch_t + self.phase + (k - self.epoch_k) / self.rate + jitter
+        frac = ((round(slot * rate) * 2654435761 + zlib.crc32(trigger)) & 0xFFFFFFFF) / 2**32
+        jitter = min(self.jitter, 0.25 / rate) * (2 * frac - 1)
+        return slot + self.phase + jitter
 
     def newest(self, robot_now: float) -> tuple[int, float]:
         """(index, acquisition time) of the newest capture available at ``robot_now``."""
@@ -73,17 +88,35 @@ class Camera:
             if self.stalled_at is not None:
                 return self.stalled_at, self.capture_time(self.stalled_at)
             base = robot_now - self.available_after - self.epoch_t - self.phase
-            k = self.epoch_k + math.floor(base * self.rate) + 1
+            # before the current segment's first capture, count down from it through the last
+            k = max(self.epoch_k + math.floor(base * self.rate) + 1, self.first_k)
             while self.capture_time(k) + self.available_after > robot_now:
                 k -= 1
             return k, self.capture_time(k)
 
     def set_rate(self, rate: float, robot_now: float) -> None:
         """Change the rate from the next capture on (a camera mode change)."""
-        k, _ = self.newest(robot_now + self.available_after)
+        k = self._taken(robot_now)
         with self.lock:
-            nxt = self.capture_time(k + 1) - self.phase
-            self.epoch_k, self.epoch_t, self.rate = k + 1, nxt, rate
+            self._begin(k + 1, k + 1, self._slot(k + 1)[0], rate)
+
+    def rejoin(self, rate: float, robot_now: float) -> None:
+        """Back at ``rate`` on the grid the camera started on (slot j at j / rate), from its
+        first slot not before the next capture: a camera whose rate changed and changed back
+        is on its trigger again, in step with the others (to the bit: the same j / rate)."""
+        k = self._taken(robot_now)
+        with self.lock:
+            j = math.ceil(self._slot(k + 1)[0] * rate - 1e-3)
+            self._begin(k + 1, k + 1 - j, 0.0, rate)
+
+    def _taken(self, robot_now: float) -> int:
+        """The newest capture taken by now, available or not."""
+        return self.newest(robot_now + self.available_after)[0]
+
+    def _begin(self, first_k: int, epoch_k: int, epoch_t: float, rate: float) -> None:
+        if first_k > self.first_k:  # the current segment has begun: it becomes the one before
+            self.before = (self.first_k, self.epoch_k, self.epoch_t, self.rate)
+        self.first_k, self.epoch_k, self.epoch_t, self.rate = first_k, epoch_k, epoch_t, rate
 
     def stall(self, robot_now: float | None) -> None:
         """Stop capturing (keep returning the newest capture), or resume with None."""
@@ -123,7 +156,7 @@ def spot_cameras(*, synced: bool = True) -> list[Camera]:
     hardware time-synced with one another" (the same document, about this service). So they
     share one grid of captures, jitter and all; the hand's cameras are separate devices, each on
     its own phase. Not ``synced``: every camera on its own phase, the worst case for batching
-    sources into one GetImage (and what this simulator did before)."""
+    sources into one GetImage (like this simulator before it modelled the trigger)."""
     body, trigger = [], "body" if synced else ""
     for n in BODY:
         body.append(_camera(f"{n}_fisheye_image", (640, 480), GREY8, trigger=trigger))

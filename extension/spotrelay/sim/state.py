@@ -113,11 +113,13 @@ class RobotState:
         )
         self.cameras: dict[str, Camera] = {}
         for i, (_, cams) in enumerate(self.services.values()):
+            firsts: dict[str, int] = {}  # trigger -> its first camera's place
             for j, cam in enumerate(cams):
                 cam.jitter = jitter
                 if isinstance(available_after, tuple):  # spread over the range, per camera
-                    lo, hi = available_after
-                    cam.available_after = lo + (hi - lo) * ((7 * j + 3 * i) % 11) / 10
+                    lo, hi = available_after  # (one trigger's captures are available together)
+                    at = firsts.setdefault(cam.trigger, j) if cam.trigger else j
+                    cam.available_after = lo + (hi - lo) * ((7 * at + 3 * i) % 11) / 10
                 elif i == 0:
                     cam.available_after = available_after
                 self.cameras[cam.name] = cam
@@ -187,8 +189,8 @@ class RobotState:
         for name, cam in self.cameras.items():
             cam.stall(None)
             rate, cols, rows = self._modes[name]
-            if cam.rate != rate:
-                self.set_rate(name, rate)
+            if cam.rate != rate or cam.first_k:  # its rate changed at some point
+                cam.rejoin(rate, self.robot_time())
             self.set_resolution(name, cols, rows)
         self.rpc_latency = self.rpc_jitter = self.image_cost = 0.0
         self._available = True
