@@ -258,11 +258,20 @@ def test_cameras_that_capture_together_share_one_getimage(relay, sim):
     the relay asks for the five fisheyes in one GetImage per capture rather than five: a fifth
     of the calls, and of their cost on both ends. Idle refreshes of the unwatched sources add
     a few calls; five calls a capture would be over twice this bound."""
+    _watch_against_the_relay(relay, FISHEYES, frames=15)  # the schedules learn the cameras
     calls0 = sim.get_image_calls["image"]
     images0 = sum(sim.images_requested[s] for s in FISHEYES)
     seen = _watch_against_the_relay(relay, FISHEYES, frames=30)
     calls = sim.get_image_calls["image"] - calls0
     images = sum(sim.images_requested[s] for s in FISHEYES) - images0
+    # what the relay learnt of them says so too: one rate, one phase (give or take the jitter)
+    timing = {s["name"]: s for s in relay.json("/api/sources")["sources"] if s["name"] in FISHEYES}
+    rates = [t["capture_hz"] for t in timing.values()]
+    assert all(abs(r - 15.0) < 0.5 for r in rates), timing
+    phases = [t["capture_phase_ms"] for t in timing.values()]
+    period = 1000 / 15
+    spread = [abs((p - phases[0] + period / 2) % period - period / 2) for p in phases]
+    assert max(spread) < 2.5, timing
     assert all(got >= 0.95 * received for got, received, _ in seen.values()), seen
     print(f"{calls} GetImage calls for {images} fisheye images")
     assert calls <= 0.45 * images, (calls, images)

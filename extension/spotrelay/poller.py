@@ -129,14 +129,17 @@ class Poller:
             self._wake_service(state.info.service)
 
     def timing(self, source: str) -> dict[str, float | None]:
-        """What the schedule has learned of a camera (for /api/sources)."""
+        """What the schedule has learned of a camera (for /api/sources). The phase is where its
+        captures fall in each period of the local clock: cameras on one trigger share it, and
+        then share GetImage calls, which is what a robot's owner can check here."""
         state = self.sources.get(source)
         sched = state.schedule if state else None
         if sched is None or sched.grid is None:
-            return {"capture_hz": None, "available_after_ms": None}
-        hi = sched.avail_hi
+            return {"capture_hz": None, "capture_phase_ms": None, "available_after_ms": None}
+        grid, hi = sched.grid, sched.avail_hi
         return {
-            "capture_hz": round(1 / sched.grid.period, 3),
+            "capture_hz": round(1 / grid.period, 3),
+            "capture_phase_ms": round(grid.t0 % grid.period * 1e3, 1),
             "available_after_ms": round(hi * 1e3, 1) if hi is not None else None,
         }
 
