@@ -152,10 +152,10 @@ def spot_cameras(*, synced: bool = True) -> list[Camera]:
     spot-sdk docs/python/understanding_spot_programming.md and the get_depth_plus_visual_image
     example; sizes as reported by robots, since Boston Dynamics does not document them).
 
-    The body's cameras capture together: "Multiple images requested in a single RPC will be
-    hardware time-synced with one another" (the same document, about this service). So they
-    share one grid of captures, jitter and all; the hand's cameras are separate devices, each on
-    its own phase. Not ``synced``: every camera on its own phase, the worst case for batching
+    The body's cameras capture together, as we read "Multiple images requested in a single RPC
+    will be hardware time-synced with one another" (the same document, about this service; it
+    could also mean one clock, see the README's benchmarks): one grid of captures, jitter and
+    all. The hand's cameras keep phases of their own, the cautious choice. Not ``synced``: every camera on its own phase, the worst case for batching
     sources into one GetImage (like this simulator before it modelled the trigger)."""
     body, trigger = [], "body" if synced else ""
     for n in BODY:
