@@ -155,8 +155,9 @@ def spot_cameras(*, synced: bool = True) -> list[Camera]:
     The body's cameras capture together, as we read "Multiple images requested in a single RPC
     will be hardware time-synced with one another" (the same document, about this service; it
     could also mean one clock, see the README's benchmarks): one grid of captures, jitter and
-    all. The hand's cameras keep phases of their own, the cautious choice. Not ``synced``: every camera on its own phase, the worst case for batching
-    sources into one GetImage (like this simulator before it modelled the trigger)."""
+    all. The hand's cameras keep phases of their own, the cautious choice. Not ``synced``:
+    every camera on its own phase, the worst case for batching sources into one GetImage (like
+    this simulator before it modelled the trigger)."""
     body, trigger = [], "body" if synced else ""
     for n in BODY:
         body.append(_camera(f"{n}_fisheye_image", (640, 480), GREY8, trigger=trigger))
