@@ -316,11 +316,11 @@ class Hub:
         wrapped around the job's: that wrapping costs one more turn of the loop a frame."""
         plans = [v.plan for v in variants]
         kind = (frame.source, frozenset(plans))
-        observe = self.metrics.observe_codec
         loop = asyncio.get_running_loop()
         if self.inline is not None and self.inline.on_loop(kind):
             self._render_here(loop, frame, variants, plans, kind)
             return
+        observe = self.metrics.observe_codec
         job = self.executor.submit(_render_measured, frame.image, plans, observe)
         self._rendering.add(frame.source)  # after submit: a refused job leaves nothing stuck
         job.add_done_callback(
