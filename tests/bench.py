@@ -455,11 +455,13 @@ def load(
     warmup: float,
     window: float,
     profile: str | None = None,
+    options: tuple[str, ...] = (),
 ) -> Load:
-    """A fresh relay (this checkout's, or the one in ``code``) with one viewer per source;
-    ``profile``: after the window, a py-spy recording of it under the same load, to that file."""
+    """A fresh relay (this checkout's, or the one in ``code``; ``options``: more of its
+    command line) with one viewer per source; ``profile``: after the window, a py-spy
+    recording of it under the same load, to that file."""
     sources, mode, query = case
-    relay = Relay.for_sim(sim, "--sources", ",".join(sources), code=code).wait_ready()
+    relay = Relay.for_sim(sim, "--sources", ",".join(sources), *options, code=code).wait_ready()
     viewers = None
     try:
         viewers = Viewers(relay.port, mode, query, sources)
@@ -546,6 +548,31 @@ def scenario_cases(
             finally:
                 sim.stop()
             _case_rows(report, name, runs, tiles=case[1] == "ws")
+
+
+def scenario_fetch_raw(report: Report, secs: float, rounds: int) -> None:
+    """The viewer page's 11 tiles with the five fisheyes fetched RAW (``--fetch-raw``) against
+    the same relay fetching them as JPEG, in ABBA rounds: what skipping the JPEG decode saves,
+    at four times the bytes on the robot's link."""
+    name = "the viewer page's 11 tiles, the fisheyes fetched RAW (baseline: as JPEG)"
+    print(f"CPU: {name} ({rounds} rounds)", flush=True)
+    arms = {"before": (), "now": ("--fetch-raw", ",".join(FISHEYES))}
+    sim = SimProcess(0.0)
+    runs: dict[str, list[Load]] = {arm: [] for arm in arms}
+    try:
+        for r in range(rounds):
+            for arm in list(arms) if r % 2 == 0 else list(arms)[::-1]:
+                got = load(sim, None, TILES_CASE, 3.0, secs, options=arms[arm])
+                runs[arm].append(got)
+                label = "JPEG" if arm == "before" else "RAW"
+                print(
+                    f"  {label}: {got.cpu:.1%} of a core, worst viewer {got.fps_min:.1f} fps, "
+                    f"delivered {got.delivered_min:.1%}",
+                    flush=True,
+                )
+    finally:
+        sim.stop()
+    _case_rows(report, name, runs, tiles=True)
 
 
 def _case_rows(report: Report, name: str, runs: dict[str, list[Load]], tiles: bool) -> None:
@@ -736,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated scenarios: six,rtt,mixed,cpu,cases,reconnect,demo",
+        help="comma-separated scenarios: six,rtt,mixed,cpu,cases,raw,reconnect,demo",
     )
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the CPU cases")
     parser.add_argument("--repeats", type=int, default=3, help="each outage, per relay")
@@ -765,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario_cpu(report, args.seconds / 2)
     if want("cases"):
         scenario_cases(report, args.seconds, args.rounds, args.before, args.profile)
+    if want("raw"):
+        scenario_fetch_raw(report, args.seconds, args.rounds)
     if want("reconnect"):
         scenario_reconnect(report, args.before, args.repeats)
     if want("demo"):

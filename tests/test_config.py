@@ -36,6 +36,9 @@ def test_defaults_and_flags(monkeypatch):
     assert cfg.login == "user" and cfg.username == "u"
     cfg = load(["--robot", "r", "--sources", " a, b,,", "--image-services", "auto"], None, None)
     assert cfg.sources == ("a", "b") and cfg.image_services == ("auto",)
+    assert cfg.fetch_raw == ()
+    cfg = load(["--robot", "r", "--fetch-raw", "left_fisheye_image,back_fisheye_image"], None, None)
+    assert cfg.fetch_raw == ("left_fisheye_image", "back_fisheye_image")
 
 
 def test_environment_is_read_with_the_flags_own_types_and_flags_win(monkeypatch):

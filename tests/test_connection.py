@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from bosdyn.api import image_pb2
 from bosdyn.client.auth import InvalidLoginError, TemporarilyLockedOutError
 from bosdyn.client.exceptions import (
     TimedOutError,
@@ -414,6 +415,29 @@ async def test_auto_finds_a_service_that_registers_late_and_forgets_one_that_lef
         robot.listed.remove("payload-camera")  # and leaves
         await async_wait_until(lambda: "thermal" not in seen.sources, what="forgotten")
         assert "payload-camera" not in seen.services
+
+
+def test_cameras_named_to_fetch_raw_are_fetched_raw_where_the_robot_offers_it(caplog):
+    """--fetch-raw: a picture the robot offers uncompressed is asked for RAW; one it sends only
+    as JPEG stays JPEG, and its owner is told once, not at every listing; depth comes in the
+    service's default (uncompressed) as before."""
+    asyncio.run(_fetch_raw(FakeRobot(FakeTime()), caplog))
+
+
+async def _fetch_raw(robot: FakeRobot, caplog) -> None:
+    both = SourceInfo("front", "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG", "RAW"))
+    depth = SourceInfo("depth", "image", 240, 424, "depth", ("DEPTH_U16",), ("RAW", "RLE"))
+    robot.services["image"] = [both, source("back"), depth, source("left")]
+    async with running(robot, raw=["front", "back", "depth"]) as (conn, seen):
+        await async_wait_until(lambda: seen.sources, what="sources listed")
+        assert conn.sources["front"].wire_format == image_pb2.Image.FORMAT_RAW
+        assert conn.sources["back"].wire_format == image_pb2.Image.FORMAT_JPEG
+        assert conn.sources["left"].wire_format == image_pb2.Image.FORMAT_JPEG  # not named
+        assert conn.sources["depth"].wire_format is None
+        conn._merge("image", robot.services["image"])  # listed again: told once only
+    assert [r.getMessage() for r in caplog.records if "--fetch-raw" in r.getMessage()] == [
+        "--fetch-raw back: image does not offer it uncompressed (only JPEG); fetched as is"
+    ]
 
 
 def test_a_rejected_token_is_a_login_problem_not_a_network_one():

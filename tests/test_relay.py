@@ -63,8 +63,10 @@ def test_sources_lists_every_camera_with_live_state(relay):
         "image",
     )
     assert "JPEG" in fl["formats"] and "GREYSCALE_U8" in fl["pixel_formats"]
+    assert fl["fetched_as"] == "JPEG"
     depth = by_name["frontleft_depth"]
     assert (depth["cols"], depth["rows"], depth["image_type"]) == (424, 240, "depth")
+    assert depth["fetched_as"] is None  # the service's default
     # Unwatched sources are still polled at the idle rate, so their age stays small.
     ages = wait_until(
         lambda: [s["age"] for s in relay.json("/api/sources")["sources"] if s["age"] is not None],
@@ -107,6 +109,42 @@ def test_passthrough_serves_the_robots_bytes_unchanged(relay, sim):
     part = first_part(relay, "/stream/back_fisheye_image")
     assert part.body[:2] == b"\xff\xd8"
     assert sim.has_served("back_fisheye_image", part.body)
+
+
+def test_a_camera_fetched_raw_is_served_from_the_robots_pixels(sim):
+    """--fetch-raw: the robot sends the camera's pixels uncompressed, so that a resized view
+    costs no JPEG decode. A full-size viewer then gets a JPEG made by the relay (the robot's
+    own bytes are not JPEG); both it and a tile show the pixels the robot sent."""
+    name = "left_fisheye_image"
+    raw = Relay.for_sim(sim, "--sources", name, "--fetch-raw", name).wait_ready()
+    try:
+        assert raw.json("/api/sources")["sources"][0]["fetched_as"] == "RAW"
+        full = first_part(raw, f"/stream/{name}")
+        tile = first_part(raw, f"/stream/{name}?width=320")
+        assert not sim.has_served(name, full.body), "the robot's JPEG, not its pixels"
+        sent = [
+            np.frombuffer(data, np.uint8).reshape(480, 640)
+            for data in sim.recent(name)
+            if len(data) == 640 * 480
+        ]
+        assert sent, "the robot sent no uncompressed frame"
+
+        def far(img: np.ndarray, pixels: np.ndarray) -> float:
+            """The share of pixels far apart: a JPEG's noise is never that far (a different
+            capture is: the simulated robot's scene moves)."""
+            return float(np.mean(np.abs(img.astype(int) - pixels.astype(int)) > 48))
+
+        shown = decode(full.body)
+        assert shown.shape == (480, 640)
+        assert min(far(shown, p) for p in sent) < 0.002
+        small = decode(tile.body)
+        assert small.shape == (240, 320)
+        assert (
+            min(far(small, cv2.resize(p, (320, 240), interpolation=cv2.INTER_AREA)) for p in sent)
+            < 0.002
+        )
+    finally:
+        raw.stop()
 
 
 def test_resize_rotate_and_quality_are_applied(relay):

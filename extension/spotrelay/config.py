@@ -40,6 +40,7 @@ class Config:
     port: int = DEFAULT_PORT
     bind: str = "0.0.0.0"
     sources: tuple[str, ...] = ()  # empty: every source the image services list
+    fetch_raw: tuple[str, ...] = ()  # cameras to ask the robot for uncompressed
     image_services: tuple[str, ...] = ("image",)  # ("auto",): every ImageService in the directory
     sim: bool = False
     token: str | None = field(default=None, repr=False)
@@ -176,6 +177,13 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
     ),
     ("--bind", str, "0.0.0.0", "address the HTTP server (and the Autowalk callback) listen on"),
     ("--sources", _csv, (), "comma-separated image sources to relay (default: all)"),
+    (
+        "--fetch-raw",
+        _csv,
+        (),
+        "comma-separated cameras to ask the robot for uncompressed (RAW): no JPEG to decode "
+        "for resized views, four times the bytes on the robot's link",
+    ),
     ("--image-services", _csv, ("image",), "image services to poll, or 'auto' for every one"),
     ("--token", str, None, "require this access token on every request but /healthz and /readyz"),
     (

@@ -145,6 +145,7 @@ class Relay:
             target,
             cfg.image_services,
             cfg.sources,
+            raw=cfg.fetch_raw,
             on_change=self._sources_changed,
             on_token=redactor.add if redactor else lambda token: None,
             on_session=self._session_changed,

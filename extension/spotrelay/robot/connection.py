@@ -32,7 +32,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from bosdyn.api import image_pb2
@@ -156,6 +156,7 @@ class RobotConnection:
         services: Iterable[str],
         wanted: Iterable[str] = (),
         *,
+        raw: Iterable[str] = (),
         on_change: SourcesChanged = lambda sources, services: None,
         on_token: Callable[[str], None] = lambda token: None,
         on_session: SessionChanged = lambda robot: None,
@@ -168,6 +169,8 @@ class RobotConnection:
         self.services = tuple(services)
         self.auto = self.services == ("auto",)
         self.wanted = tuple(wanted)
+        self.raw = frozenset(raw)  # sources to fetch uncompressed (SourceInfo.fetch_raw)
+        self._raw_refused: set[str] = set()  # told once: the robot does not offer them RAW
         self.on_change = on_change
         self.on_token = on_token  # the robot-issued user token, so that logs can mask it
         self.on_session = on_session
@@ -487,7 +490,24 @@ class RobotConnection:
                     held.service,
                 )
                 continue
+            if info.name in self.raw:
+                info = self._fetch_raw(info)
             self.sources[info.name] = info
+
+    def _fetch_raw(self, info: SourceInfo) -> SourceInfo:
+        """``info`` marked to be fetched RAW. Depth comes uncompressed already (the service's
+        default); a picture the robot sends only compressed stays so, which is said once."""
+        if info.image_type == "visual" and "RAW" not in info.image_formats:
+            if info.name not in self._raw_refused:
+                self._raw_refused.add(info.name)
+                log.warning(
+                    "--fetch-raw %s: %s does not offer it uncompressed (only %s); fetched as is",
+                    info.name,
+                    info.service,
+                    ",".join(info.image_formats) or "no format",
+                )
+            return info
+        return replace(info, fetch_raw=True)
 
     def _notify(self) -> None:
         self.on_change(dict(self.sources), {name: st.ok for name, st in self.state.items()})

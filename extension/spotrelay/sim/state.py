@@ -205,8 +205,12 @@ class RobotState:
 
     def has_served(self, source: str, data: bytes) -> bool:
         """Whether these exact bytes were among the last images served for the source."""
+        return data in self.recent(source)
+
+    def recent(self, source: str) -> list[bytes]:
+        """The last images served for the source (to any client), oldest first."""
         with self._lock:
-            return any(d == data for d in self._served[source])
+            return list(self._served[source])
 
     # -- the directory -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from bosdyn.api import image_pb2
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -23,6 +24,11 @@ RobotStatus = Callable[[], dict[str, Any]]
 # /readyz is open: it says what kind of trouble the robot link has (credentials or network),
 # while the robot's own error text stays behind the token, in /api/state
 READY_REASONS = {"login": "robot login failed", "unreachable": "robot unreachable"}
+
+
+def _format_name(fmt: int | None) -> str | None:
+    """What the relay asks the robot for: "JPEG", "RAW"; None: the service's default."""
+    return None if fmt is None else image_pb2.Image.Format.Name(fmt).removeprefix("FORMAT_")
 
 
 def add_routes(
@@ -58,6 +64,7 @@ def add_routes(
                     "image_type": info.image_type,
                     "pixel_formats": list(info.pixel_formats),
                     "formats": list(info.image_formats),
+                    "fetched_as": _format_name(info.wire_format),
                     "fps": round(hub.fps(name), 2),
                     **timing(name),
                     "age": round(now - frame.acquired, 3) if frame else None,
