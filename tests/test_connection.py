@@ -427,16 +427,24 @@ def test_cameras_named_to_fetch_raw_are_fetched_raw_where_the_robot_offers_it(ca
 async def _fetch_raw(robot: FakeRobot, caplog) -> None:
     both = SourceInfo("front", "image", 480, 640, "visual", ("GREYSCALE_U8",), ("JPEG", "RAW"))
     depth = SourceInfo("depth", "image", 240, 424, "depth", ("DEPTH_U16",), ("RAW", "RLE"))
-    robot.services["image"] = [both, source("back"), depth, source("left")]
-    async with running(robot, raw=["front", "back", "depth"]) as (conn, seen):
+    odd = SourceInfo("thermal", "image", 240, 320, "unknown", ("GREYSCALE_U16",), ("RAW",))
+    robot.services["image"] = [both, source("back"), depth, source("left"), odd]
+    raw = ["front", "back", "depth", "thermal", "frontt"]
+    async with running(robot, raw=raw) as (conn, seen):
         await async_wait_until(lambda: seen.sources, what="sources listed")
         assert conn.sources["front"].wire_format == image_pb2.Image.FORMAT_RAW
         assert conn.sources["back"].wire_format == image_pb2.Image.FORMAT_JPEG
         assert conn.sources["left"].wire_format == image_pb2.Image.FORMAT_JPEG  # not named
         assert conn.sources["depth"].wire_format is None
+        assert conn.sources["thermal"].wire_format is None
         conn._merge("image", robot.services["image"])  # listed again: told once only
-    assert [r.getMessage() for r in caplog.records if "--fetch-raw" in r.getMessage()] == [
-        "--fetch-raw back: image does not offer it uncompressed (only JPEG); fetched as is"
+    assert sorted(r.getMessage() for r in caplog.records if "--fetch-raw" in r.getMessage()) == [
+        "--fetch-raw back: image lists it as type visual in JPEG: not a picture it sends "
+        "uncompressed; fetched as is",
+        "--fetch-raw frontt: no such camera among those listed so far (see --sources); fetched "
+        "as is",
+        "--fetch-raw thermal: image lists it as type unknown in RAW: not a picture it sends "
+        "uncompressed; fetched as is",
     ]
 
 

@@ -10,6 +10,8 @@ import logging
 import socket
 import threading
 
+import cv2
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from bosdyn.api import service_customization_pb2 as sc
@@ -17,13 +19,15 @@ from bosdyn.api.mission import remote_pb2, util_pb2
 from bosdyn.client.exceptions import UnableToConnectToRobotError
 
 from spotrelay import config
-from spotrelay.autowalk import registration
+from spotrelay.autowalk import jobs, registration
 from spotrelay.autowalk import routes as captures_out
 from spotrelay.autowalk import service as mission
+from spotrelay.frames import GREY8, JPEG, RAW, Frame, ImageData
 from spotrelay.http.app import build_app
 from spotrelay.main import Relay
 from spotrelay.metrics import Metrics
 from spotrelay.robot import Target
+from spotrelay.sim.cameras import Content, spot_cameras
 from tests.relay import free_port
 from tests.wait import async_wait_until
 
@@ -260,3 +264,21 @@ def test_bad_listing_parameters_are_named(query, tmp_path):
 )
 def test_job_params_are_what_parse_params_reads_back(job):
     assert mission.parse_params(mission.job_params(job), ["a", "b"]) == job
+
+
+def test_a_camera_fetched_uncompressed_is_kept_lossless_and_its_clips_say_so():
+    """--fetch-raw: there are no robot's JPEG bytes to keep, so a still is a lossless PNG of the
+    pixels the robot sent, and a clip's sidecar says its frames are the relay's JPEG."""
+    cam = next(c for c in spot_cameras() if c.name == "left_fisheye_image")
+    pixels = Content().data(cam, RAW, 0, 7)
+    image = ImageData(pixels, RAW, GREY8, cam.rows, cam.cols)
+    frame = Frame(cam.name, image, acquired=100.0, robot_time=102.5, received=100.05, seq=7)
+    still = jobs._still(frame)
+    assert still.suffix == ".png" and still.meta["encoding"] == "PNG"
+    kept = cv2.imdecode(np.frombuffer(still.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert kept.tobytes() == pixels
+    assert jobs._clip_encoding(image.shape) == (
+        "MJPEG in AVI (JPEG of the robot's uncompressed pixels, quality 80)"
+    )
+    jpeg = ImageData(Content().data(cam, JPEG, 75, 7), JPEG, GREY8, cam.rows, cam.cols)
+    assert jobs._clip_encoding(jpeg.shape) == "MJPEG in AVI (the robot's JPEG bytes)"

@@ -63,16 +63,16 @@ def test_sources_lists_every_camera_with_live_state(relay):
         "image",
     )
     assert "JPEG" in fl["formats"] and "GREYSCALE_U8" in fl["pixel_formats"]
-    assert fl["fetched_as"] == "JPEG"
     depth = by_name["frontleft_depth"]
     assert (depth["cols"], depth["rows"], depth["image_type"]) == (424, 240, "depth")
-    assert depth["fetched_as"] is None  # the service's default
     # Unwatched sources are still polled at the idle rate, so their age stays small.
     ages = wait_until(
         lambda: [s["age"] for s in relay.json("/api/sources")["sources"] if s["age"] is not None],
         what="every source has a frame",
     )
     assert len(ages) == len(data["sources"]) and max(ages) < 3.0, ages
+    fetched = {s["name"]: s["fetched_as"] for s in relay.json("/api/sources")["sources"]}
+    assert fetched["frontleft_fisheye_image"] == "JPEG" and fetched["frontleft_depth"] == "RAW"
     # The robot's clock is skewed; ages near zero prove the capture time was converted.
     assert abs(data["robot"]["clock_skew"]) > 0.5
 

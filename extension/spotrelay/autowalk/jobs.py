@@ -4,7 +4,8 @@ Frames come from the hub, as every output's do: ``capture`` takes the newest fra
 delivered after the tick began (``Hub.next_frame``, which polls the camera at full rate while it
 waits); ``record`` follows a camera's stream like a viewer (``Hub.frames``) and appends the
 robot's JPEG bytes to an MJPEG AVI as they come. Nothing is re-encoded but depth (lossless 16-bit
-PNG for stills, colour-mapped JPEG in clips) and the thumbnails. Disk work runs in the ``io``
+PNG for stills, colour-mapped JPEG in clips), cameras fetched uncompressed (``--fetch-raw``: PNG
+stills, JPEG in clips) and the thumbnails. Disk work runs in the ``io``
 threads, rendering on the evidence's own bounded pool (``stills``, apart from snapshots); the
 event loop only waits.
 
@@ -42,9 +43,9 @@ from spotrelay.autowalk.store import (
     Store,
     utc_iso,
 )
-from spotrelay.frames import GREY16, JPEG, Frame, RenderSpec
+from spotrelay.frames import DEPTH16, GREY16, JPEG, Frame, RenderSpec, Shape
 from spotrelay.hub import Client, Hub
-from spotrelay.plan import plan
+from spotrelay.plan import DEFAULT_QUALITY, plan
 from spotrelay.stills import Busy, Stills
 
 CAPTURE, RECORD = "capture", "record"
@@ -208,7 +209,8 @@ class Evidence:
 
     async def _record_one(self, job: Job, context: dict[str, Any], source: str, clip: Clip) -> None:
         """Frames captured from the first after the tick for ``duration`` seconds of capture
-        time, the robot's JPEG bytes as they come (colour-mapped JPEG for depth).
+        time, the robot's JPEG bytes as they come (the relay's JPEG for depth, colour-mapped, and
+        for a camera fetched uncompressed).
 
         Reading and writing are apart: frames wait in a queue for the writer, so that the
         reader is ready for the hub's next frame at once and a slow disk costs no frame."""
@@ -314,7 +316,7 @@ class Evidence:
         meta.update(
             kind="clip",
             media_type=MEDIA_TYPES[".avi"],
-            encoding="MJPEG in AVI (the robot's JPEG bytes; colour-mapped for depth)",
+            encoding=_clip_encoding(self.hub.shape(source)),
             width=width,
             height=height,
             time=state.first,
@@ -356,6 +358,16 @@ class _Recording:
     def fps(self) -> float:
         """Measured from capture times: what the camera delivered, for the AVI's frame rate."""
         return (self.count - 1) / self.span if self.count > 1 and self.span > 0 else 15.0
+
+
+def _clip_encoding(shape: Shape) -> str:
+    """What a clip's frames are, for its sidecar: the robot's own JPEG bytes, unless the camera
+    sends something else (depth, a camera fetched uncompressed), which the relay encodes."""
+    if shape.format == JPEG:
+        return "MJPEG in AVI (the robot's JPEG bytes)"
+    if shape.pixel_format == DEPTH16:
+        return "MJPEG in AVI (colour-mapped depth)"
+    return f"MJPEG in AVI (JPEG of the robot's uncompressed pixels, quality {DEFAULT_QUALITY})"
 
 
 def _still(frame: Frame) -> Picture:

@@ -170,7 +170,7 @@ class RobotConnection:
         self.auto = self.services == ("auto",)
         self.wanted = tuple(wanted)
         self.raw = frozenset(raw)  # sources to fetch uncompressed (SourceInfo.fetch_raw)
-        self._raw_refused: set[str] = set()  # told once: the robot does not offer them RAW
+        self._raw_told: set[str] = set()  # --fetch-raw names the owner was told do nothing
         self.on_change = on_change
         self.on_token = on_token  # the robot-issued user token, so that logs can mask it
         self.on_session = on_session
@@ -473,6 +473,8 @@ class RobotConnection:
                     "image service %s%s: %d sources", st.name, " back" if back else "", len(result)
                 )
             self._merge(st.name, result)
+            for name in sorted(self.raw - self.sources.keys()):
+                self._tell_raw(name, "no such camera among those listed so far (see --sources)")
             self._answering()
         self._notify()
 
@@ -495,19 +497,26 @@ class RobotConnection:
             self.sources[info.name] = info
 
     def _fetch_raw(self, info: SourceInfo) -> SourceInfo:
-        """``info`` marked to be fetched RAW. Depth comes uncompressed already (the service's
-        default); a picture the robot sends only compressed stays so, which is said once."""
-        if info.image_type == "visual" and "RAW" not in info.image_formats:
-            if info.name not in self._raw_refused:
-                self._raw_refused.add(info.name)
-                log.warning(
-                    "--fetch-raw %s: %s does not offer it uncompressed (only %s); fetched as is",
-                    info.name,
-                    info.service,
-                    ",".join(info.image_formats) or "no format",
-                )
-            return info
-        return replace(info, fetch_raw=True)
+        """``info`` marked to be fetched RAW. Depth comes in the service's default already
+        (RAW or RLE, both lossless); a camera the robot does not send as an uncompressed
+        picture stays as it is, which is said once."""
+        raw = replace(info, fetch_raw=True)
+        if raw.wire_format == image_pb2.Image.FORMAT_RAW or info.image_type == "depth":
+            return raw
+        self._tell_raw(
+            info.name,
+            "%s lists it as type %s in %s: not a picture it sends uncompressed",
+            info.service,
+            info.image_type,
+            ",".join(info.image_formats) or "no format",
+        )
+        return info
+
+    def _tell_raw(self, name: str, why: str, *args: object) -> None:
+        """A --fetch-raw name that does nothing: the owner is told once."""
+        if name not in self._raw_told:
+            self._raw_told.add(name)
+            log.warning("--fetch-raw %s: " + why + "; fetched as is", name, *args)
 
     def _notify(self) -> None:
         self.on_change(dict(self.sources), {name: st.ok for name, st in self.state.items()})

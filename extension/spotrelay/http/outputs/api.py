@@ -27,7 +27,8 @@ READY_REASONS = {"login": "robot login failed", "unreachable": "robot unreachabl
 
 
 def _format_name(fmt: int | None) -> str | None:
-    """What the relay asks the robot for: "JPEG", "RAW"; None: the service's default."""
+    """How a camera's frames come: "JPEG", "RAW", "RLE" (the newest frame's format; before the
+    first, what the relay asks for, None for the service's default)."""
     return None if fmt is None else image_pb2.Image.Format.Name(fmt).removeprefix("FORMAT_")
 
 
@@ -64,7 +65,7 @@ def add_routes(
                     "image_type": info.image_type,
                     "pixel_formats": list(info.pixel_formats),
                     "formats": list(info.image_formats),
-                    "fetched_as": _format_name(info.wire_format),
+                    "fetched_as": _format_name(frame.image.format if frame else info.wire_format),
                     "fps": round(hub.fps(name), 2),
                     **timing(name),
                     "age": round(now - frame.acquired, 3) if frame else None,
