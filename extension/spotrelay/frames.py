@@ -132,6 +132,12 @@ class RenderSpec:
     format: str = "jpeg"
 
 
+def format_name(fmt: int | None) -> str | None:
+    """An image format as the HTTP API names it ("JPEG", "RAW", "RLE"); None stays None (the
+    service's default)."""
+    return None if fmt is None else _enum_name(_Image.Format, fmt)
+
+
 def _enum_name(enum, value: int) -> str:
     try:
         return enum.Name(value).removeprefix("PIXEL_FORMAT_").removeprefix("FORMAT_")

@@ -473,9 +473,10 @@ class RobotConnection:
                     "image service %s%s: %d sources", st.name, " back" if back else "", len(result)
                 )
             self._merge(st.name, result)
+            self._answering()
+        if any(not isinstance(r, BaseException) for r in results):  # after all, not each
             for name in sorted(self.raw - self.sources.keys()):
                 self._tell_raw(name, "no such camera among those listed so far (see --sources)")
-            self._answering()
         self._notify()
 
     def _merge(self, service: str, found: list[SourceInfo]) -> None:

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from bosdyn.api import image_pb2
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from spotrelay import __version__
 from spotrelay.adapt import describe
+from spotrelay.frames import format_name
 from spotrelay.http.outputs.common import json_response
 from spotrelay.hub import Hub
 
@@ -24,12 +24,6 @@ RobotStatus = Callable[[], dict[str, Any]]
 # /readyz is open: it says what kind of trouble the robot link has (credentials or network),
 # while the robot's own error text stays behind the token, in /api/state
 READY_REASONS = {"login": "robot login failed", "unreachable": "robot unreachable"}
-
-
-def _format_name(fmt: int | None) -> str | None:
-    """How a camera's frames come: "JPEG", "RAW", "RLE" (the newest frame's format; before the
-    first, what the relay asks for, None for the service's default)."""
-    return None if fmt is None else image_pb2.Image.Format.Name(fmt).removeprefix("FORMAT_")
 
 
 def add_routes(
@@ -65,7 +59,8 @@ def add_routes(
                     "image_type": info.image_type,
                     "pixel_formats": list(info.pixel_formats),
                     "formats": list(info.image_formats),
-                    "fetched_as": _format_name(frame.image.format if frame else info.wire_format),
+                    # how its frames come: the newest one's format, else what is asked for
+                    "fetched_as": format_name(frame.image.format if frame else info.wire_format),
                     "fps": round(hub.fps(name), 2),
                     **timing(name),
                     "age": round(now - frame.acquired, 3) if frame else None,
