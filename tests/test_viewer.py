@@ -112,7 +112,8 @@ def token_relay(sim):
 
 def test_with_a_token_the_page_asks_for_it_and_keeps_it(token_relay):
     """No JSON 401 for a person: a form; the token kept in local storage; the large view follows
-    *upright*; *Captures* closes it."""
+    *upright*; *Captures* closes it. This browser's ImageDecoder cannot do JPEG: the page
+    finds out at its first frame and draws every frame the other way."""
     with chromium(token_relay.url + "/", "--disable-quic") as ws_url:
         seen = asyncio.run(_log_in(ws_url))
     assert seen["asked"] and seen["kept"] == TOKEN, seen
@@ -120,12 +121,26 @@ def test_with_a_token_the_page_asks_for_it_and_keeps_it(token_relay):
     assert "rotate=auto" not in seen["before"] and "rotate=auto" in seen["upright"], seen
     assert seen["upright_size"] != seen["before_size"], seen  # the picture itself re-rendered
     assert seen["after_captures"] is False, seen
+    assert 1 <= seen["decoder_asked"] <= 3, seen  # once per tile at most, not at every frame
+
+
+# An ImageDecoder that supports no JPEG (as WebCodecs lets a browser do: decode() rejects with
+# NotSupportedError), counting how often the page asks it.
+NO_JPEG_DECODER_JS = """window.decoderAsked = 0;
+window.ImageDecoder = class {
+  constructor() { window.decoderAsked++; }
+  decode() { return Promise.reject(new DOMException("no JPEG here", "NotSupportedError")); }
+  close() {}
+};"""
 
 
 async def _log_in(ws_url: str) -> dict:
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
         page = Page(ws)
         seen: dict = {}
+        await page.call("Page.enable")
+        await page.call("Page.addScriptToEvaluateOnNewDocument", source=NO_JPEG_DECODER_JS)
+        await page.call("Page.reload", ignoreCache=True)
         seen["asked"] = await page.until(
             "document.body.classList.contains('login')", "v", timeout=15
         )
@@ -150,6 +165,7 @@ async def _log_in(ws_url: str) -> dict:
             BIG_JS, "v.w > 0 && v.links.some(l => l.includes('rotate=auto'))", timeout=10
         )
         seen["upright"], seen["upright_size"] = " ".join(big["links"]), big["w"]
+        seen["decoder_asked"] = await page.eval("window.decoderAsked")
         await page.eval("document.getElementById('capbtn').click()")
         seen["after_captures"] = await page.eval(
             "document.getElementById('big').classList.contains('open')"
@@ -157,11 +173,11 @@ async def _log_in(ws_url: str) -> dict:
         return seen
 
 
-# A browser on another computer: its clock an hour ahead of the relay's, and the page not a
-# secure context (plain http to the robot's address), so without WebCodecs' ImageDecoder.
-SKEW_JS = (
-    "const realNow = Date.now; Date.now = () => realNow() + 3600 * 1000;delete window.ImageDecoder;"
-)
+# A browser on another computer: its clock an hour ahead of the relay's, and the page loaded
+# over plain http from a name that is not localhost, so not a secure context and without
+# WebCodecs' ImageDecoder (the page's other way to decode).
+SKEW_JS = "const realNow = Date.now; Date.now = () => realNow() + 3600 * 1000;"
+ROBOT_NAME = "robot.test"
 AGES_JS = """[...document.querySelectorAll('.tile')].map(t => ({
   name: t.dataset.source, info: t.querySelector('.info').textContent,
   degraded: t.classList.contains('degraded'),
@@ -176,24 +192,30 @@ def test_over_a_slow_link_the_page_stays_live_says_so_and_ages_are_right(relay):
     the frame's (its clock taken from the relay), not an hour."""
     with (
         Shaper("127.0.0.1", relay.port, mbit=2) as link,
-        chromium(f"http://127.0.0.1:{link.port}/", "--disable-quic") as ws_url,
+        chromium(
+            f"http://{ROBOT_NAME}:{link.port}/",
+            "--disable-quic",
+            f"--host-resolver-rules=MAP {ROBOT_NAME} 127.0.0.1",
+        ) as ws_url,
     ):
-        tiles = asyncio.run(_skewed(ws_url))
+        tiles, context = asyncio.run(_skewed(ws_url))
+    assert context == [False, "undefined"], context  # the fallback decoder drew these
     assert len(tiles) == len(SHOWN), tiles
     assert all(t["fps"] > LIVE_FPS for t in tiles), tiles
     assert any(t["degraded"] for t in tiles), tiles  # 2 Mbit/s cannot carry nine 320 px tiles
     assert all(0 <= t["age"] < 1000 for t in tiles), tiles
 
 
-async def _skewed(ws_url: str) -> list[dict]:
+async def _skewed(ws_url: str) -> tuple[list[dict], list]:
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
         page = Page(ws)
         await page.call("Page.enable")
         await page.call("Page.addScriptToEvaluateOnNewDocument", source=SKEW_JS)
         await page.call("Page.reload", ignoreCache=True)
-        return await page.until(
+        tiles = await page.until(
             AGES_JS,
             f"v.length == {len(SHOWN)} && v.every(t => t.fps > {LIVE_FPS} && t.age < 1000)"
             " && v.some(t => t.degraded)",
             timeout=40,
         )
+        return tiles, await page.eval("[isSecureContext, typeof ImageDecoder]")
