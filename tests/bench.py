@@ -746,7 +746,8 @@ def scenario_demo(report: Report, ref: str, secs: float) -> None:
         for arm, code in arms.items():
             relay = Relay(["--sim"], code=code).wait_ready(60)
             try:
-                with chromium(f"{relay.url}/", "--disable-quic", "--window-size=1400,1000") as ws:
+                # tall enough that all 20 tiles are on screen: the page pauses those out of sight
+                with chromium(f"{relay.url}/", "--disable-quic", "--window-size=1400,1700") as ws:
                     rates = asyncio.run(_tile_rates(ws, 3.0, max(3, int(secs))))
             finally:
                 relay.stop()

@@ -195,6 +195,7 @@ def test_over_a_slow_link_the_page_stays_live_says_so_and_ages_are_right(relay):
         chromium(
             f"http://{ROBOT_NAME}:{link.port}/",
             "--disable-quic",
+            "--window-size=1400,1000",  # every tile on screen: those out of sight pause
             f"--host-resolver-rules=MAP {ROBOT_NAME} 127.0.0.1",
         ) as ws_url,
     ):
@@ -219,3 +220,57 @@ async def _skewed(ws_url: str) -> tuple[list[dict], list]:
             timeout=40,
         )
         return tiles, await page.eval("[isSecureContext, typeof ImageDecoder]")
+
+
+PAUSED_JS = """[...document.querySelectorAll('.tile')].map(t => ({
+  name: t.dataset.source, paused: t.classList.contains('paused'),
+  fps: parseFloat(t.querySelector('.info').textContent) || 0}))"""
+
+
+def _watched(relay: Relay) -> dict[str, int]:
+    return {s["name"]: s["clients"] for s in relay.json("/api/sources")["sources"]}
+
+
+def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay):
+    """A small window shows the first rows of nine tiles: the others do not stream (the relay
+    has no viewer for them), and scrolling to the end brings the last camera back live while
+    the first, now out of sight, stops."""
+    first, last = SHOWN[0], SHOWN[-1]
+    with chromium(relay.url + "/", "--disable-quic", "--window-size=800,600") as ws_url:
+
+        async def scroll() -> tuple[list[dict], dict, list[dict], dict]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(ws_url, max_msg_size=0) as ws,
+            ):
+                page = Page(ws)
+                settled = await page.until(
+                    PAUSED_JS,
+                    f"v.length == {len(SHOWN)} && v.some(t => t.paused)"
+                    " && v.every(t => t.paused || t.fps > 2)",
+                    timeout=30,
+                )
+                top = await asyncio.to_thread(_watched, relay)
+                await page.eval("window.scrollTo(0, document.body.scrollHeight)")
+                scrolled = await page.until(
+                    PAUSED_JS,
+                    f"v.find(t => t.name == '{last}').fps > 2"
+                    f" && v.find(t => t.name == '{first}').paused",
+                    timeout=30,
+                )
+                # the relay sees the first tile's viewer leave once its close reaches it
+                for _ in range(100):
+                    bottom = await asyncio.to_thread(_watched, relay)
+                    if bottom[first] == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                return settled, top, scrolled, bottom
+
+        settled, top, scrolled, bottom = asyncio.run(scroll())
+    paused = {t["name"] for t in settled if t["paused"]}
+    assert paused and first not in paused and last in paused, settled
+    assert all(top[name] == 0 for name in paused), top  # out of sight: nobody watches it
+    assert all(top[t["name"]] >= 1 for t in settled if not t["paused"]), top
+    after = {t["name"]: t for t in scrolled}
+    assert after[last]["fps"] > 2 and after[first]["paused"], scrolled
+    assert bottom[last] >= 1 and bottom[first] == 0, bottom
