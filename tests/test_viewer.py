@@ -247,7 +247,7 @@ def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay)
                 settled = await page.until(
                     PAUSED_JS,
                     f"v.length == {len(SHOWN)} && v.some(t => t.paused)"
-                    " && v.every(t => t.paused || t.fps > 2)",
+                    " && v.some(t => !t.paused) && v.every(t => t.paused || t.fps > 2)",
                     timeout=30,
                 )
                 top = await asyncio.to_thread(_watched, relay)
