@@ -235,7 +235,6 @@ def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay)
     """A small window shows the first rows of nine tiles: the others do not stream (the relay
     has no viewer for them), and scrolling to the end brings the last camera back live while
     the first, now out of sight, stops."""
-    first, last = SHOWN[0], SHOWN[-1]
     with chromium(relay.url + "/", "--disable-quic", "--window-size=800,600") as ws_url:
 
         async def scroll() -> tuple[list[dict], dict, list[dict], dict]:
@@ -250,12 +249,12 @@ def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay)
                     " && v.some(t => !t.paused) && v.every(t => t.paused || t.fps > 2)",
                     timeout=30,
                 )
+                first = settled[0]["name"]  # the grid's first tile, and its last
                 top = await asyncio.to_thread(_watched, relay)
                 await page.eval("window.scrollTo(0, document.body.scrollHeight)")
                 scrolled = await page.until(
                     PAUSED_JS,
-                    f"v.find(t => t.name == '{last}').fps > 2"
-                    f" && v.find(t => t.name == '{first}').paused",
+                    "v[v.length - 1].fps > 2 && v[0].paused",
                     timeout=30,
                 )
                 # the relay sees the first tile's viewer leave once its close reaches it
@@ -267,6 +266,7 @@ def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay)
                 return settled, top, scrolled, bottom
 
         settled, top, scrolled, bottom = asyncio.run(scroll())
+    first, last = settled[0]["name"], settled[-1]["name"]
     paused = {t["name"] for t in settled if t["paused"]}
     assert paused and first not in paused and last in paused, settled
     assert all(top[name] == 0 for name in paused), top  # out of sight: nobody watches it

@@ -1,4 +1,5 @@
-"""The viewer page: ``GET /``, every camera live in a grid (see ``web/index.html``)."""
+"""The viewer page: ``GET /``, every camera live in a grid, those out of sight paused (see
+``web/index.html``)."""
 
 from __future__ import annotations
 
