@@ -274,3 +274,56 @@ def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay)
     after = {t["name"]: t for t in scrolled}
     assert after[last]["fps"] > 2 and after[first]["paused"], scrolled
     assert bottom[last] >= 1 and bottom[first] == 0, bottom
+
+
+def test_behind_the_large_view_the_tiles_pause_and_come_back_when_it_closes(relay):
+    """One camera opened large: the tiles behind it stop streaming, so the relay serves one
+    view, not ten; closing it brings the tiles in sight back live."""
+    with chromium(relay.url + "/", "--disable-quic", "--window-size=1400,1000") as ws_url:
+
+        async def open_and_close() -> tuple[list[dict], list[dict], dict, dict, list[dict], dict]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(ws_url, max_msg_size=0) as ws,
+            ):
+                page = Page(ws)
+                live = await page.until(
+                    PAUSED_JS,
+                    f"v.length == {len(SHOWN)} && v.every(t => !t.paused && t.fps > 2)",
+                    timeout=30,
+                )
+                await page.eval(
+                    "document.querySelector('.tile[data-source=\"hand_image\"]').click()"
+                )
+                behind = await page.until(PAUSED_JS, "v.every(t => t.paused)", timeout=15)
+                big = await page.until(BIG_JS, "v.w > 0", timeout=5)
+                watched = await _watched_until(relay, lambda w: sum(w.values()) == 1)
+                await page.eval(
+                    "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'}))"
+                )
+                back = await page.until(
+                    PAUSED_JS, "v.every(t => !t.paused && t.fps > 2)", timeout=30
+                )
+                again = await _watched_until(relay, lambda w: min(w.values()) >= 1)
+                return live, behind, big, watched, back, again
+
+        live, behind, big, watched, back, again = asyncio.run(open_and_close())
+    assert all(not t["paused"] for t in live), live
+    assert all(t["paused"] for t in behind), behind
+    assert big["open"] and big["w"] == 224, big
+    # the large view is the relay's only viewer: nobody watches the tiles behind it
+    assert watched == {name: int(name == "hand_image") for name in SHOWN}, watched
+    assert all(t["fps"] > 2 for t in back), back
+    assert all(again[name] >= 1 for name in SHOWN), again
+
+
+async def _watched_until(relay: Relay, done, timeout: float = 10.0) -> dict[str, int]:
+    """The relay's viewer counts once ``done(counts)``, or as they are at the timeout (the
+    caller's assert then shows them): a close reaches the relay a moment after the page."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        counts = await asyncio.to_thread(_watched, relay)
+        if done(counts) or loop.time() > end:
+            return counts
+        await asyncio.sleep(0.1)
