@@ -317,6 +317,50 @@ def test_behind_the_large_view_the_tiles_pause_and_come_back_when_it_closes(rela
     assert all(again[name] >= 1 for name in SHOWN), again
 
 
+def test_when_the_relay_restarts_the_tiles_say_so_and_come_back_live(sim):
+    """The relay stops: every tile says at once that its picture is old and the connection lost
+    (not the last rate under a frozen picture); back on the same address, they stream again by
+    themselves."""
+    first = Relay.for_sim(sim, "--sources", ",".join(SHOWN)).wait_ready()
+    port, second = first.port, None
+    try:
+        with chromium(first.url + "/", "--disable-quic", "--window-size=1400,1000") as ws_url:
+
+            async def restart() -> tuple[list[dict], list[dict], list[dict]]:
+                nonlocal second
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.ws_connect(ws_url, max_msg_size=0) as ws,
+                ):
+                    page = Page(ws)
+                    live = await page.until(
+                        TILES_JS,
+                        f"v.length == {len(SHOWN)} && v.every(t => t.fps > {LIVE_FPS})",
+                        timeout=30,
+                    )
+                    await asyncio.to_thread(first.stop)
+                    lost = await page.until(
+                        TILES_JS, "v.every(t => t.stale && t.info.includes('no connection'))"
+                    )
+                    second = await asyncio.to_thread(
+                        lambda: Relay.for_sim(sim, "--sources", ",".join(SHOWN), port=port)
+                    )
+                    await asyncio.to_thread(second.wait_ready)
+                    back = await page.until(
+                        TILES_JS, f"v.every(t => !t.stale && t.fps > {LIVE_FPS})", timeout=30
+                    )
+                    return live, lost, back
+
+            live, lost, back = asyncio.run(restart())
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert all(t["fps"] > LIVE_FPS for t in live), live
+    assert all(t["stale"] and "no connection" in t["info"] for t in lost), lost
+    assert all(not t["stale"] and t["fps"] > LIVE_FPS for t in back), back
+
+
 async def _watched_until(relay: Relay, done, timeout: float = 10.0) -> dict[str, int]:
     """The relay's viewer counts once ``done(counts)``, or as they are at the timeout (the
     caller's assert then shows them): a close reaches the relay a moment after the page."""
