@@ -21,7 +21,8 @@ pytestmark = [
 TILES_JS = """[...document.querySelectorAll('.tile')].map(t => {
   const w = parseInt(t.querySelector('canvas').dataset.size || '0');
   const info = t.querySelector('.info').textContent;
-  return {name: t.dataset.source, w, info, stale: t.classList.contains('stale'),
+  const slow = getComputedStyle(t.querySelector('.badge.link')).display != 'none';
+  return {name: t.dataset.source, w, info, stale: t.classList.contains('stale'), slow,
           fps: w > 0 && info.includes(' fps') ? parseFloat(info) : 0};
 })"""
 BIG_JS = """({open: document.getElementById('big').classList.contains('open'),
@@ -358,6 +359,7 @@ def test_when_the_relay_restarts_the_tiles_say_so_and_come_back_live(sim):
             second.stop()
     assert all(t["fps"] > LIVE_FPS for t in live), live
     assert all(t["stale"] and "no connection" in t["info"] for t in lost), lost
+    assert not any(t["slow"] for t in lost), lost  # stale, but no SLOW LINK badge
     assert all(not t["stale"] and t["fps"] > LIVE_FPS for t in back), back
 
 
