@@ -318,6 +318,43 @@ def test_behind_the_large_view_the_tiles_pause_and_come_back_when_it_closes(rela
     assert all(again[name] >= 1 for name in SHOWN), again
 
 
+def test_a_page_in_a_background_tab_stops_streaming_and_resumes_when_shown(relay):
+    """Another tab brought to the front hides the page: its tiles stop streaming (the relay has
+    no viewer left), and showing the page again brings them back live."""
+    with chromium(relay.url + "/", "--disable-quic", "--window-size=1400,1000") as ws_url:
+        page_id = ws_url.rsplit("/", 1)[1]  # .../devtools/page/<target id>
+
+        async def hide_and_show() -> tuple[list[dict], str, dict, list[dict], dict]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(ws_url, max_msg_size=0) as ws,
+            ):
+                page = Page(ws)
+                live = await page.until(
+                    PAUSED_JS,
+                    f"v.length == {len(SHOWN)} && v.every(t => !t.paused && t.fps > 2)",
+                    timeout=30,
+                )
+                other = await page.call("Target.createTarget", url="about:blank")
+                hidden = await page.eval("document.visibilityState")
+                await page.until(PAUSED_JS, "v.every(t => t.paused)")
+                watched = await _watched_until(relay, lambda w: sum(w.values()) == 0)
+                await page.call("Target.activateTarget", targetId=page_id)
+                await page.call("Target.closeTarget", targetId=other["targetId"])
+                back = await page.until(
+                    PAUSED_JS, "v.every(t => !t.paused && t.fps > 2)", timeout=30
+                )
+                again = await _watched_until(relay, lambda w: min(w.values()) >= 1)
+                return live, hidden, watched, back, again
+
+        live, hidden, watched, back, again = asyncio.run(hide_and_show())
+    assert all(t["fps"] > 2 for t in live), live
+    assert hidden == "hidden"  # what the test relies on: the new tab hid the page
+    assert watched == dict.fromkeys(SHOWN, 0), watched
+    assert all(not t["paused"] and t["fps"] > 2 for t in back), back
+    assert all(again[name] >= 1 for name in SHOWN), again
+
+
 def test_when_the_relay_restarts_the_tiles_say_so_and_come_back_live(sim):
     """The relay stops: every tile says at once that its picture is old and the connection lost
     (not the last rate under a frozen picture); back on the same address, they stream again by
