@@ -408,6 +408,57 @@ def test_when_the_relay_is_gone_the_tiles_say_so_and_come_back_live(sim):
     assert len(seen) == 5, seen
 
 
+# Counts the WebSockets the page opens, and remembers every text the large view's status shows.
+WATCH_JS = """window.__opened = 0; window.__said = new Set();
+const RealWebSocket = WebSocket;
+window.WebSocket = function (url, protocols) {
+  window.__opened++; return new RealWebSocket(url, protocols);
+};
+Object.assign(window.WebSocket, RealWebSocket);
+window.WebSocket.prototype = RealWebSocket.prototype;
+setInterval(() => {
+  const s = document.querySelector('#bigbar span'); if (s) window.__said.add(s.textContent);
+}, 100);"""
+
+
+def test_a_very_slow_link_is_not_taken_for_a_lost_one(sim):
+    """At 60 kbit/s the large view's first full-size picture takes seconds to arrive, before
+    the relay steps it down: the page waits for it instead of calling the connection lost and
+    opening another (which would start again with a full-size picture, and so on)."""
+    relay = Relay.for_sim(sim, "--sources", "back_fisheye_image").wait_ready()
+    try:
+        with (
+            Shaper("127.0.0.1", relay.port, mbit=0.06) as link,
+            chromium("about:blank", "--disable-quic", "--window-size=1000,800") as ws_url,
+        ):
+
+            async def open_big() -> dict:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.ws_connect(ws_url, max_msg_size=0) as ws,
+                ):
+                    page = Page(ws)
+                    await page.call("Page.enable")
+                    await page.call("Page.addScriptToEvaluateOnNewDocument", source=WATCH_JS)
+                    await page.call("Page.navigate", url=f"{link.url}/")
+                    await page.until("document.querySelectorAll('.tile').length", "v == 1", 60)
+                    await page.eval("document.querySelector('.tile').click()")
+                    # the first picture, then pictures at the link's pace
+                    return await page.until(
+                        "({opened: window.__opened, said: [...window.__said],"
+                        " fps: parseFloat(document.querySelector('#bigbar span').textContent)})",
+                        "v.fps > 2",
+                        timeout=45,
+                    )
+
+            got = asyncio.run(open_big())
+    finally:
+        relay.stop()
+    assert (got["fps"] or 0) > 2, got  # null: the status showed no rate (NaN)
+    assert not any("no connection" in text for text in got["said"]), got
+    assert got["opened"] == 2, got  # the tile's and the large view's: none opened again
+
+
 async def _watched_until(relay: Relay, done, timeout: float = 10.0) -> dict[str, int]:
     """The relay's viewer counts once ``done(counts)``, or as they are at the timeout (the
     caller's assert then shows them): a close reaches the relay a moment after the page."""
