@@ -128,6 +128,60 @@ def test_with_a_token_the_page_asks_for_it_and_keeps_it(token_relay):
     assert 1 <= seen["decoder_asked"] <= 3, seen  # once per tile at most, not at every frame
 
 
+def test_a_relay_restarted_with_another_token_asks_for_it_and_stops_knocking(sim):
+    """The relay comes back with a new token: the page asks for it and its streams stop (no
+    connection attempts with the old token each second behind the form); the new token brings
+    every tile back live."""
+    args = ("--sources", ",".join(SHOWN[:3]))
+    first = Relay.for_sim(sim, *args, "--token", TOKEN).wait_ready()
+    port, second = first.port, None
+    try:
+        with chromium(f"{first.url}/?token={TOKEN}", "--disable-quic") as ws_url:
+
+            async def change_token() -> dict:
+                nonlocal second
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.ws_connect(ws_url, max_msg_size=0) as ws,
+                ):
+                    page = Page(ws)
+                    await page.call("Page.enable")
+                    await page.call("Page.addScriptToEvaluateOnNewDocument", source=WATCH_JS)
+                    await page.call("Page.reload")
+                    seen = {"before": await page.until(TILES_JS, _live(3), timeout=30)}
+                    await asyncio.to_thread(first.stop)
+                    second = await asyncio.to_thread(
+                        lambda: Relay.for_sim(sim, *args, "--token", "new-" + TOKEN, port=port)
+                    )
+                    await asyncio.to_thread(second.wait_ready)
+                    login = "document.body.classList.contains('login')"
+                    seen["asked"] = await page.until(login, "v", timeout=15)
+                    opened = await page.eval("window.__opened")
+                    await page.until("window.__opened", f"v > {opened}", timeout=4)
+                    seen["opened_while_asking"] = await page.eval("window.__opened") - opened
+                    await page.eval(
+                        f"document.getElementById('tokeninput').value = 'new-{TOKEN}';"
+                        " document.getElementById('loginform').requestSubmit()"
+                    )
+                    seen["after"] = await page.until(TILES_JS, _live(3), timeout=30)
+                    return seen
+
+            seen = asyncio.run(change_token())
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert all(t["fps"] > LIVE_FPS for t in seen["before"]), seen
+    assert seen["asked"] is True, seen
+    assert seen["opened_while_asking"] == 0, seen  # 4 s behind the form: not one attempt
+    assert len(seen["after"]) == 3 and all(t["fps"] > LIVE_FPS for t in seen["after"]), seen
+
+
+def _live(count: int) -> str:
+    """Every one of `count` tiles fresh and moving (a condition for Page.until)."""
+    return f"v.length == {count} && v.every(t => !t.stale && t.fps > {LIVE_FPS})"
+
+
 # An ImageDecoder that supports no JPEG (as WebCodecs lets a browser do: decode() rejects with
 # NotSupportedError), counting how often the page asks it.
 NO_JPEG_DECODER_JS = """window.decoderAsked = 0;
