@@ -434,7 +434,7 @@ def test_when_the_relay_is_gone_the_tiles_say_so_and_come_back_live(sim):
                     seen = [await page.until(TILES_JS, live, timeout=30)]
                     os.kill(first.proc.pid, signal.SIGSTOP)  # no close: the sockets stay open
                     try:
-                        seen.append(await page.until(TILES_JS, gone, timeout=20))
+                        seen.append(await page.until(TILES_JS, gone, timeout=30))
                     finally:
                         os.kill(first.proc.pid, signal.SIGCONT)
                     seen.append(await page.until(TILES_JS, live, timeout=40))
