@@ -283,6 +283,8 @@ async def _skewed(ws_url: str) -> tuple[list[dict], list]:
 PAUSED_JS = """[...document.querySelectorAll('.tile')].map(t => ({
   name: t.dataset.source, paused: t.classList.contains('paused'),
   fps: parseFloat(t.querySelector('.info').textContent) || 0}))"""
+# every tile of the module's relay streaming, none paused (a condition on PAUSED_JS)
+STREAMING = f"v.length == {len(SHOWN)} && v.every(t => !t.paused && t.fps > 2)"
 
 
 def _watched(relay: Relay) -> dict[str, int]:
@@ -316,11 +318,7 @@ def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay)
                     timeout=30,
                 )
                 # the relay sees the first tile's viewer leave once its close reaches it
-                for _ in range(100):
-                    bottom = await asyncio.to_thread(_watched, relay)
-                    if bottom[first] == 0:
-                        break
-                    await asyncio.sleep(0.1)
+                bottom = await _watched_until(relay, lambda w: w[first] == 0, timeout=15)
                 return settled, top, scrolled, bottom
 
         settled, top, scrolled, bottom = asyncio.run(scroll())
@@ -345,11 +343,7 @@ def test_behind_the_large_view_the_tiles_pause_and_come_back_when_it_closes(rela
                 session.ws_connect(ws_url, max_msg_size=0) as ws,
             ):
                 page = Page(ws)
-                live = await page.until(
-                    PAUSED_JS,
-                    f"v.length == {len(SHOWN)} && v.every(t => !t.paused && t.fps > 2)",
-                    timeout=30,
-                )
+                live = await page.until(PAUSED_JS, STREAMING, timeout=30)
                 await page.eval(
                     "document.querySelector('.tile[data-source=\"hand_image\"]').click()"
                 )
@@ -359,9 +353,7 @@ def test_behind_the_large_view_the_tiles_pause_and_come_back_when_it_closes(rela
                 await page.eval(
                     "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'}))"
                 )
-                back = await page.until(
-                    PAUSED_JS, "v.every(t => !t.paused && t.fps > 2)", timeout=30
-                )
+                back = await page.until(PAUSED_JS, STREAMING, timeout=30)
                 again = await _watched_until(relay, lambda w: min(w.values()) >= 1)
                 return live, behind, big, watched, back, again
 
@@ -387,20 +379,14 @@ def test_a_page_in_a_background_tab_stops_streaming_and_resumes_when_shown(relay
                 session.ws_connect(ws_url, max_msg_size=0) as ws,
             ):
                 page = Page(ws)
-                live = await page.until(
-                    PAUSED_JS,
-                    f"v.length == {len(SHOWN)} && v.every(t => !t.paused && t.fps > 2)",
-                    timeout=30,
-                )
+                live = await page.until(PAUSED_JS, STREAMING, timeout=30)
                 other = await page.call("Target.createTarget", url="about:blank")
                 hidden = await page.until("document.visibilityState", "v == 'hidden'", timeout=5)
                 await page.until(PAUSED_JS, "v.every(t => t.paused)")
                 watched = await _watched_until(relay, lambda w: sum(w.values()) == 0)
                 await page.call("Target.activateTarget", targetId=page_id)
                 await page.call("Target.closeTarget", targetId=other["targetId"])
-                back = await page.until(
-                    PAUSED_JS, "v.every(t => !t.paused && t.fps > 2)", timeout=30
-                )
+                back = await page.until(PAUSED_JS, STREAMING, timeout=30)
                 again = await _watched_until(relay, lambda w: min(w.values()) >= 1)
                 return live, hidden, watched, back, again
 
@@ -420,7 +406,7 @@ def test_when_the_relay_is_gone_the_tiles_say_so_and_come_back_live(sim):
     first = Relay.for_sim(sim, "--sources", ",".join(SHOWN)).wait_ready()
     port, second = first.port, None
     gone = "v.every(t => t.stale && t.info.includes('no connection'))"
-    live = f"v.length == {len(SHOWN)} && v.every(t => !t.stale && t.fps > {LIVE_FPS})"
+    live = _live(len(SHOWN))
     try:
         with chromium(first.url + "/", "--disable-quic", "--window-size=1400,1000") as ws_url:
 
