@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import cv2
 import numpy as np
@@ -319,3 +320,84 @@ def test_a_source_rendering_in_a_thread_keeps_its_newest_waiting_frame_then_rend
     assert seqs == [3, 4]
     assert jobs == 1  # only #1 went to a thread
     assert busy == 1
+
+
+def test_only_small_views_let_the_robot_send_a_coarse_jpeg_and_only_they_are_given_one():
+    """The viewer page's tiles alone: the poller is told the camera may come coarse. A full-size
+    viewer, or a snapshot waiting, undoes that, and neither is ever handed a coarse frame: they
+    get the next full-quality one, while the tile goes on with every frame."""
+    tile_spec = RenderSpec(width=320, quality=70)
+
+    def coarse(seq: int) -> Frame:
+        return dataclasses.replace(frame(seq), coarse=True)
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        told: list[bool] = []
+        async with hub_for_test(clock=clock, on_coarse=lambda s, c: told.append(c)) as (hub, _):
+            hub.publish(frame(1))
+            tile = hub.frames(client(tile_spec))
+            assert [e.seq for e in await take(tile, 1)] == [1]
+            assert told == [True]
+            hub.publish(coarse(2))
+            assert [e.seq for e in await take(tile, 1)] == [2]
+
+            full = hub.frames(client())  # passthrough: the robot's own bytes, at full quality
+            first = asyncio.ensure_future(take(full, 1))
+            await async_wait_until(lambda: told == [True, False], what="told: full quality")
+            hub.publish(coarse(3))  # asked for before the full-size viewer came
+            assert [e.seq for e in await take(tile, 1)] == [3]
+            assert not first.done()
+            hub.publish(frame(4))
+            assert [e.seq for e in await first] == [4]
+            assert [e.seq for e in await take(tile, 1)] == [4]
+            await full.aclose()
+            assert told == [True, False, True]
+
+            hub.publish(coarse(5))
+            assert hub.frame(SOURCE).seq == 5 and hub.frame(SOURCE, fine=True).seq == 4
+            clock.now += 0.1
+            snap = asyncio.ensure_future(hub.next_frame(SOURCE, after=clock.now - 0.05))
+            await async_wait_until(lambda: told[-1] is False, what="told: full quality")
+            clock.now += 0.1
+            hub.publish(coarse(6))
+            await asyncio.sleep(0)
+            assert not snap.done()
+            hub.publish(frame(7))
+            assert (await snap).seq == 7
+            assert told == [True, False, True, False, True]
+            await tile.aclose()
+            assert told == [True, False, True, False, True, False]
+
+    run(scenario())
+
+
+def test_a_view_that_is_not_small_keeps_the_robot_at_full_quality():
+    """Among the tile's neighbours: a full-size re-encode, a sharp small one, a lossless one."""
+
+    async def told_for(spec: RenderSpec) -> list[bool]:
+        told: list[bool] = []
+        async with hub_for_test(on_coarse=lambda s, c: told.append(c)) as (hub, _):
+            hub.publish(frame(1))
+            views = [
+                hub.frames(client(RenderSpec(width=320, quality=70))),
+                hub.frames(client(spec)),
+            ]
+            for view in views:
+                await take(view, 1)
+            both = list(told)
+            for view in views:
+                await view.aclose()
+        return both
+
+    async def scenario() -> None:
+        assert await told_for(RenderSpec(width=160, quality=50)) == [True]
+        for spec in (
+            RenderSpec(quality=70),  # full size
+            RenderSpec(width=320, quality=90),
+            RenderSpec(width=320, format="png"),
+            RenderSpec(width=480, quality=70),  # more than half size: decoded whole
+        ):
+            assert await told_for(spec) == [True, False], spec
+
+    run(scenario())

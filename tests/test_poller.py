@@ -13,6 +13,7 @@ from spotrelay.frames import Frame, SourceInfo
 from spotrelay.metrics import Metrics
 from spotrelay.poller import Poller, status_name
 from tests.inproc import counted
+from tests.wait import async_wait_until
 
 STATUS = image_pb2.ImageResponse
 SOURCES = {
@@ -107,3 +108,62 @@ def test_status_names_are_bounded():
     assert status_name(STATUS.STATUS_UNKNOWN) == "unknown"
     assert status_name(STATUS.STATUS_CUSTOM_PARAMS_ERROR) == "custom_params_error"
     assert status_name(123456) == "unrecognized"
+
+
+DEPTH = SourceInfo("depth", "image", 240, 424, "depth", ("DEPTH_U16",), ("RAW",))
+
+
+async def poll_coarse(coarse: set[str], small_quality: int | None):
+    """One batch of a JPEG camera and a depth camera, ``coarse`` told as only small views
+    watching: the (source, quality, format) asked, and the frames' ``coarse`` tags."""
+    asked: list[tuple[str, int, int]] = []
+    frames: list[Frame] = []
+
+    def fetch(service, requests):
+        asked.extend((r.image_source_name, r.quality_percent, r.image_format) for r in requests)
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(response({r.image_source_name: STATUS.STATUS_OK for r in requests}))
+        return fut
+
+    poller = Poller(
+        fetch,
+        lambda service, exc: None,
+        lambda robot_t: robot_t,
+        Metrics(),
+        frames.append,
+        quality=75,
+        small_quality=small_quality,
+        clock=lambda: 1000.0,
+    )
+    for source in coarse:  # told before the sources are known: kept for when they are
+        poller.set_coarse(source, True)
+    poller.set_sources({"good": SOURCES["good"], "depth": DEPTH}, {"image": True})
+    task = asyncio.create_task(poller.run())
+    await async_wait_until(lambda: len(frames) == 2, what="both frames")
+    quality = {s: poller.asked_quality(s) for s in ("good", "depth")}
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return sorted(asked), {f.source: f.coarse for f in frames}, quality
+
+
+JPEG, UNSET = image_pb2.Image.FORMAT_JPEG, image_pb2.Image.FORMAT_UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("coarse", "small_quality", "asked", "tags"),
+    [
+        ({"good", "depth"}, 50, [("depth", 75, UNSET), ("good", 50, JPEG)], {"good": True}),
+        (set(), 50, [("depth", 75, UNSET), ("good", 75, JPEG)], {"good": False}),
+        ({"good"}, 75, [("depth", 75, UNSET), ("good", 75, JPEG)], {"good": False}),  # no lower
+        ({"good"}, None, [("depth", 75, UNSET), ("good", 75, JPEG)], {"good": False}),
+    ],
+)
+def test_a_camera_only_small_views_watch_is_asked_for_the_small_quality(
+    coarse, small_quality, asked, tags
+):
+    """Only a JPEG can come coarser (depth comes in the service's lossless default), and a
+    frame is tagged coarse exactly when its request asked for less than --robot-quality."""
+    got_asked, got_tags, quality = asyncio.run(poll_coarse(coarse, small_quality))
+    assert got_asked == asked
+    assert got_tags == {**tags, "depth": False}
+    assert quality == {"good": 50 if tags["good"] else 75, "depth": None}

@@ -46,6 +46,7 @@ class Config:
     token: str | None = field(default=None, repr=False)
     allow_origin: str | None = None
     robot_quality: int = 75
+    small_robot_quality: int = 50
     idle_fps: float = 1.0
     stale_after: float = 2.0
     rediscover: float = 10.0
@@ -197,6 +198,13 @@ _OPTIONS: list[tuple[str, object, object, str]] = [
         _number_in("--robot-quality", int, 1, 100),
         75,
         "JPEG quality asked of the robot",
+    ),
+    (
+        "--small-robot-quality",
+        _number_in("--small-robot-quality", int, 1, 100),
+        50,
+        "JPEG quality asked of the robot for a camera only small views watch (half size or "
+        "less, quality 70 or less: the viewer page's tiles); at least --robot-quality: never",
     ),
     (
         "--idle-fps",

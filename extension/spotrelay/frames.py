@@ -118,6 +118,9 @@ class Frame:
     robot_time: float  # capture time on the robot's own clock (what the robot's logs show)
     received: float  # local epoch seconds when the reply arrived
     seq: int  # per source, +1 for every new frame
+    # the robot was asked for --small-robot-quality, not --robot-quality: only small views
+    # (``Plan.small``) were watching, and only they are given this frame
+    coarse: bool = False
 
 
 @dataclass(frozen=True, slots=True)

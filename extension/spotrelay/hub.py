@@ -14,9 +14,15 @@ a program sees the repeated ``X-Timestamp``. When a camera changes resolution, i
 retired and their clients move to variants planned for the new shape.
 
 The hub also keeps the client records behind ``/api/state``, and tells whoever polls the robot
-(``on_watch``) which sources somebody is watching. It only fans out: what a picture looks like is
-``codec``'s business, one-off renderings (snapshots) are the outputs' own, and what it shows
-the API is read-only.
+which sources somebody is watching (``on_watch``) and which ones only small views watch
+(``on_coarse``: every rendering watched is ``Plan.small``, like the viewer page's tiles, and
+nobody waits for a full-quality frame). The robot's JPEG of those may be coarser
+(``--small-robot-quality``): 0.62-0.74x the decode and 0.55x the bytes (the simulated robot's
+fisheye and hand camera), for renderings that cannot show the difference. A frame fetched so
+(``Frame.coarse``) is given to small renderings only; the others, and snapshots and Autowalk,
+wait for the next full-quality one, which the poller asks for as soon as they arrive. The hub
+only fans out: what a picture looks like is ``codec``'s business, one-off renderings
+(snapshots) are the outputs' own, and what it shows the API is read-only.
 """
 
 from __future__ import annotations
@@ -174,6 +180,7 @@ class Hub:
         stale_after: float = 2.0,
         idle_interval: float = 1.0,
         on_watch: Callable[[str, bool], None] = lambda source, watched: None,
+        on_coarse: Callable[[str, bool], None] = lambda source, coarse: None,
         clock: Callable[[], float] = time.monotonic,
         max_variants: int = 16,
         inline: InlineBudget | None = None,
@@ -186,9 +193,14 @@ class Hub:
         self.stale_after = stale_after
         self.idle_interval = idle_interval  # how often sources nobody watches are refreshed
         self.on_watch = on_watch
+        self.on_coarse = on_coarse
         self.clock = clock
         self._sources: dict[str, SourceInfo] = {}
         self._latest: dict[str, Frame] = {}
+        self._latest_fine: dict[str, Frame] = {}  # the newest at --robot-quality
+        self._fine_at: dict[str, float] = {}  # hub clock, when it arrived
+        self._fine_waiters: dict[str, int] = {}  # next_frame calls waiting, per source
+        self._coarse: set[str] = set()  # sources on_coarse was last told only small views watch
         self._clients: dict[int, Client] = {}
         self._received_at: dict[str, float] = {}  # hub clock, newest frame per source
         self._rates: dict[str, RateWindow] = {}
@@ -213,9 +225,10 @@ class Hub:
         """The sources the robot offers now (read-only)."""
         return MappingProxyType(self._sources)
 
-    def frame(self, source: str) -> Frame | None:
-        """The newest frame of ``source``, None before the first."""
-        return self._latest.get(source)
+    def frame(self, source: str, *, fine: bool = False) -> Frame | None:
+        """The newest frame of ``source``, None before the first; ``fine``: the newest the robot
+        sent at full quality (not ``Frame.coarse``)."""
+        return (self._latest_fine if fine else self._latest).get(source)
 
     def viewers(self) -> list[Client]:
         """Every connected stream client (records the hub keeps; read them, do not change them)."""
@@ -265,6 +278,9 @@ class Hub:
         self._latest[frame.source] = frame
         now = self.clock()
         self._received_at[frame.source] = now
+        if not frame.coarse:
+            self._latest_fine[frame.source] = frame
+            self._fine_at[frame.source] = now
         rate = self._rates.get(frame.source)
         if rate is None:
             rate = self._rates[frame.source] = RateWindow()
@@ -286,6 +302,7 @@ class Hub:
                 del self._variants[key]
                 variant.wake()
         self._waiting.pop(source, None)
+        self._update_coarse(source)
 
     def _watched_variants(self, source: str) -> list[Variant]:
         return [v for (s, _), v in self._variants.items() if s == source and v.subscribers]
@@ -296,6 +313,8 @@ class Hub:
         for v in variants:
             if v.holds(frame.acquired) or not v.plan.fits(frame.image.shape):
                 continue
+            if frame.coarse and not v.plan.small:
+                continue  # it waits for the next full-quality frame, already asked for
             if v.plan.passthrough:
                 v.publish(Encoded(frame.image.data, frame.acquired, frame.seq), now)
             else:
@@ -409,6 +428,18 @@ class Hub:
     def watched(self, source: str) -> int:
         return self._watchers.get(source, 0)
 
+    def _update_coarse(self, source: str) -> None:
+        """Tell ``on_coarse`` when whether ``source`` may come coarse changes (module docstring)."""
+        variants = self._watched_variants(source)
+        coarse = (
+            bool(variants)
+            and not self._fine_waiters.get(source)
+            and all(v.plan.small for v in variants)
+        )
+        if coarse != (source in self._coarse):
+            (self._coarse.add if coarse else self._coarse.discard)(source)
+            self.on_coarse(source, coarse)
+
     def admit(self, source: str, specs: Sequence[RenderSpec]) -> None:
         """Raise TooManyVariants if serving ``specs`` (one rendering, or an adaptive viewer's
         whole ladder) would pass ``max_variants`` renderings of the camera in use or reserved:
@@ -442,6 +473,7 @@ class Hub:
         if variant is None:
             variant = self._variants[key] = Variant(key[1], self.clock())
         variant.subscribers += 1
+        self._update_coarse(source)
         if variant.latest is None and (frame := self._latest.get(source)) is not None:
             self._publish_to(frame, [variant])  # a first picture now, not at the next capture
         return variant
@@ -451,6 +483,7 @@ class Hub:
         key = (source, variant.plan)
         if variant.subscribers == 0 and self._variants.get(key) is variant:
             del self._variants[key]
+        self._update_coarse(source)
 
     async def frames(self, client: Client) -> AsyncIterator[Encoded]:
         """Yield the newest rendering of ``client.spec`` whenever there is a newer one, at most
@@ -565,14 +598,17 @@ class Hub:
         return series
 
     async def next_frame(self, source: str, *, after: float = 0.0, timeout: float = 2.0) -> Frame:
-        """The newest frame received after hub-clock time ``after``: the held one if it is that
-        new, else the next to arrive (the source is polled at full rate meanwhile).
+        """The newest full-quality frame received after hub-clock time ``after``: the held one if
+        it is that new, else the next to arrive (the source is polled at full rate and quality
+        meanwhile).
 
         Raises LookupError if none arrives within ``timeout``."""
-        at = self._received_at.get(source)
+        at = self._fine_at.get(source)
         if at is not None and at > after:
-            return self._latest[source]
+            return self._latest_fine[source]
         self._watch(source, +1)
+        self._fine_waiters[source] = self._fine_waiters.get(source, 0) + 1
+        self._update_coarse(source)
         try:
             deadline = self.clock() + timeout
             while True:
@@ -583,11 +619,13 @@ class Hub:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(left):
                         await event.wait()
-                at = self._received_at.get(source)
+                at = self._fine_at.get(source)
                 if at is not None and at > after:
-                    return self._latest[source]
+                    return self._latest_fine[source]
         finally:
             self._watch(source, -1)
+            self._fine_waiters[source] -= 1
+            self._update_coarse(source)
 
     # -- staleness ----------------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ class Relay:
             stale_after=cfg.stale_after,
             idle_interval=idle_interval,
             on_watch=lambda source, watched: self.poller.set_watched(source, watched),
+            on_coarse=lambda source, coarse: self.poller.set_coarse(source, coarse),
             max_variants=cfg.max_variants,
             inline=InlineBudget(),
         )
@@ -167,6 +168,7 @@ class Relay:
             metrics,
             self.hub.publish,
             quality=cfg.robot_quality,
+            small_quality=cfg.small_robot_quality,
             idle_interval=idle_interval,
         )
         # The Autowalk callback: stills and clips from the hub into the captures folder.

@@ -24,7 +24,7 @@ from bosdyn.api import header_pb2, image_pb2
 from bosdyn.client.exceptions import ResponseError
 from bosdyn.client.image import build_image_request
 
-from spotrelay.frames import Frame, ImageData, SourceInfo
+from spotrelay.frames import JPEG, Frame, ImageData, SourceInfo
 from spotrelay.metrics import Metrics
 from spotrelay.robot.errors import classify
 from spotrelay.schedule import Ask, Outcome, Schedule
@@ -45,15 +45,30 @@ def status_name(status: int) -> str:
 
 
 class _Source:
-    def __init__(self, info: SourceInfo, quality: int):
+    def __init__(self, info: SourceInfo, quality: int, small_quality: int | None):
         self.info = info
         self.schedule = Schedule()
-        self.request = build_image_request(
-            info.name, quality_percent=quality, image_format=info.wire_format
-        )
+        self.coarse = False  # only small views watch it (Poller.set_coarse)
+        self._ask(info.wire_format, quality, small_quality)
         self.seq = 0
         self.size: tuple[int, int] | None = None  # (cols, rows) of the newest frame
         self.series: tuple | None = None  # its metric children (Poller._series)
+
+    def _ask(self, image_format: int | None, quality: int, small_quality: int | None) -> None:
+        """The request at full quality, and the one for small views (None: the same)."""
+        name = self.info.name
+        self.request = build_image_request(name, quality_percent=quality, image_format=image_format)
+        self.coarse_request: image_pb2.ImageRequest | None = None
+        if image_format == JPEG and small_quality and small_quality < quality:
+            self.coarse_request = build_image_request(
+                name, quality_percent=small_quality, image_format=image_format
+            )
+
+    def next_request(self) -> tuple[image_pb2.ImageRequest, bool]:
+        """What to ask the robot for now, and whether that is the coarse JPEG."""
+        if self.coarse and self.coarse_request is not None:
+            return self.coarse_request, True
+        return self.request, False
 
 
 Fetch = Callable[[str, list[image_pb2.ImageRequest]], Awaitable[image_pb2.GetImageResponse]]
@@ -72,6 +87,7 @@ class Poller:
         on_frame: Callable[[Frame], None],
         *,
         quality: int = 75,
+        small_quality: int | None = None,
         idle_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ):
@@ -81,11 +97,13 @@ class Poller:
         self.metrics = metrics
         self.on_frame = on_frame
         self.quality = quality
+        self.small_quality = small_quality  # asked for sources only small views watch
         self.idle_interval = idle_interval  # refresh of unwatched sources; the hub's too
         self.clock = clock
         self.sources: dict[str, _Source] = {}
         self._services: tuple[str, ...] = ()
         self._watched: set[str] = set()
+        self._coarse: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._pending: set[asyncio.Task] = set()
@@ -105,13 +123,14 @@ class Poller:
                 continue
             state = old.get(name)
             if state is None or state.info != info:
-                fresh = _Source(info, self.quality)
+                fresh = _Source(info, self.quality, self.small_quality)
                 if state is not None:
                     fresh.schedule.keep_learning(state.schedule)
                     fresh.seq = state.seq
                 state = fresh
             if name in self._watched and not state.schedule.watched:
                 state.schedule.watch(True, self.clock())
+            state.coarse = name in self._coarse
             self.sources[name] = state
         self._services = answering
         self._changed.set()
@@ -128,19 +147,42 @@ class Poller:
         if watched:
             self._wake_service(state.info.service)
 
+    def set_coarse(self, source: str, coarse: bool) -> None:
+        """Only small views watch ``source`` now (``Hub.on_coarse``), or not any more: its next
+        request asks for ``small_quality``, or for full quality again."""
+        (self._coarse.add if coarse else self._coarse.discard)(source)
+        if (state := self.sources.get(source)) is not None:
+            state.coarse = coarse
+
+    def asked_quality(self, source: str) -> int | None:
+        """The JPEG quality the robot is asked for now (None: not fetched as JPEG)."""
+        state = self.sources.get(source)
+        if state is None or state.info.wire_format != JPEG:
+            return None
+        return self.small_quality if state.next_request()[1] else self.quality
+
     def timing(self, source: str) -> dict[str, float | None]:
         """What the schedule has learned of a camera (for /api/sources). The phase is where its
         captures fall in each period of the local clock: cameras on one trigger share it, and
         then share GetImage calls, which is what a robot's owner can check here."""
         state = self.sources.get(source)
         sched = state.schedule if state else None
+        asked = {"robot_quality": self.asked_quality(source)}
         if sched is None or sched.grid is None:
-            return {"capture_hz": None, "capture_phase_ms": None, "available_after_ms": None}
+            return {
+                "capture_hz": None,
+                "capture_phase_ms": None,
+                "available_after_ms": None,
+                **asked,
+            }
         grid, hi = sched.grid, sched.avail_hi
         return {
             "capture_hz": round(1 / grid.period, 3),
-            "capture_phase_ms": round(grid.t0 % grid.period * 1e3, 1),
+            # at the newest capture: the line's origin may be hundreds of periods back, where
+            # a microsecond's error in the period is milliseconds of phase
+            "capture_phase_ms": round(grid.time(grid.points[-1][0]) % grid.period * 1e3, 1),
             "available_after_ms": round(hi * 1e3, 1) if hi is not None else None,
+            **asked,
         }
 
     def _wake_service(self, service: str) -> None:
@@ -208,8 +250,10 @@ class Poller:
 
     def _send(self, service: str, batch: list[_Source], now: float) -> None:
         asks = [s.schedule.ask(now, self.idle_interval) for s in batch]
-        reply = self.fetch(service, [s.request for s in batch])  # on its way now
-        task = asyncio.create_task(self._receive(service, batch, asks, now, reply))
+        requests = [s.next_request() for s in batch]
+        reply = self.fetch(service, [r for r, _ in requests])  # on its way now
+        coarse = [c for _, c in requests]
+        task = asyncio.create_task(self._receive(service, batch, asks, coarse, now, reply))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -218,6 +262,7 @@ class Poller:
         service: str,
         batch: list[_Source],
         asks: list[Ask],
+        coarse: list[bool],
         sent: float,
         reply: Awaitable[image_pb2.GetImageResponse],
     ) -> None:
@@ -250,12 +295,12 @@ class Poller:
         duration.observe(received - sent)
         arrival = self._arrival(whole.header.request_received_timestamp, sent, received)
         by_name = {r.source.name: r for r in responses}
-        for s, ask in zip(batch, asks, strict=True):
+        for s, ask, small in zip(batch, asks, coarse, strict=True):
             resp = by_name.get(s.info.name)
             if resp is None or resp.status != _Status.STATUS_OK:
                 self._image_failed(s, ask, resp, received)
             else:
-                self._accept(s, ask, resp, arrival, received)
+                self._accept(s, ask, resp, arrival, received, small)
         self._wake_service(service)
 
     def _arrival(self, stamp, sent: float, received: float) -> float:
@@ -282,7 +327,7 @@ class Poller:
         if resp is not None and resp.status == refused and s.request.image_format:
             # The service no longer offers the format it listed: take its default instead.
             log.warning("%s refuses the format asked for; asking for its default", name)
-            s.request = build_image_request(name, quality_percent=self.quality)
+            s._ask(None, self.quality, self.small_quality)
 
     def _accept(
         self,
@@ -291,6 +336,7 @@ class Poller:
         resp: image_pb2.ImageResponse,
         arrival: float,
         received: float,
+        coarse: bool = False,
     ) -> None:
         acq = resp.shot.acquisition_time
         robot_time = acq.seconds + acq.nanos * 1e-9
@@ -324,6 +370,7 @@ class Poller:
             robot_time=robot_time,
             received=received,
             seq=s.seq,
+            coarse=coarse,
         )
         count, latency, newest = s.series or self._series(s)
         count.inc()

@@ -120,9 +120,10 @@ class Evidence:
 
     def clip_reserve(self, source: str, duration: float) -> int:
         """A recording's worst case in bytes: ``duration`` x the camera's rate x its newest
-        frame's size (what a frame adds to the AVI), with a margin, within the AVI's limit."""
+        frame's size (what a frame adds to the AVI), with a margin, within the AVI's limit.
+        Sized on a full-quality frame: the recording makes the robot send those."""
         rate = self.capture_rate(source) or max(self.hub.fps(source), DEFAULT_RATE)
-        frame = self.hub.frame(source)
+        frame = self.hub.frame(source, fine=True)
         if frame is None:
             per_frame = 0
         elif frame.image.format == JPEG:
