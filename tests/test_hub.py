@@ -322,6 +322,41 @@ def test_a_source_rendering_in_a_thread_keeps_its_newest_waiting_frame_then_rend
     assert busy == 1
 
 
+def test_a_reply_of_several_cameras_is_rendered_on_the_loop_a_turn_at_a_time():
+    """The body cameras come in one GetImage reply, so their frames are published in one turn
+    of the loop. That turn renders its share, and the rest wait for the next turns instead of
+    going to the codec threads: with the threads held, every camera's frame still arrives."""
+    from spotrelay.inline import InlineBudget
+
+    class OneATurn(InlineBudget):
+        """Every render costs 1 ms, and a turn renders for at most 1.5 ms: one a turn."""
+
+        def spent(self, kind, seconds: float, on_loop: bool) -> None:
+            super().spent(kind, 0.001, on_loop)
+
+    names = ["left_fisheye_image", "right_fisheye_image", "back_fisheye_image"]
+
+    async def scenario() -> tuple[list[int], int]:
+        async with hub_for_test(inline=OneATurn(longest=0.0015)) as (hub, executor):
+            hub.set_sources([dataclasses.replace(INFO, name=n) for n in names])
+            tiles = [hub.frames(Client("test", n, RenderSpec(width=320), "", None)) for n in names]
+            for n in names:  # each measured once, in a thread
+                hub.publish(make_frame(n, 1))
+            for tile in tiles:
+                await take(tile, 1)
+            await async_wait_until(lambda: not hub._rendering, what="the threads' results in")
+            executor.gate.clear()  # the codec threads are held from here on
+            for n in names:  # one reply: one turn
+                hub.publish(make_frame(n, 2))
+            got = [(await take(tile, 1))[0].seq for tile in tiles]
+            executor.gate.set()
+            return got, executor.jobs
+
+    got, jobs = run(scenario())
+    assert got == [2, 2, 2]
+    assert jobs == 3  # the first frame of each camera only
+
+
 def test_only_small_views_let_the_robot_send_a_coarse_jpeg_and_only_they_are_given_one():
     """The viewer page's tiles alone: the poller is told the camera may come coarse. A full-size
     viewer, or a snapshot waiting, undoes that, and neither is ever handed a coarse frame: they

@@ -1,10 +1,10 @@
 """Where renders run (inline.py), on a synthetic clock: the loop takes only short renders it has
-measured, for at most one render's time a turn and its share of each second; everything else
-goes to the codec threads."""
+measured, for at most one render's time a turn (the rest of a turn's renders wait for the next
+turns) and its share of each second; everything else goes to the codec threads."""
 
 from __future__ import annotations
 
-from spotrelay.inline import KEEP, InlineBudget
+from spotrelay.inline import KEEP, InlineBudget, Place
 from tests.inproc import FakeClock
 
 
@@ -39,7 +39,7 @@ def test_the_loop_renders_at_most_its_share_of_each_second():
         taken += 1
     assert taken == 128  # 0.25 s of each second
     clock.now += 0.5
-    assert not b.on_loop("fisheye")  # the same second
+    assert b.place("fisheye") is Place.THREAD  # the same second: the rest spreads over cores
     clock.now += 0.5
     assert b.on_loop("fisheye")  # a new one
 
@@ -53,7 +53,7 @@ def test_one_turn_of_the_loop_renders_for_at_most_the_longest_render():
     b.spent("left", 0.0013, on_loop=True)
     assert b.on_loop("right")
     b.spent("right", 0.0013, on_loop=True)
-    assert not b.on_loop("back")  # 3.9 ms in one turn: this one goes to a thread
+    assert b.place("back") is Place.LATER  # 3.9 ms in one turn: this one waits a turn
     b.turn_over()
     assert b.on_loop("back")
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from spotrelay import codec
 from spotrelay.frames import JPEG, Frame, RenderSpec, Shape, SourceInfo
-from spotrelay.inline import InlineBudget
+from spotrelay.inline import InlineBudget, Place
 from spotrelay.metrics import Metrics, RateWindow
 from spotrelay.plan import DEFAULT_QUALITY, Plan, plan
 from spotrelay.process import call_soon_from_thread
@@ -330,14 +330,20 @@ class Hub:
 
     def _render(self, frame: Frame, variants: list[Variant]) -> None:
         """Render on the loop when ``inline`` says it is short and the loop has room (no hand-off
-        to a thread and back, see ``inline.py``), else in a codec thread, then publish on the
-        loop. A thread's result comes back with one call into the loop, not an asyncio future
-        wrapped around the job's: that wrapping costs one more turn of the loop a frame."""
+        to a thread and back, see ``inline.py``): now, or at a later turn once this one has
+        rendered its share; else in a codec thread. Then publish on the loop. A thread's result
+        comes back with one call into the loop, not an asyncio future wrapped around the job's:
+        that wrapping costs one more turn of the loop a frame."""
         plans = [v.plan for v in variants]
         kind = (frame.source, frozenset(plans))
         loop = asyncio.get_running_loop()
-        if self.inline is not None and self.inline.on_loop(kind):
+        place = self.inline.place(kind) if self.inline is not None else Place.THREAD
+        if place is Place.LOOP:
             self._render_here(loop, frame, variants, plans, kind)
+            return
+        if place is Place.LATER:  # like a thread's job: newer frames of it wait (_waiting)
+            self._rendering.add(frame.source)
+            loop.call_soon(self._render_later, frame, variants)
             return
         observe = self.metrics.observe_codec
         job = self.executor.submit(_render_measured, frame.image, plans, observe)
@@ -371,6 +377,15 @@ class Hub:
             self._rendered(frame, variants, results, exc)
         except Exception:
             log.exception("publishing %s #%d", frame.source, frame.seq)
+
+    def _render_later(self, frame: Frame, variants: list[Variant]) -> None:
+        """A render put off to a later turn of the loop: placed again, since a turn (or the
+        codec threads) may have room now, or it waits one more turn."""
+        self._rendering.discard(frame.source)
+        if self._closed:
+            self._waiting.pop(frame.source, None)
+            return
+        self._render(frame, variants)
 
     def _turn_over(self) -> None:
         assert self.inline is not None
