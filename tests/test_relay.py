@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.bench import SimProcess
 from tests.mjpeg import collect, parts
 from tests.procs import spawn
 from tests.relay import Relay, sample
@@ -367,22 +368,35 @@ def test_six_visual_sources_at_full_rate_at_once(relay):
         assert rate >= 11.0, (source, seen)
 
 
-def test_cameras_that_capture_together_share_one_getimage(relay, sim):
-    """The body's cameras capture together (the simulated robot as the SDK documents Spot), so
+def test_cameras_that_capture_together_share_one_getimage():
+    """The body cameras capture together (the simulated robot as the SDK documents Spot), so
     the relay asks for the five fisheyes in one GetImage per capture rather than five: a fifth
-    of the calls, and of their cost on both ends. Idle refreshes of the unwatched sources add
-    a few calls; five calls a capture would be over twice this bound."""
-    _watch_against_the_relay(relay, FISHEYES, frames=15)  # the schedules learn the cameras
-    calls0 = sim.get_image_calls["image"]
-    images0 = sum(sim.images_requested[s] for s in FISHEYES)
-    seen = _watch_against_the_relay(relay, FISHEYES, frames=30)
-    made = sim.get_image_calls["image"] - calls0
-    # the calls that carried a fisheye: not the idle refreshes of every other camera, which
-    # the relays of this session make whatever the test does
-    calls = sum(bool(names & set(FISHEYES)) for names in list(sim.recent_calls)[-made:])
-    images = sum(sim.images_requested[s] for s in FISHEYES) - images0
-    # what the relay learnt of them says so too: one rate, one phase (give or take the jitter)
-    timing = {s["name"]: s for s in relay.json("/api/sources")["sources"] if s["name"] in FISHEYES}
+    of the calls, and of their cost on both ends. A robot and a relay of the test's own, in
+    processes of their own: every call the robot counts is the relay's, for the fisheyes
+    (no idle refreshes of other cameras), and the test's readers do not slow the robot's
+    answers (an in-process robot sharing the interpreter lock with five MJPEG readers answered
+    late enough, at times, to keep one camera's schedule from narrowing its bracket, and that
+    camera then had calls of its own). A camera whose bracket on the delay A was learnt apart
+    from the others joins their call (``Schedule.joins``): measured, 35-39 calls for 175-186
+    images, where before it each camera's bracket made 36-172 (one or two cameras on calls of
+    their own, most of the time). Retries and narrowing probes add a few calls; two calls a
+    capture would be over this bound."""
+    robot = SimProcess(0.0)
+    relay = None
+    try:
+        relay = Relay.for_sim(robot, "--sources", ",".join(FISHEYES)).wait_ready()
+        _watch_against_the_relay(relay, FISHEYES, frames=15)  # the schedules learn the cameras
+        before = robot.stats()
+        seen = _watch_against_the_relay(relay, FISHEYES, frames=30)
+        after = robot.stats()
+        calls = after["get_image_calls"]["image"] - before["get_image_calls"]["image"]
+        images = sum(after["images_requested"][s] - before["images_requested"][s] for s in FISHEYES)
+        # what the relay learnt of them says so too: one rate, one phase (give or take jitter)
+        timing = {s["name"]: s for s in relay.json("/api/sources")["sources"]}
+    finally:
+        if relay is not None:
+            relay.stop()
+        robot.stop()
     rates = [t["capture_hz"] for t in timing.values()]
     assert all(abs(r - 15.0) < 0.5 for r in rates), timing
     phases = [t["capture_phase_ms"] for t in timing.values()]
@@ -391,7 +405,7 @@ def test_cameras_that_capture_together_share_one_getimage(relay, sim):
     assert max(spread) < 2.5, timing
     assert all(got >= 0.95 * received for got, received, _ in seen.values()), seen
     print(f"{calls} GetImage calls for {images} fisheye images")
-    assert calls <= 0.45 * images, (calls, images)
+    assert calls <= 0.3 * images, (calls, images)
 
 
 def test_slow_client_does_not_slow_others(relay):

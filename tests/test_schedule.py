@@ -175,3 +175,34 @@ def test_unwatched_sources_are_refreshed_at_the_idle_interval():
     for i in range(6):
         s.reply(s.ask(100.0 + i, 1.0), 99.0 + i, 100.0 + i, 100.001 + i)
     assert s.grid is None
+
+
+def test_a_camera_of_the_same_capture_due_a_little_later_joins_the_others_call():
+    """Cameras on one trigger learn their brackets on the delay A apart: on a busy machine one
+    of them is due milliseconds after the rest, and would cost a call of its own each capture.
+    It joins their call instead, unless it aims at another moment, is due much later, or its
+    own bracket proves the request would reach the robot before its capture exists."""
+
+    def locked(**camera) -> Schedule:
+        return run(Camera(seed=5, **camera), LOOPBACK, seconds=5.0).schedule
+
+    first, later, other_phase = locked(), locked(), locked(phase=0.040)
+    now = first.next_due
+    for s in (later, other_phase):
+        s.watch(True, now)  # aim again from the same moment
+    captures = [first.aimed_capture()]
+    assert later.aimed_capture() == pytest.approx(captures[0], abs=0.004)
+    assert later.next_due == pytest.approx(now, abs=0.002)
+    assert later.avail_hi is not None
+    later.avail_hi += 0.010  # its bracket learnt wider: due 10 ms after the others
+    later.watch(True, now)
+    assert later.next_due > now + 0.008
+    assert later.joins(now, captures)
+    assert not other_phase.joins(now, captures)  # another trigger's capture
+    lo = later.avail_lo
+    later.avail_lo = later.avail_hi  # a request now would surely be early
+    assert not later.joins(now, captures)
+    later.avail_lo = lo
+    later.avail_hi += 0.020  # due 30 ms later: more than a third of the period
+    later.watch(True, now)
+    assert not later.joins(now, captures)

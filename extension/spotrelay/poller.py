@@ -235,6 +235,7 @@ class Poller:
                         sched.busy(now)
                 soonest = min(soonest, sched.next_due)
             if batch:
+                self._join(service, batch, now)
                 self._send(service, batch, now)
                 continue
             wake.clear()
@@ -247,6 +248,16 @@ class Poller:
                 await wake.wait()
             finally:
                 timer.cancel()
+
+    def _join(self, service: str, batch: list[_Source], now: float) -> None:
+        """Add to ``batch`` the cameras of the same capture due a little later
+        (``Schedule.joins``): one call for a trigger's cameras, not one each."""
+        captures = [t for s in batch if (t := s.schedule.aimed_capture()) is not None]
+        if not captures:
+            return
+        for s in self.sources.values():
+            if s.info.service == service and s not in batch and s.schedule.joins(now, captures):
+                batch.append(s)
 
     def _send(self, service: str, batch: list[_Source], now: float) -> None:
         asks = [s.schedule.ask(now, self.idle_interval) for s in batch]

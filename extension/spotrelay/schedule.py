@@ -52,6 +52,7 @@ FIRST_CHECK = 1.0  # ... and the first, soon after locking: a probe that stalled
 FASTER = 0.7  # consecutive captures closer than this share of the period: the grid is wrong
 # (capture jitter stays under a sixth of the period either way)
 MAX_INFLIGHT_FLOOR = 3
+JOIN_WINDOW = 1 / 3  # of the period: how much sooner than due a request may join a batch
 FAILED_MAX = 0.5  # the longest wait after a failed request, before the next
 
 
@@ -220,6 +221,41 @@ class Schedule:
             self._check_due = True
             self.next_due = min(self.next_due, self._send_time(aimed) + grid.period / 2)
         return Ask(now, aimed)
+
+    def aimed_capture(self) -> float | None:
+        """The predicted time of the capture the next regular request aims at (local time)."""
+        if not self.watched or self.grid is None or self._aim is None:
+            return None
+        return self.grid.time(self._aim)
+
+    def joins(self, now: float, captures: set[float] | list[float]) -> bool:
+        """Whether this camera's next request may be sent now, sooner than due, with a batch
+        aimed at ``captures`` (their predicted times): it aims at a capture of the same moment
+        (cameras on one trigger), is due within a third of a period, and would not surely reach
+        the robot before its capture exists (the bracket's lower bound on the delay A).
+
+        Cameras on one trigger have one delay A, but each learns its own bracket on it, and a
+        busy machine leaves them apart by milliseconds for seconds: their requests, due a few
+        milliseconds apart, then went out one call each (on a 2-core VM, one call a camera in a
+        capture of five, or two calls each). Sent with the others, this request narrows its
+        own bracket too: a hit lowers its upper bound to the others' (and it is due with them
+        from then on); a miss raises its lower bound, so it does not join that soon again."""
+        grid, aim = self.grid, self._aim
+        if (
+            not self.watched
+            or grid is None
+            or aim is None
+            or self._check_due
+            or aim == self._narrowing
+            or not self.can_send()
+            or self.next_due - now > JOIN_WINDOW * grid.period
+        ):
+            return False
+        at = grid.time(aim)
+        slack = grid.jitter + MARGIN
+        if not any(abs(at - c) <= slack for c in captures):
+            return False
+        return now + self._oneway_low() >= at + grid.jitter + self.avail_lo
 
     def busy(self, now: float) -> None:
         """Too many requests in flight: wait for a reply (or half a period) before the next."""

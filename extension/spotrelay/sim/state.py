@@ -141,8 +141,6 @@ class RobotState:
         self.auth_requests: list[float] = []  # monotonic times, for tests of login rate
         self.get_image_calls: collections.Counter[str] = collections.Counter()  # per service
         self.images_requested: collections.Counter[str] = collections.Counter()  # per source
-        # the sources of each recent GetImage, oldest first: which calls carried a camera
-        self.recent_calls: collections.deque[frozenset[str]] = collections.deque(maxlen=4096)
         self._served: dict[str, collections.deque[bytes]] = collections.defaultdict(
             lambda: collections.deque(maxlen=64)
         )
@@ -368,8 +366,6 @@ class RobotState:
     def count_images(self, service: str, requests) -> None:
         with self._lock:
             self.get_image_calls[service] += 1
-            names = frozenset(req.image_source_name for req in requests)
-            self.recent_calls.append(names)
             for req in requests:
                 self.images_requested[req.image_source_name] += 1
 
