@@ -4,13 +4,14 @@ synthetic frames and a registry of the test's own. What a client sees for good a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import cv2
 import numpy as np
 import pytest
 
-from tests.inproc import SOURCES, counted, relay_app
+from tests.inproc import SOURCES, counted, make_frame, relay_app
 
 TOKEN = "t0k3n-for-tests"
 
@@ -139,6 +140,26 @@ def test_snapshot_jpeg_png_and_depth():
             depth = cv2.imdecode(np.frombuffer(await resp.read(), np.uint8), cv2.IMREAD_UNCHANGED)
             assert resp.content_type == "image/png" and depth.dtype == np.uint16
             assert (depth == 1500).all()
+
+    run(scenario())
+
+
+def test_a_snapshot_that_waits_in_vain_gets_the_newest_full_quality_frame_marked_stale():
+    """Only the viewer page's tiles watched the camera, so its newest frame came coarse
+    (--small-robot-quality); then the robot stopped sending. The snapshot waits for a new
+    full-quality frame, gets none, and falls back to the newest full-quality one it has."""
+
+    async def scenario():
+        async with relay_app() as (client, hub, _):
+            name = "back_fisheye_image"
+            hub.publish(dataclasses.replace(make_frame(name, 2), coarse=True))
+            await asyncio.sleep(0.25)  # older than a snapshot may reuse
+            resp = await client.get(f"/snapshot/{name}")
+            assert resp.status == 200
+            assert resp.headers["X-Stale"] == "1"
+            assert float(resp.headers["X-Timestamp"]) == make_frame(name, 1).acquired
+            grey = cv2.imdecode(np.frombuffer(await resp.read(), np.uint8), cv2.IMREAD_GRAYSCALE)
+            assert abs(int(grey.mean()) - 20) <= 2  # frame 1's level, not the coarse 2's (40)
 
     run(scenario())
 

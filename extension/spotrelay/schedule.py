@@ -224,8 +224,8 @@ class Schedule:
 
     def aimed_capture(self) -> float | None:
         """The predicted time of the capture the next regular request aims at (local time)."""
-        if not self.watched or self.grid is None or self._aim is None:
-            return None
+        if not self.watched or self.grid is None or self._aim is None or self._check_due:
+            return None  # (a check aims between grid points)
         return self.grid.time(self._aim)
 
     def joins(self, now: float, captures: set[float] | list[float]) -> bool:
@@ -247,6 +247,7 @@ class Schedule:
             or aim is None
             or self._check_due
             or aim == self._narrowing
+            or (self._retry_of == aim and self._retries > 0)  # it already arrived early
             or not self.can_send()
             or self.next_due - now > JOIN_WINDOW * grid.period
         ):

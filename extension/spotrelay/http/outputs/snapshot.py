@@ -24,10 +24,13 @@ def add_routes(app: web.Application, streams: Streams, stills: Stills) -> None:
     async def snapshot(request: web.Request) -> web.Response:
         source = source_or_error(request, hub)
         spec = parse_request(request.query, snapshot=True).spec
+        old = False
         try:
             frame = await hub.next_frame(source, after=hub.clock() - FRESH_ENOUGH)
         except LookupError:
-            frame = hub.frame(source)  # an old frame (marked stale) beats none
+            # an old frame (marked stale) beats none; a full-quality one, as any snapshot (the
+            # newest frame may be a coarse one of the tiles', however fresh)
+            frame, old = hub.frame(source, fine=True), True
             if frame is None:
                 return json_response(
                     {"error": f"no frame from {source!r} yet", "source": source}, status=503
@@ -50,7 +53,7 @@ def add_routes(app: web.Application, streams: Streams, stills: Stills) -> None:
                 {"error": f"cannot decode the robot's frame: {exc}", "source": source}, 502
             )
         headers = {"X-Timestamp": f"{frame.acquired:.6f}", "Cache-Control": "no-store"}
-        if hub.is_stale(source):
+        if old or hub.is_stale(source):
             headers["X-Stale"] = "1"
         return web.Response(
             body=data,
