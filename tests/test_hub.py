@@ -436,3 +436,26 @@ def test_a_view_that_is_not_small_keeps_the_robot_at_full_quality():
             assert await told_for(spec) == [True, False], spec
 
     run(scenario())
+
+
+def test_a_coarse_capture_sent_again_at_full_quality_reaches_only_the_views_that_waited():
+    """The poller hands on a capture held coarse once more at full quality (a stalled camera):
+    the full-size viewer gets it; the tile, which already showed that capture, gets nothing."""
+
+    async def scenario() -> None:
+        async with hub_for_test() as (hub, executor):
+            tile = hub.frames(client(RenderSpec(width=320, quality=70)))
+            hub.publish(dataclasses.replace(frame(1), coarse=True))
+            assert [e.seq for e in await take(tile, 1)] == [1]
+            full = hub.frames(client())
+            waiting = asyncio.ensure_future(take(full, 1))
+            await async_wait_until(lambda: len(hub.viewers()) == 2, what="the full view")
+            renders = executor.jobs
+            hub.publish(frame(1))  # the same capture, at full quality
+            assert executor.jobs == renders  # not rendered again for the tile
+            assert [e.seq for e in await waiting] == [1]
+            assert hub.frame(SOURCE, fine=True).seq == 1
+            for view in (tile, full):
+                await view.aclose()
+
+    run(scenario())

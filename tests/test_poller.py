@@ -167,3 +167,41 @@ def test_a_camera_only_small_views_watch_is_asked_for_the_small_quality(
     assert got_asked == asked
     assert got_tags == {**tags, "depth": False}
     assert quality == {"good": 50 if tags["good"] else 75, "depth": None}
+
+
+def test_a_capture_held_coarse_is_handed_on_again_when_it_comes_at_full_quality():
+    """A camera that stopped capturing keeps sending its last capture. Fetched coarse while
+    only tiles watched, that capture is handed on once more when a full-quality view asks for
+    it (under the same seq): a snapshot need not fall back to an older picture. Repeats of it
+    after that are not news."""
+
+    async def scenario() -> tuple[list[Frame], int]:
+        frames: list[Frame] = []
+        answered = [0]
+
+        def fetch(service, requests):
+            answered[0] += 1
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(response({r.image_source_name: STATUS.STATUS_OK for r in requests}))
+            return fut  # always the same capture (999 s)
+
+        poller = Poller(
+            fetch, lambda s, e: None, lambda t: t, Metrics(), frames.append, small_quality=50
+        )
+        poller.set_coarse("good", True)
+        poller.set_sources({"good": SOURCES["good"]}, {"image": True})
+        poller.set_watched("good", True)
+        task = asyncio.create_task(poller.run())
+        try:
+            await async_wait_until(lambda: frames, what="the coarse frame")
+            poller.set_coarse("good", False)
+            await async_wait_until(lambda: len(frames) == 2, what="the same, at full quality")
+            seen = answered[0]
+            await async_wait_until(lambda: answered[0] >= seen + 5, what="five more replies")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return frames, answered[0]
+
+    frames, _ = asyncio.run(scenario())
+    assert [(f.coarse, f.seq, f.acquired) for f in frames] == [(True, 1, 999.0), (False, 1, 999.0)]

@@ -49,6 +49,7 @@ class _Source:
         self.info = info
         self.schedule = Schedule()
         self.coarse = False  # only small views watch it (Poller.set_coarse)
+        self.held_coarse = False  # the newest capture handed on came coarse
         self._ask(info.wire_format, quality, small_quality)
         self.seq = 0
         self.size: tuple[int, int] | None = None  # (cols, rows) of the newest frame
@@ -354,21 +355,45 @@ class Poller:
         local = self.robot_to_local(robot_time)
         name = s.info.name
         outcome = s.schedule.reply(ask, local, arrival, received)
+        # the capture already handed on coarse, now at full quality: for the views that wait
+        # for one (a stalled camera sends nothing newer), under the same seq
+        upgrade = outcome is Outcome.REPEAT and s.held_coarse and not coarse
         if outcome is Outcome.REPEAT:
             self.metrics.frames_duplicate.labels(source=name).inc()
-            return
+            if not upgrade:
+                return
         if outcome is Outcome.OLD:
             self.metrics.frames_dropped.labels(source=name, reason="stale").inc()
             return
-        s.seq += 1
+        s.held_coarse = coarse
         image = resp.shot.image
+        if upgrade:
+            self.on_frame(self._frame(s, image, local, robot_time, received, coarse))
+            return
+        s.seq += 1
         if s.size is not None and s.size != (image.cols, image.rows):
             # a camera mode change (the gripper camera to 1280x720...): its rate may change too
             log.info("%s is now %dx%d; learning its timing again", name, image.cols, image.rows)
             s.schedule.reset()
         s.size = (image.cols, image.rows)
-        frame = Frame(
-            source=name,
+        frame = self._frame(s, image, local, robot_time, received, coarse)
+        count, latency, newest = s.series or self._series(s)
+        count.inc()
+        latency.observe(max(0.0, received - local))
+        newest.set(local)
+        self.on_frame(frame)
+
+    @staticmethod
+    def _frame(
+        s: _Source,
+        image: image_pb2.Image,
+        local: float,
+        robot_time: float,
+        received: float,
+        coarse: bool,
+    ) -> Frame:
+        return Frame(
+            source=s.info.name,
             image=ImageData(
                 data=image.data,
                 format=image.format,
@@ -383,11 +408,6 @@ class Poller:
             seq=s.seq,
             coarse=coarse,
         )
-        count, latency, newest = s.series or self._series(s)
-        count.inc()
-        latency.observe(max(0.0, received - local))
-        newest.set(local)
-        self.on_frame(frame)
 
     def _series(self, s: _Source) -> tuple:
         """The metric children every new frame of a source updates, looked up once: at 165
