@@ -714,12 +714,9 @@ _TILES_JS = """[...document.querySelectorAll('.tile')].map(t => {
 async def _tile_rates(ws_url: str, settle: float, samples: int) -> dict[str, list[float]]:
     """Every tile's frame rate as the page shows it, read ``samples`` times a second apart
     once every tile shows one and ``settle`` more seconds have passed."""
-    import aiohttp
+    from tests.browser import devtools
 
-    from tests.browser import Page
-
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        page = Page(ws)
+    async with devtools(ws_url) as page:
         await page.call("Runtime.enable")
         await page.until(_TILES_JS, "v.length >= 20 && v.every(t => t.fps > 0)", timeout=60)
         await asyncio.sleep(settle)

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 
@@ -73,6 +73,19 @@ class Page:
                 if "context was destroyed" not in str(exc):
                     raise
         raise AssertionError(f"the page kept navigating while waiting for {condition}")
+
+
+@contextlib.asynccontextmanager
+async def devtools(ws_url: str, script: str | None = None) -> AsyncIterator[Page]:
+    """The page at ``ws_url`` (what ``chromium`` yields), driven over DevTools. ``script``: run
+    in every document the page loads from now on, before the page's own (the caller then loads
+    one: a reload, a navigation)."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+        page = Page(ws)
+        if script is not None:
+            await page.call("Page.enable")
+            await page.call("Page.addScriptToEvaluateOnNewDocument", source=script)
+        yield page
 
 
 def _page_ws_url(port: int) -> str | None:

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from spotrelay import site
-from tests.browser import Page
 from tests.browser import chromium as chromium_page
+from tests.browser import devtools
 from tests.mjpeg import parts
 from tests.procs import end_group, spawn
 from tests.procs import start as start_group
@@ -461,8 +460,7 @@ VIDEOS_JS = """[...document.querySelectorAll('video-stream')].map(v => ({
 
 async def _videos(ws_url: str, count: int) -> list[dict[str, float]]:
     """Until every player on go2rtc's page has played more than a second (or 30 s passed)."""
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        page = Page(ws)
+    async with devtools(ws_url) as page:
         await page.call("Runtime.enable")
         return await page.until(
             VIDEOS_JS, f"v.length == {count} && v.every(x => x.w && x.t > 1)", timeout=30

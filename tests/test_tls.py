@@ -18,13 +18,12 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from spotrelay import tls
-from tests.browser import CHROMIUM, Page, chromium
+from tests.browser import CHROMIUM, chromium, devtools
 from tests.procs import spawn
 from tests.relay import Relay, free_port
 from tests.wait import wait_until
@@ -158,8 +157,7 @@ def test_the_viewer_page_and_its_live_tiles_over_https_and_wss(tls_relay):
 
 
 async def _tiles(ws_url: str) -> list[dict]:
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        page = Page(ws)
+    async with devtools(ws_url) as page:
         return await page.until(
             "[...document.querySelectorAll('.tile')].map(t => ({scheme: location.protocol,"
             " fps: parseFloat(t.querySelector('.info').textContent) || 0}))",

@@ -7,10 +7,9 @@ import contextlib
 import os
 import signal
 
-import aiohttp
 import pytest
 
-from tests.browser import CHROMIUM, Page, chromium
+from tests.browser import CHROMIUM, chromium, devtools
 from tests.relay import Relay
 from tests.shaper import Shaper
 
@@ -39,8 +38,7 @@ LIVE_FPS = 2.0
 
 
 async def _drive(ws_url: str, count: int) -> tuple[list[dict], dict]:
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        page = Page(ws)
+    async with devtools(ws_url) as page:
         await page.call("Runtime.enable")
         tiles = await page.until(
             TILES_JS, f"v.length == {count} && v.every(t => t.fps > {LIVE_FPS})", timeout=30
@@ -140,13 +138,7 @@ def test_a_relay_restarted_with_another_token_asks_for_it_and_stops_knocking(sim
 
             async def change_token() -> dict:
                 nonlocal second
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.ws_connect(ws_url, max_msg_size=0) as ws,
-                ):
-                    page = Page(ws)
-                    await page.call("Page.enable")
-                    await page.call("Page.addScriptToEvaluateOnNewDocument", source=WATCH_JS)
+                async with devtools(ws_url, WATCH_JS) as page:
                     await page.call("Page.reload")
                     seen = {"before": await page.until(TILES_JS, _live(3), timeout=30)}
                     await asyncio.to_thread(first.stop)
@@ -193,11 +185,8 @@ window.ImageDecoder = class {
 
 
 async def _log_in(ws_url: str) -> dict:
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        page = Page(ws)
+    async with devtools(ws_url, NO_JPEG_DECODER_JS) as page:
         seen: dict = {}
-        await page.call("Page.enable")
-        await page.call("Page.addScriptToEvaluateOnNewDocument", source=NO_JPEG_DECODER_JS)
         await page.call("Page.reload", ignoreCache=True)
         seen["asked"] = await page.until(
             "document.body.classList.contains('login')", "v", timeout=15
@@ -266,10 +255,7 @@ def test_over_a_slow_link_the_page_stays_live_says_so_and_ages_are_right(relay):
 
 
 async def _skewed(ws_url: str) -> tuple[list[dict], list]:
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-        page = Page(ws)
-        await page.call("Page.enable")
-        await page.call("Page.addScriptToEvaluateOnNewDocument", source=SKEW_JS)
+    async with devtools(ws_url, SKEW_JS) as page:
         await page.call("Page.reload", ignoreCache=True)
         tiles = await page.until(
             AGES_JS,
@@ -298,11 +284,7 @@ def test_tiles_out_of_sight_stop_streaming_and_come_back_when_scrolled_to(relay)
     with chromium(relay.url + "/", "--disable-quic", "--window-size=800,600") as ws_url:
 
         async def scroll() -> tuple[list[dict], dict, list[dict], dict]:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.ws_connect(ws_url, max_msg_size=0) as ws,
-            ):
-                page = Page(ws)
+            async with devtools(ws_url) as page:
                 settled = await page.until(
                     PAUSED_JS,
                     f"v.length == {len(SHOWN)} && v.some(t => t.paused)"
@@ -338,11 +320,7 @@ def test_behind_the_large_view_the_tiles_pause_and_come_back_when_it_closes(rela
     with chromium(relay.url + "/", "--disable-quic", "--window-size=1400,1000") as ws_url:
 
         async def open_and_close() -> tuple[list[dict], list[dict], dict, dict, list[dict], dict]:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.ws_connect(ws_url, max_msg_size=0) as ws,
-            ):
-                page = Page(ws)
+            async with devtools(ws_url) as page:
                 live = await page.until(PAUSED_JS, STREAMING, timeout=30)
                 await page.eval(
                     "document.querySelector('.tile[data-source=\"hand_image\"]').click()"
@@ -374,11 +352,7 @@ def test_a_page_in_a_background_tab_stops_streaming_and_resumes_when_shown(relay
         page_id = ws_url.rsplit("/", 1)[1]  # .../devtools/page/<target id>
 
         async def hide_and_show() -> tuple[list[dict], str, dict, list[dict], dict]:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.ws_connect(ws_url, max_msg_size=0) as ws,
-            ):
-                page = Page(ws)
+            async with devtools(ws_url) as page:
                 live = await page.until(PAUSED_JS, STREAMING, timeout=30)
                 other = await page.call("Target.createTarget", url="about:blank")
                 hidden = await page.until("document.visibilityState", "v == 'hidden'", timeout=5)
@@ -412,11 +386,7 @@ def test_when_the_relay_is_gone_the_tiles_say_so_and_come_back_live(sim):
 
             async def lose_twice() -> list[list[dict]]:
                 nonlocal second
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.ws_connect(ws_url, max_msg_size=0) as ws,
-                ):
-                    page = Page(ws)
+                async with devtools(ws_url) as page:
                     seen = [await page.until(TILES_JS, live, timeout=30)]
                     os.kill(first.proc.pid, signal.SIGSTOP)  # no close: the sockets stay open
                     try:
@@ -473,13 +443,7 @@ def test_a_very_slow_link_is_not_taken_for_a_lost_one(sim):
         ):
 
             async def open_big() -> dict:
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.ws_connect(ws_url, max_msg_size=0) as ws,
-                ):
-                    page = Page(ws)
-                    await page.call("Page.enable")
-                    await page.call("Page.addScriptToEvaluateOnNewDocument", source=WATCH_JS)
+                async with devtools(ws_url, WATCH_JS) as page:
                     await page.call("Page.navigate", url=f"{link.url}/")
                     await page.until("document.querySelectorAll('.tile').length", "v == 1", 60)
                     await page.eval("document.querySelector('.tile').click()")
