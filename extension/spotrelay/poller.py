@@ -367,33 +367,19 @@ class Poller:
             return
         s.held_coarse = coarse
         image = resp.shot.image
-        if upgrade:
-            self.on_frame(self._frame(s, image, local, robot_time, received, coarse))
-            return
-        s.seq += 1
-        if s.size is not None and s.size != (image.cols, image.rows):
-            # a camera mode change (the gripper camera to 1280x720...): its rate may change too
-            log.info("%s is now %dx%d; learning its timing again", name, image.cols, image.rows)
-            s.schedule.reset()
-        s.size = (image.cols, image.rows)
-        frame = self._frame(s, image, local, robot_time, received, coarse)
-        count, latency, newest = s.series or self._series(s)
-        count.inc()
-        latency.observe(max(0.0, received - local))
-        newest.set(local)
-        self.on_frame(frame)
-
-    @staticmethod
-    def _frame(
-        s: _Source,
-        image: image_pb2.Image,
-        local: float,
-        robot_time: float,
-        received: float,
-        coarse: bool,
-    ) -> Frame:
-        return Frame(
-            source=s.info.name,
+        if not upgrade:
+            s.seq += 1
+            if s.size is not None and s.size != (image.cols, image.rows):
+                # a camera mode change (the gripper camera to 1280x720...): its rate may change
+                log.info("%s is now %dx%d; learning its timing again", name, image.cols, image.rows)
+                s.schedule.reset()
+            s.size = (image.cols, image.rows)
+            count, latency, newest = s.series or self._series(s)
+            count.inc()
+            latency.observe(max(0.0, received - local))
+            newest.set(local)
+        frame = Frame(
+            source=name,
             image=ImageData(
                 data=image.data,
                 format=image.format,
@@ -408,6 +394,7 @@ class Poller:
             seq=s.seq,
             coarse=coarse,
         )
+        self.on_frame(frame)
 
     def _series(self, s: _Source) -> tuple:
         """The metric children every new frame of a source updates, looked up once: at 165

@@ -240,19 +240,18 @@ class Schedule:
         capture of five, or two calls each). Sent with the others, this request narrows its
         own bracket too: a hit lowers its upper bound to the others' (and it is due with them
         from then on); a miss raises its lower bound, so it does not join that soon again."""
+        at = self.aimed_capture()
+        if at is None:
+            return False
         grid, aim = self.grid, self._aim
+        assert grid is not None
         if (
-            not self.watched
-            or grid is None
-            or aim is None
-            or self._check_due
-            or aim == self._narrowing
+            aim == self._narrowing
             or (self._retry_of == aim and self._retries > 0)  # it already arrived early
             or not self.can_send()
             or self.next_due - now > JOIN_WINDOW * grid.period
         ):
             return False
-        at = grid.time(aim)
         slack = grid.jitter + MARGIN
         if not any(abs(at - c) <= slack for c in captures):
             return False
