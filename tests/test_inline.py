@@ -15,17 +15,17 @@ def budget(**kw) -> tuple[InlineBudget, FakeClock]:
 
 def test_a_render_never_measured_goes_to_a_thread_and_is_measured_there():
     b, _ = budget()
-    assert not b.on_loop("fisheye")
+    assert b.place("fisheye") is Place.THREAD
     b.spent("fisheye", 0.001, on_loop=False)
-    assert b.on_loop("fisheye")
+    assert b.place("fisheye") is Place.LOOP
 
 
 def test_a_render_longer_than_the_loop_may_be_held_stays_in_threads():
     b, _ = budget()
     b.spent("ptz 1280x720", 0.008, on_loop=False)
     b.spent("depth", 0.0005, on_loop=False)
-    assert not b.on_loop("ptz 1280x720")
-    assert b.on_loop("depth")
+    assert b.place("ptz 1280x720") is Place.THREAD
+    assert b.place("depth") is Place.LOOP
 
 
 def test_the_loop_renders_at_most_its_share_of_each_second():
@@ -33,7 +33,7 @@ def test_the_loop_renders_at_most_its_share_of_each_second():
     cost = 2**-9  # about 2 ms, exact in binary
     b.spent("fisheye", cost, on_loop=False)
     taken = 0
-    while b.on_loop("fisheye"):
+    while b.place("fisheye") is Place.LOOP:
         b.spent("fisheye", cost, on_loop=True)
         b.turn_over()  # one render a turn of the loop
         taken += 1
@@ -41,7 +41,7 @@ def test_the_loop_renders_at_most_its_share_of_each_second():
     clock.now += 0.5
     assert b.place("fisheye") is Place.THREAD  # the same second: the rest spreads over cores
     clock.now += 0.5
-    assert b.on_loop("fisheye")  # a new one
+    assert b.place("fisheye") is Place.LOOP  # a new one
 
 
 def test_one_turn_of_the_loop_renders_for_at_most_the_longest_render():
@@ -49,27 +49,27 @@ def test_one_turn_of_the_loop_renders_for_at_most_the_longest_render():
     b, _ = budget()
     for camera in ("left", "right", "back"):
         b.spent(camera, 0.0013, on_loop=False)
-    assert b.on_loop("left")
+    assert b.place("left") is Place.LOOP
     b.spent("left", 0.0013, on_loop=True)
-    assert b.on_loop("right")
+    assert b.place("right") is Place.LOOP
     b.spent("right", 0.0013, on_loop=True)
     assert b.place("back") is Place.LATER  # 3.9 ms in one turn: this one waits a turn
     b.turn_over()
-    assert b.on_loop("back")
+    assert b.place("back") is Place.LOOP
 
 
 def test_a_render_that_became_slower_moves_to_threads_at_once_and_back_by_degrees():
     b, _ = budget()
     b.spent("hand", 0.001, on_loop=False)
-    assert b.on_loop("hand")
+    assert b.place("hand") is Place.LOOP
     b.spent("hand", 0.008, on_loop=True)  # the hand camera now sends 1280x720
     b.turn_over()
-    assert not b.on_loop("hand")  # the very next one is not held on the loop
+    assert b.place("hand") is Place.THREAD  # the very next one is not held on the loop
     b.spent("hand", 0.001, on_loop=False)  # back to 640x480, measured in the threads
-    assert not b.on_loop("hand")  # one cheap render does not undo a dear one
+    assert b.place("hand") is Place.THREAD  # one cheap render does not undo a dear one
     for _ in range(12):
         b.spent("hand", 0.001, on_loop=False)
-    assert b.on_loop("hand")
+    assert b.place("hand") is Place.LOOP
 
 
 def test_it_remembers_a_bounded_number_of_kinds_forgetting_the_least_recent():
@@ -78,6 +78,6 @@ def test_it_remembers_a_bounded_number_of_kinds_forgetting_the_least_recent():
         b.spent(("camera", i), 0.001, on_loop=False)
         b.spent(("camera", 0), 0.001, on_loop=False)  # in use all along
     assert len(b._cost) == KEEP
-    assert b.on_loop(("camera", 0))
-    assert not b.on_loop(("camera", 1))  # forgotten: measured again in a thread
-    assert b.on_loop(("camera", KEEP + 9))
+    assert b.place(("camera", 0)) is Place.LOOP
+    assert b.place(("camera", 1)) is Place.THREAD  # forgotten: measured again in a thread
+    assert b.place(("camera", KEEP + 9)) is Place.LOOP

@@ -47,9 +47,10 @@ class InlineBudget:
     """Chooses where each render runs, from what renders of the same kind cost before.
 
     A kind is whatever the caller says makes renders cost the same: the hub uses the camera and
-    the set of renderings a frame is made into. ``on_loop`` reserves nothing: a render it allows
-    is reported with ``spent`` right after, and ``turn_over`` is called once the loop has moved
-    on to other work (the hub schedules it with ``call_soon`` at the first render of a turn)."""
+    the set of renderings a frame is made into. ``place`` reserves nothing: a render it puts on
+    the loop is reported with ``spent`` right after, and ``turn_over`` is called once the loop
+    has moved on to other work (the hub schedules it with ``call_soon`` at the first render of
+    a turn)."""
 
     def __init__(
         self,
@@ -75,10 +76,6 @@ class InlineBudget:
         if self._spent + cost > self.share * self.window:
             return Place.THREAD
         return Place.LATER if self._turn + cost > self.longest else Place.LOOP
-
-    def on_loop(self, kind: Hashable) -> bool:
-        """Render this one on the loop, now?"""
-        return self.place(kind) is Place.LOOP
 
     def spent(self, kind: Hashable, seconds: float, on_loop: bool) -> None:
         """A render of ``kind`` took ``seconds``: on the loop, the time it held the loop; in a
