@@ -205,3 +205,47 @@ def test_a_capture_held_coarse_is_handed_on_again_when_it_comes_at_full_quality(
 
     frames, _ = asyncio.run(scenario())
     assert [(f.coarse, f.seq, f.acquired) for f in frames] == [(True, 1, 999.0), (False, 1, 999.0)]
+
+
+def test_a_capture_held_coarse_is_asked_again_at_once_when_a_full_quality_view_comes():
+    """A snapshot, or a full-size view, on a camera only tiles watched: the capture held came
+    coarse, and the next regular request may be a period away (a second, for a camera that
+    stalled). The poller asks again at once instead. The clock here never moves, so no request
+    ever falls due by the schedule: only the one asked at once can bring the full-quality copy."""
+
+    async def scenario() -> list[Frame]:
+        frames: list[Frame] = []
+        asked: list[int] = []
+
+        def fetch(service, requests):
+            asked.extend(r.quality_percent for r in requests)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(response({r.image_source_name: STATUS.STATUS_OK for r in requests}))
+            return fut
+
+        poller = Poller(
+            fetch,
+            lambda s, e: None,
+            lambda t: t,
+            Metrics(),
+            frames.append,
+            small_quality=50,
+            clock=lambda: 1000.0,
+        )
+        poller.set_coarse("good", True)
+        poller.set_sources({"good": SOURCES["good"]}, {"image": True})
+        poller.set_watched("good", True)
+        task = asyncio.create_task(poller.run())
+        try:
+            await async_wait_until(lambda: frames, what="the coarse frame")
+            assert poller.sources["good"].schedule.next_due > 1000.0  # nothing else due
+            poller.set_coarse("good", False)
+            await async_wait_until(lambda: len(frames) == 2, what="the same, at full quality")
+            assert asked == [50, 75]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return frames
+
+    frames = asyncio.run(scenario())
+    assert [(f.coarse, f.seq) for f in frames] == [(True, 1), (False, 1)]

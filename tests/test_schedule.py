@@ -206,3 +206,34 @@ def test_a_camera_of_the_same_capture_due_a_little_later_joins_the_others_call()
     later.avail_hi += 0.020  # due 30 ms later: more than a third of the period
     later.watch(True, now)
     assert not later.joins(now, captures)
+
+
+def test_a_request_asked_now_is_off_the_grid_and_moves_no_planned_request():
+    """``ask_now`` (a capture fetched coarse, wanted again at full quality): one request at
+    once that aims at nothing and moves nothing learnt, and the regular requests keep their times.
+    A regular request due as soon serves instead of a second one."""
+    s = run(Camera(seed=5), LOOPBACK, seconds=5.0).schedule
+    now = s.next_due - 0.030  # the next capture's request is 30 ms away
+    planned, grid, bracket = s.next_due, (s.grid.t0, s.grid.period), (s.avail_lo, s.avail_hi)
+    captures = [s.aimed_capture()]
+    s.ask_now(now)
+    assert s.due == now and s.next_due == planned
+    assert s.aimed_capture() is None  # nothing joins it
+    ask = s.ask(now, 1.0)
+    assert ask.aimed is None and ask.idle
+    assert s.due == s.next_due == planned
+    assert s.aimed_capture() == captures[0]
+    # its reply, the capture already held, moves nothing learnt
+    held = s.last_capture
+    assert s.reply(ask, held, now + 0.001, now + 0.002) is Outcome.REPEAT
+    assert (s.grid.t0, s.grid.period) == grid and (s.avail_lo, s.avail_hi) == bracket
+    assert s.inflight == 0
+    # asked when the regular request is due anyway: that one request, aimed as planned
+    s.ask_now(planned + 0.001)
+    regular = s.ask(planned, 1.0)
+    assert regular.aimed is not None and not regular.idle
+    assert s.due == s.next_due > planned
+    # too many in flight: asked now waits, as a regular request would
+    s.ask_now(planned)
+    s.busy(planned)
+    assert s.due >= planned + s.period / 2 - 1e-9

@@ -153,6 +153,11 @@ class Poller:
         request asks for ``small_quality``, or for full quality again."""
         (self._coarse.add if coarse else self._coarse.discard)(source)
         if (state := self.sources.get(source)) is not None:
+            if state.held_coarse and state.coarse and not coarse:
+                # the newest capture came coarse: ask for it again at full quality now, not at
+                # the next capture (a period away, or a second for a camera that stalled)
+                state.schedule.ask_now(self.clock())
+                self._wake_service(state.info.service)
             state.coarse = coarse
 
     def asked_quality(self, source: str) -> int | None:
@@ -229,12 +234,12 @@ class Poller:
                 if s.info.service != service:
                     continue
                 sched = s.schedule
-                if sched.next_due <= now + BATCH_WINDOW:
+                if sched.due <= now + BATCH_WINDOW:
                     if sched.can_send():
                         batch.append(s)
                     else:
                         sched.busy(now)
-                soonest = min(soonest, sched.next_due)
+                soonest = min(soonest, sched.due)
             if batch:
                 self._join(service, batch, now)
                 self._send(service, batch, now)

@@ -69,7 +69,7 @@ class Ask:
     sent: float
     aimed: int | None = None  # None: idle refresh or probe
     check: bool = False  # the request between grid points
-    idle: bool = False  # nobody watches: a refresh, which teaches nothing about timing
+    idle: bool = False  # off the grid (nobody watches, or ask_now): teaches nothing about timing
 
 
 class Grid:
@@ -161,6 +161,7 @@ class Schedule:
         self._next_check = 0.0
         self._check_due = False
         self._bad_fits = 0
+        self._extra_at: float | None = None  # when the request of ask_now is due
 
     # -- what the poller asks ---------------------------------------------------------------
 
@@ -176,6 +177,20 @@ class Schedule:
             self._next_check = now + FIRST_CHECK
             self._new_at = now
             self._restart(now)
+
+    def ask_now(self, now: float) -> None:
+        """One request at once, off the grid: it aims at no capture, its reply is fitted to no
+        grid, and the requests planned after it keep their times. For a view that cannot use
+        what was just fetched (a capture fetched coarse, wanted at full quality): the next
+        regular request may be a period away, or a second for a camera that stalled."""
+        self._extra_at = now if self._extra_at is None else min(self._extra_at, now)
+
+    @property
+    def due(self) -> float:
+        """When the next request is due: the regular one, or sooner the one of ask_now."""
+        if self._extra_at is None:
+            return self.next_due
+        return min(self.next_due, self._extra_at)
 
     def can_send(self) -> bool:
         return self.inflight < self.max_inflight()
@@ -193,6 +208,9 @@ class Schedule:
     def ask(self, now: float, idle_interval: float) -> Ask:
         """A request is being sent now: what it aims at, and when the next one is due."""
         self.inflight += 1
+        extra, self._extra_at = self._extra_at, None
+        if extra is not None and extra < self.next_due:
+            return Ask(now, idle=True)  # (a regular request as soon serves as well)
         if not self.watched:
             self.next_due = now + idle_interval
             return Ask(now, idle=True)
@@ -226,6 +244,8 @@ class Schedule:
         """The predicted time of the capture the next regular request aims at (local time)."""
         if not self.watched or self.grid is None or self._aim is None or self._check_due:
             return None  # (a check aims between grid points)
+        if self._extra_at is not None and self._extra_at < self.next_due:
+            return None  # the next request is ask_now's, which aims at nothing
         return self.grid.time(self._aim)
 
     def joins(self, now: float, captures: set[float] | list[float]) -> bool:
@@ -261,6 +281,8 @@ class Schedule:
         """Too many requests in flight: wait for a reply (or half a period) before the next."""
         period = self.grid.period if self.grid else PROBE_FIRST * 4
         self.next_due = max(self.next_due, now + period / 2)
+        if self._extra_at is not None:
+            self._extra_at = max(self._extra_at, now + period / 2)
 
     def failed(self, ask: Ask, now: float) -> None:
         """The request or its image failed: back off, up to half a second (an outage of the
@@ -298,7 +320,7 @@ class Schedule:
             return Outcome.REPEAT
         self.last_capture = capture
         self._new_at = now
-        if ask.idle:  # a second or more since the last capture: no grid can be read from it
+        if ask.idle:  # off the grid (a refresh, or ask_now): no grid can be read from it
             return Outcome.NEW
         if self.grid is None:
             self._probe(capture, now)
