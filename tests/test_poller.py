@@ -210,12 +210,14 @@ def test_a_capture_held_coarse_is_handed_on_again_when_it_comes_at_full_quality(
 def test_a_capture_held_coarse_is_asked_again_at_once_when_a_full_quality_view_comes():
     """A snapshot, or a full-size view, on a camera only tiles watched: the capture held came
     coarse, and the next regular request may be a period away (a second, for a camera that
-    stalled). The poller asks again at once instead. The clock here never moves, so no request
-    ever falls due by the schedule: only the one asked at once can bring the full-quality copy."""
+    stalled). The poller asks again at once instead. The clock here moves only when the test
+    says: after 8 s of the same capture the next regular request is a second away, and never
+    falls due, so only the one asked at once can bring the full-quality copy."""
 
     async def scenario() -> list[Frame]:
         frames: list[Frame] = []
         asked: list[int] = []
+        clock = [1000.0]
 
         def fetch(service, requests):
             asked.extend(r.quality_percent for r in requests)
@@ -230,7 +232,7 @@ def test_a_capture_held_coarse_is_asked_again_at_once_when_a_full_quality_view_c
             Metrics(),
             frames.append,
             small_quality=50,
-            clock=lambda: 1000.0,
+            clock=lambda: clock[0],
         )
         poller.set_coarse("good", True)
         poller.set_sources({"good": SOURCES["good"]}, {"image": True})
@@ -238,10 +240,12 @@ def test_a_capture_held_coarse_is_asked_again_at_once_when_a_full_quality_view_c
         task = asyncio.create_task(poller.run())
         try:
             await async_wait_until(lambda: frames, what="the coarse frame")
-            assert poller.sources["good"].schedule.next_due > 1000.0  # nothing else due
+            clock[0] = 1008.0  # the camera stalled: the same capture for 8 s
+            await async_wait_until(lambda: len(asked) == 2, what="the stalled camera asked again")
+            assert poller.sources["good"].schedule.next_due >= 1008.5  # nothing due for a while
             poller.set_coarse("good", False)
             await async_wait_until(lambda: len(frames) == 2, what="the same, at full quality")
-            assert asked == [50, 75]
+            assert asked == [50, 50, 75]
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

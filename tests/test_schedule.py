@@ -228,12 +228,23 @@ def test_a_request_asked_now_is_off_the_grid_and_moves_no_planned_request():
     assert s.reply(ask, held, now + 0.001, now + 0.002) is Outcome.REPEAT
     assert (s.grid.t0, s.grid.period) == grid and (s.avail_lo, s.avail_hi) == bracket
     assert s.inflight == 0
-    # asked when the regular request is due anyway: that one request, aimed as planned
-    s.ask_now(planned + 0.001)
+    # a failed one leaves the plan as it was
+    s.ask_now(now)
+    s.failed(s.ask(now, 1.0), now + 0.002)
+    assert s.due == s.next_due == planned and s.aimed_capture() == captures[0]
+    # too many in flight: it waits, and the regular request keeps its time
+    s.ask_now(now)
+    s.busy(now)
+    assert s.next_due == planned and s.due > now
+    s.cancel_ask_now()  # the view that wanted it left
+    assert s.due == planned
+    # the regular request due within a few ms anyway: that one request, aimed as planned
+    s.ask_now(planned - 0.003)
+    assert s.due == planned
     regular = s.ask(planned, 1.0)
     assert regular.aimed is not None and not regular.idle
     assert s.due == s.next_due > planned
-    # too many in flight: asked now waits, as a regular request would
+    # nobody watches any more: the idle refresh is all it gets
     s.ask_now(planned)
-    s.busy(planned)
-    assert s.due >= planned + s.period / 2 - 1e-9
+    s.watch(False, planned)
+    assert s.due == s.next_due

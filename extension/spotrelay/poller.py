@@ -158,6 +158,8 @@ class Poller:
                 # the next capture (a period away, or a second for a camera that stalled)
                 state.schedule.ask_now(self.clock())
                 self._wake_service(state.info.service)
+            elif coarse:  # tiles only again before it went (a viewer changed its rendering)
+                state.schedule.cancel_ask_now()
             state.coarse = coarse
 
     def asked_quality(self, source: str) -> int | None:

@@ -54,6 +54,7 @@ FASTER = 0.7  # consecutive captures closer than this share of the period: the g
 MAX_INFLIGHT_FLOOR = 3
 JOIN_WINDOW = 1 / 3  # of the period: how much sooner than due a request may join a batch
 FAILED_MAX = 0.5  # the longest wait after a failed request, before the next
+ASK_NOW_MARGIN = 0.005  # a regular request due this soon after ask_now's serves instead of it
 
 
 class Outcome(Enum):
@@ -185,12 +186,21 @@ class Schedule:
         regular request may be a period away, or a second for a camera that stalled."""
         self._extra_at = now if self._extra_at is None else min(self._extra_at, now)
 
+    def cancel_ask_now(self) -> None:
+        """What ask_now was for is no longer wanted (the view that wanted it left)."""
+        self._extra_at = None
+
+    def _extra_first(self) -> bool:
+        """Whether the next request is ask_now's: one is pending, the camera is watched (else
+        the idle refresh is all it gets), and no regular request is due as soon."""
+        extra = self._extra_at
+        return extra is not None and self.watched and extra < self.next_due - ASK_NOW_MARGIN
+
     @property
     def due(self) -> float:
         """When the next request is due: the regular one, or sooner the one of ask_now."""
-        if self._extra_at is None:
-            return self.next_due
-        return min(self.next_due, self._extra_at)
+        extra = self._extra_at
+        return extra if extra is not None and self._extra_first() else self.next_due
 
     def can_send(self) -> bool:
         return self.inflight < self.max_inflight()
@@ -208,9 +218,9 @@ class Schedule:
     def ask(self, now: float, idle_interval: float) -> Ask:
         """A request is being sent now: what it aims at, and when the next one is due."""
         self.inflight += 1
-        extra, self._extra_at = self._extra_at, None
-        if extra is not None and extra < self.next_due:
-            return Ask(now, idle=True)  # (a regular request as soon serves as well)
+        extra_first, self._extra_at = self._extra_first(), None
+        if extra_first:
+            return Ask(now, idle=True)  # (else the regular request serves as well)
         if not self.watched:
             self.next_due = now + idle_interval
             return Ask(now, idle=True)
@@ -244,7 +254,7 @@ class Schedule:
         """The predicted time of the capture the next regular request aims at (local time)."""
         if not self.watched or self.grid is None or self._aim is None or self._check_due:
             return None  # (a check aims between grid points)
-        if self._extra_at is not None and self._extra_at < self.next_due:
+        if self._extra_first():
             return None  # the next request is ask_now's, which aims at nothing
         return self.grid.time(self._aim)
 
@@ -280,16 +290,21 @@ class Schedule:
     def busy(self, now: float) -> None:
         """Too many requests in flight: wait for a reply (or half a period) before the next."""
         period = self.grid.period if self.grid else PROBE_FIRST * 4
-        self.next_due = max(self.next_due, now + period / 2)
-        if self._extra_at is not None:
-            self._extra_at = max(self._extra_at, now + period / 2)
+        extra = self._extra_at
+        if extra is not None and self._extra_first():  # the regular one keeps its time
+            self._extra_at = max(extra, now + period / 2)
+        else:
+            self.next_due = max(self.next_due, now + period / 2)
 
     def failed(self, ask: Ask, now: float) -> None:
         """The request or its image failed: back off, up to half a second (an outage of the
         whole service is the connection's to probe, once it gives the service up), then aim
-        afresh."""
+        afresh. A request of ask_now's that failed leaves the planned ones as they are: the
+        next of them will tell whether the camera fails."""
         self.inflight -= 1
         self.errors += 1
+        if ask.idle and self.watched and self._aim is not None:
+            return
         period = self.grid.period if self.grid else 1 / 15
         self._aim = None
         self.next_due = max(self.next_due, now + min(FAILED_MAX, period * 2 ** min(self.errors, 5)))
