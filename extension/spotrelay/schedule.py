@@ -190,17 +190,20 @@ class Schedule:
         """What ask_now was for is no longer wanted (the view that wanted it left)."""
         self._extra_at = None
 
-    def _extra_first(self) -> bool:
-        """Whether the next request is ask_now's: one is pending, the camera is watched (else
-        the idle refresh is all it gets), and no regular request is due as soon."""
+    def _extra_due(self) -> float | None:
+        """When ask_now's request is due, if the next request is that one: one is pending, the
+        camera is watched (else the idle refresh is all it gets), and no regular request is due
+        as soon."""
         extra = self._extra_at
-        return extra is not None and self.watched and extra < self.next_due - ASK_NOW_MARGIN
+        if extra is not None and self.watched and extra < self.next_due - ASK_NOW_MARGIN:
+            return extra
+        return None
 
     @property
     def due(self) -> float:
         """When the next request is due: the regular one, or sooner the one of ask_now."""
-        extra = self._extra_at
-        return extra if extra is not None and self._extra_first() else self.next_due
+        extra = self._extra_due()
+        return self.next_due if extra is None else extra
 
     def can_send(self) -> bool:
         return self.inflight < self.max_inflight()
@@ -218,8 +221,8 @@ class Schedule:
     def ask(self, now: float, idle_interval: float) -> Ask:
         """A request is being sent now: what it aims at, and when the next one is due."""
         self.inflight += 1
-        extra_first, self._extra_at = self._extra_first(), None
-        if extra_first:
+        extra, self._extra_at = self._extra_due(), None
+        if extra is not None:
             return Ask(now, idle=True)  # (else the regular request serves as well)
         if not self.watched:
             self.next_due = now + idle_interval
@@ -254,7 +257,7 @@ class Schedule:
         """The predicted time of the capture the next regular request aims at (local time)."""
         if not self.watched or self.grid is None or self._aim is None or self._check_due:
             return None  # (a check aims between grid points)
-        if self._extra_first():
+        if self._extra_due() is not None:
             return None  # the next request is ask_now's, which aims at nothing
         return self.grid.time(self._aim)
 
@@ -290,8 +293,8 @@ class Schedule:
     def busy(self, now: float) -> None:
         """Too many requests in flight: wait for a reply (or half a period) before the next."""
         period = self.grid.period if self.grid else PROBE_FIRST * 4
-        extra = self._extra_at
-        if extra is not None and self._extra_first():  # the regular one keeps its time
+        extra = self._extra_due()
+        if extra is not None:  # the regular one keeps its time
             self._extra_at = max(extra, now + period / 2)
         else:
             self.next_due = max(self.next_due, now + period / 2)
