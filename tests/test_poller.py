@@ -4,6 +4,7 @@ SDK raises them (its own ``_error_from_response``): what a batch with bad images
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from bosdyn.api import header_pb2, image_pb2
@@ -113,27 +114,41 @@ def test_status_names_are_bounded():
 DEPTH = SourceInfo("depth", "image", 240, 424, "depth", ("DEPTH_U16",), ("RAW",))
 
 
-async def poll_coarse(coarse: set[str], small_quality: int | None):
-    """One batch of a JPEG camera and a depth camera, ``coarse`` told as only small views
-    watching: the (source, quality, format) asked, and the frames' ``coarse`` tags."""
-    asked: list[tuple[str, int, int]] = []
+def answering_poller(**options) -> tuple[Poller, list[Frame], list[image_pb2.ImageRequest]]:
+    """A poller (``options``: its keyword arguments) whose robot answers every request with the
+    same capture (999 s): the poller, the frames it hands on, and every request it sends."""
     frames: list[Frame] = []
+    asked: list[image_pb2.ImageRequest] = []
 
     def fetch(service, requests):
-        asked.extend((r.image_source_name, r.quality_percent, r.image_format) for r in requests)
+        asked.extend(requests)
         fut = asyncio.get_running_loop().create_future()
         fut.set_result(response({r.image_source_name: STATUS.STATUS_OK for r in requests}))
         return fut
 
-    poller = Poller(
-        fetch,
-        lambda service, exc: None,
-        lambda robot_t: robot_t,
-        Metrics(),
-        frames.append,
-        quality=75,
-        small_quality=small_quality,
-        clock=lambda: 1000.0,
+    poller = Poller(fetch, lambda s, e: None, lambda t: t, Metrics(), frames.append, **options)
+    return poller, frames, asked
+
+
+@contextlib.asynccontextmanager
+async def tiles_only(poller: Poller):
+    """The poller running, its camera ``good`` watched by small views only; stopped on exit."""
+    poller.set_coarse("good", True)
+    poller.set_sources({"good": SOURCES["good"]}, {"image": True})
+    poller.set_watched("good", True)
+    task = asyncio.create_task(poller.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def poll_coarse(coarse: set[str], small_quality: int | None):
+    """One batch of a JPEG camera and a depth camera, ``coarse`` told as only small views
+    watching: the (source, quality, format) asked, and the frames' ``coarse`` tags."""
+    poller, frames, requests = answering_poller(
+        quality=75, small_quality=small_quality, clock=lambda: 1000.0
     )
     for source in coarse:  # told before the sources are known: kept for when they are
         poller.set_coarse(source, True)
@@ -143,6 +158,7 @@ async def poll_coarse(coarse: set[str], small_quality: int | None):
     quality = {s: poller.asked_quality(s) for s in ("good", "depth")}
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    asked = [(r.image_source_name, r.quality_percent, r.image_format) for r in requests]
     return sorted(asked), {f.source: f.coarse for f in frames}, quality
 
 
@@ -175,35 +191,17 @@ def test_a_capture_held_coarse_is_handed_on_again_when_it_comes_at_full_quality(
     it (under the same seq): a snapshot need not fall back to an older picture. Repeats of it
     after that are not news."""
 
-    async def scenario() -> tuple[list[Frame], int]:
-        frames: list[Frame] = []
-        answered = [0]
-
-        def fetch(service, requests):
-            answered[0] += 1
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(response({r.image_source_name: STATUS.STATUS_OK for r in requests}))
-            return fut  # always the same capture (999 s)
-
-        poller = Poller(
-            fetch, lambda s, e: None, lambda t: t, Metrics(), frames.append, small_quality=50
-        )
-        poller.set_coarse("good", True)
-        poller.set_sources({"good": SOURCES["good"]}, {"image": True})
-        poller.set_watched("good", True)
-        task = asyncio.create_task(poller.run())
-        try:
+    async def scenario() -> list[Frame]:
+        poller, frames, asked = answering_poller(small_quality=50)  # one camera: a request a call
+        async with tiles_only(poller):
             await async_wait_until(lambda: frames, what="the coarse frame")
             poller.set_coarse("good", False)
             await async_wait_until(lambda: len(frames) == 2, what="the same, at full quality")
-            seen = answered[0]
-            await async_wait_until(lambda: answered[0] >= seen + 5, what="five more replies")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        return frames, answered[0]
+            seen = len(asked)
+            await async_wait_until(lambda: len(asked) >= seen + 5, what="five more replies")
+        return frames
 
-    frames, _ = asyncio.run(scenario())
+    frames = asyncio.run(scenario())
     assert [(f.coarse, f.seq, f.acquired) for f in frames] == [(True, 1, 999.0), (False, 1, 999.0)]
 
 
@@ -215,40 +213,18 @@ def test_a_capture_held_coarse_is_asked_again_at_once_when_a_full_quality_view_c
     falls due, so only the one asked at once can bring the full-quality copy."""
 
     async def scenario() -> list[Frame]:
-        frames: list[Frame] = []
-        asked: list[int] = []
         clock = [1000.0]
-
-        def fetch(service, requests):
-            asked.extend(r.quality_percent for r in requests)
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(response({r.image_source_name: STATUS.STATUS_OK for r in requests}))
-            return fut
-
-        poller = Poller(
-            fetch,
-            lambda s, e: None,
-            lambda t: t,
-            Metrics(),
-            frames.append,
-            small_quality=50,
-            clock=lambda: clock[0],
-        )
-        poller.set_coarse("good", True)
-        poller.set_sources({"good": SOURCES["good"]}, {"image": True})
-        poller.set_watched("good", True)
-        task = asyncio.create_task(poller.run())
-        try:
+        poller, frames, requests = answering_poller(small_quality=50, clock=lambda: clock[0])
+        async with tiles_only(poller):
             await async_wait_until(lambda: frames, what="the coarse frame")
             clock[0] = 1008.0  # the camera stalled: the same capture for 8 s
-            await async_wait_until(lambda: len(asked) == 2, what="the stalled camera asked again")
+            await async_wait_until(
+                lambda: len(requests) == 2, what="the stalled camera asked again"
+            )
             assert poller.sources["good"].schedule.next_due >= 1008.5  # nothing due for a while
             poller.set_coarse("good", False)
             await async_wait_until(lambda: len(frames) == 2, what="the same, at full quality")
-            assert asked == [50, 50, 75]
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            assert [r.quality_percent for r in requests] == [50, 50, 75]
         return frames
 
     frames = asyncio.run(scenario())
