@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import cv2
 import numpy as np
@@ -160,6 +161,27 @@ def test_a_snapshot_that_waits_in_vain_gets_the_newest_full_quality_frame_marked
             assert float(resp.headers["X-Timestamp"]) == make_frame(name, 1).acquired
             grey = cv2.imdecode(np.frombuffer(await resp.read(), np.uint8), cv2.IMREAD_GRAYSCALE)
             assert abs(int(grey.mean()) - 20) <= 2  # frame 1's level, not the coarse 2's (40)
+
+    run(scenario())
+
+
+def test_a_snapshot_of_a_camera_already_stale_answers_at_once():
+    """The camera stopped sending a while ago (stale): a snapshot gets its newest frame marked
+    stale at once, not after waiting 2 s for a frame that will not come, which a program
+    polling snapshots of it paid on every one."""
+
+    async def scenario():
+        async with relay_app() as (client, hub, _):
+            name = "back_fisheye_image"
+            hub.stale_after, hub.idle_interval = 0.2, 0.05
+            deadline = time.monotonic() + 5
+            while not hub.is_stale(name):
+                assert time.monotonic() < deadline, "never stale"
+                await asyncio.sleep(0.02)
+            async with asyncio.timeout(1.0):  # waiting for a new frame would take 2 s
+                resp = await client.get(f"/snapshot/{name}")
+            assert resp.status == 200 and resp.headers["X-Stale"] == "1"
+            assert float(resp.headers["X-Timestamp"]) == make_frame(name, 1).acquired
 
     run(scenario())
 

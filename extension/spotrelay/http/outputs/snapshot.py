@@ -24,17 +24,23 @@ def add_routes(app: web.Application, streams: Streams, stills: Stills) -> None:
     async def snapshot(request: web.Request) -> web.Response:
         source = source_or_error(request, hub)
         spec = parse_request(request.query, snapshot=True).spec
-        old = False
-        try:
-            frame = await hub.next_frame(source, after=hub.clock() - FRESH_ENOUGH)
-        except LookupError:
-            # an old frame (marked stale) beats none; a full-quality one, as any snapshot (the
-            # newest frame may be a coarse one of the tiles', however fresh)
-            frame, old = hub.frame(source, fine=True), True
-            if frame is None:
-                return json_response(
-                    {"error": f"no frame from {source!r} yet", "source": source}, status=503
-                )
+        # A camera already stale (no new frame for --stale-after) answers at once with the
+        # newest it has: waiting 2 s more for one that stopped would only delay the same answer
+        # (a program polling a stalled camera paid it on every snapshot). A new frame still wins
+        # while the camera is merely late.
+        frame = hub.frame(source, fine=True) if hub.is_stale(source) else None
+        old = frame is not None
+        if frame is None:
+            try:
+                frame = await hub.next_frame(source, after=hub.clock() - FRESH_ENOUGH)
+            except LookupError:
+                # an old frame (marked stale) beats none; a full-quality one, as any snapshot
+                # (the newest frame may be a coarse one of the tiles', however fresh)
+                frame, old = hub.frame(source, fine=True), True
+                if frame is None:
+                    return json_response(
+                        {"error": f"no frame from {source!r} yet", "source": source}, status=503
+                    )
         the_plan = plan(source, frame.image.shape, spec)
         try:
             data = frame.image.data
