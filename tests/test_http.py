@@ -186,6 +186,32 @@ def test_a_snapshot_of_a_camera_already_stale_answers_at_once():
     run(scenario())
 
 
+def test_a_snapshot_of_a_stale_camera_held_coarse_waits_for_its_full_quality_copy():
+    """The camera went stale while only tiles watched it, so the newest capture is held coarse:
+    the snapshot waits for that capture at full quality (the poller asks for it at once) rather
+    than answering with the older full-quality frame."""
+
+    async def scenario():
+        async with relay_app() as (client, hub, _):
+            name = "back_fisheye_image"
+            hub.publish(dataclasses.replace(make_frame(name, 2), coarse=True))
+            hub.stale_after, hub.idle_interval = 0.2, 0.05
+            deadline = time.monotonic() + 5
+            while not hub.is_stale(name):
+                assert time.monotonic() < deadline, "never stale"
+                await asyncio.sleep(0.02)
+            asked = asyncio.create_task(client.get(f"/snapshot/{name}"))
+            while not hub.watched(name):  # the snapshot waits for a full-quality frame
+                assert time.monotonic() < deadline and not asked.done(), "answered at once"
+                await asyncio.sleep(0.01)
+            hub.publish(make_frame(name, 2))  # the poller's full-quality copy of capture 2
+            resp = await asyncio.wait_for(asked, 5)
+            assert resp.status == 200
+            assert float(resp.headers["X-Timestamp"]) == make_frame(name, 2).acquired
+
+    run(scenario())
+
+
 def test_websocket_sends_metadata_then_the_picture():
     async def scenario():
         async with relay_app() as (client, hub, _):

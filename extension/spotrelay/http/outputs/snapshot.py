@@ -24,12 +24,14 @@ def add_routes(app: web.Application, streams: Streams, stills: Stills) -> None:
     async def snapshot(request: web.Request) -> web.Response:
         source = source_or_error(request, hub)
         spec = parse_request(request.query, snapshot=True).spec
-        # A camera already stale (no new frame for --stale-after) answers at once with the
-        # newest it has: waiting 2 s more for one that stopped would only delay the same answer
-        # (a program polling a stalled camera paid it on every snapshot). A new frame still wins
-        # while the camera is merely late.
-        frame = hub.frame(source, fine=True) if hub.is_stale(source) else None
-        old = frame is not None
+        # A camera already stale (no new frame for --stale-after) whose newest frame came at
+        # full quality answers at once with it: waiting 2 s more for one that stopped would only
+        # delay the same answer (a program polling a stalled camera paid it on every snapshot).
+        # If the newest came coarse (tiles watch it), the wait below has the poller fetch that
+        # capture again at full quality at once, which beats an older full-quality frame.
+        newest = hub.frame(source)
+        stalled = newest is not None and not newest.coarse and hub.is_stale(source)
+        frame, old = (newest, True) if stalled else (None, False)
         if frame is None:
             try:
                 frame = await hub.next_frame(source, after=hub.clock() - FRESH_ENOUGH)
