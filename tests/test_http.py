@@ -165,20 +165,25 @@ def test_a_snapshot_that_waits_in_vain_gets_the_newest_full_quality_frame_marked
     run(scenario())
 
 
-def test_a_snapshot_of_a_camera_already_stale_answers_at_once():
+async def _until_stale(hub, name: str) -> None:
+    """A short --stale-after (and idle refresh) and wait for ``name`` to turn stale under it."""
+    hub.stale_after, hub.idle_interval = 0.2, 0.05
+    deadline = time.monotonic() + 5
+    while not hub.is_stale(name):
+        assert time.monotonic() < deadline, "never stale"
+        await asyncio.sleep(0.02)
+
+
+def test_a_snapshot_of_a_camera_already_stale_does_not_wait_2_s():
     """The camera stopped sending a while ago (stale): a snapshot gets its newest frame marked
-    stale at once, not after waiting 2 s for a frame that will not come, which a program
-    polling snapshots of it paid on every one."""
+    stale after a short wait, not after waiting 2 s for a frame that will not come, which a
+    program polling snapshots of it paid on every one."""
 
     async def scenario():
         async with relay_app() as (client, hub, _):
             name = "back_fisheye_image"
-            hub.stale_after, hub.idle_interval = 0.2, 0.05
-            deadline = time.monotonic() + 5
-            while not hub.is_stale(name):
-                assert time.monotonic() < deadline, "never stale"
-                await asyncio.sleep(0.02)
-            async with asyncio.timeout(1.0):  # waiting for a new frame would take 2 s
+            await _until_stale(hub, name)
+            async with asyncio.timeout(1.5):  # the old wait for a new frame took 2 s
                 resp = await client.get(f"/snapshot/{name}")
             assert resp.status == 200 and resp.headers["X-Stale"] == "1"
             assert float(resp.headers["X-Timestamp"]) == make_frame(name, 1).acquired
@@ -186,28 +191,47 @@ def test_a_snapshot_of_a_camera_already_stale_answers_at_once():
     run(scenario())
 
 
+def test_a_snapshot_of_a_stale_camera_that_comes_back_gets_its_new_frame():
+    """Stale, but the camera answers again as the snapshot asks for it (watching a camera polls
+    it at once): the snapshot gets the new frame, not marked stale."""
+
+    async def scenario():
+        async with relay_app() as (client, hub, _):
+            name = "back_fisheye_image"
+            await _until_stale(hub, name)
+            asked = asyncio.create_task(client.get(f"/snapshot/{name}"))
+            deadline = time.monotonic() + 5
+            while not hub.watched(name):  # the snapshot asks for a new frame
+                assert time.monotonic() < deadline and not asked.done(), "answered unasked"
+                await asyncio.sleep(0.005)
+            hub.publish(make_frame(name, 3))
+            resp = await asyncio.wait_for(asked, 5)
+            assert resp.status == 200 and "X-Stale" not in resp.headers
+            assert float(resp.headers["X-Timestamp"]) == make_frame(name, 3).acquired
+
+    run(scenario())
+
+
 def test_a_snapshot_of_a_stale_camera_held_coarse_waits_for_its_full_quality_copy():
     """The camera went stale while only tiles watched it, so the newest capture is held coarse:
     the snapshot waits for that capture at full quality (the poller asks for it at once) rather
-    than answering with the older full-quality frame."""
+    than answering with the older full-quality frame, and marks it stale: the same old capture."""
 
     async def scenario():
         async with relay_app() as (client, hub, _):
             name = "back_fisheye_image"
             hub.publish(dataclasses.replace(make_frame(name, 2), coarse=True))
-            hub.stale_after, hub.idle_interval = 0.2, 0.05
-            deadline = time.monotonic() + 5
-            while not hub.is_stale(name):
-                assert time.monotonic() < deadline, "never stale"
-                await asyncio.sleep(0.02)
+            await _until_stale(hub, name)
             asked = asyncio.create_task(client.get(f"/snapshot/{name}"))
+            deadline = time.monotonic() + 5
             while not hub.watched(name):  # the snapshot waits for a full-quality frame
                 assert time.monotonic() < deadline and not asked.done(), "answered at once"
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.005)
             hub.publish(make_frame(name, 2))  # the poller's full-quality copy of capture 2
             resp = await asyncio.wait_for(asked, 5)
-            assert resp.status == 200
+            assert resp.status == 200 and resp.headers["X-Stale"] == "1"
             assert float(resp.headers["X-Timestamp"]) == make_frame(name, 2).acquired
+            assert hub.is_stale(name)  # the copy is no new frame
 
     run(scenario())
 

@@ -277,7 +277,17 @@ class Hub:
         previous = self._latest.get(frame.source)
         self._latest[frame.source] = frame
         now = self.clock()
-        self._received_at[frame.source] = now
+        # a capture held coarse, again at full quality (the poller's upgrade, same seq): for the
+        # views that wait for full quality, but not a new frame, so the camera stays as stale
+        # (and its rate as low) as it was
+        upgrade = (
+            previous is not None
+            and previous.coarse
+            and not frame.coarse
+            and (frame.seq, frame.acquired) == (previous.seq, previous.acquired)
+        )
+        if not upgrade:
+            self._received_at[frame.source] = now
         if not frame.coarse:
             self._latest_fine[frame.source] = frame
             self._fine_at[frame.source] = now
@@ -285,7 +295,8 @@ class Hub:
         if rate is None:
             rate = self._rates[frame.source] = RateWindow()
             self._fps_gauges[frame.source] = self.metrics.source_fps.labels(source=frame.source)
-        rate.mark(now)
+        if not upgrade:
+            rate.mark(now)
         self._fps_gauges[frame.source].set(rate.rate(now))
         if previous is not None and previous.image.shape != frame.image.shape:
             self._retire(frame.source)

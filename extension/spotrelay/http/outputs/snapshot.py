@@ -16,6 +16,8 @@ from spotrelay.plan import plan
 from spotrelay.stills import Busy, Stills
 
 FRESH_ENOUGH = 0.2  # a snapshot may reuse a frame this young instead of waiting for the next
+WAIT = 2.0  # for a new frame, before answering with the newest held, marked stale
+STALLED_WAIT = 0.25  # the same, for a camera already stale: a poll's round trip, with room
 
 
 def add_routes(app: web.Application, streams: Streams, stills: Stills) -> None:
@@ -25,24 +27,29 @@ def add_routes(app: web.Application, streams: Streams, stills: Stills) -> None:
         source = source_or_error(request, hub)
         spec = parse_request(request.query, snapshot=True).spec
         # A camera already stale (no new frame for --stale-after) whose newest frame came at
-        # full quality answers at once with it: waiting 2 s more for one that stopped would only
-        # delay the same answer (a program polling a stalled camera paid it on every snapshot).
-        # If the newest came coarse (tiles watch it), the wait below has the poller fetch that
-        # capture again at full quality at once, which beats an older full-quality frame.
+        # full quality waits STALLED_WAIT, not WAIT, before answering with that frame: 2 s more
+        # for one that stopped would only delay the same answer (a program polling a stalled
+        # camera paid it on every snapshot). The short wait still catches a camera nobody
+        # watched that came back: watching it polls it at once (Schedule.watch). If the newest
+        # came coarse (tiles watch it), the poller fetches that capture again at full quality at
+        # once, which beats an older full-quality frame: the full wait.
         newest = hub.frame(source)
         stalled = newest is not None and not newest.coarse and hub.is_stale(source)
-        frame, old = (newest, True) if stalled else (None, False)
-        if frame is None:
-            try:
-                frame = await hub.next_frame(source, after=hub.clock() - FRESH_ENOUGH)
-            except LookupError:
-                # an old frame (marked stale) beats none; a full-quality one, as any snapshot
-                # (the newest frame may be a coarse one of the tiles', however fresh)
-                frame, old = hub.frame(source, fine=True), True
-                if frame is None:
-                    return json_response(
-                        {"error": f"no frame from {source!r} yet", "source": source}, status=503
-                    )
+        old = False
+        try:
+            frame = await hub.next_frame(
+                source,
+                after=hub.clock() - FRESH_ENOUGH,
+                timeout=STALLED_WAIT if stalled else WAIT,
+            )
+        except LookupError:
+            # an old frame (marked stale) beats none; a full-quality one, as any snapshot (the
+            # newest frame may be a coarse one of the tiles', however fresh)
+            frame, old = hub.frame(source, fine=True), True
+            if frame is None:
+                return json_response(
+                    {"error": f"no frame from {source!r} yet", "source": source}, status=503
+                )
         the_plan = plan(source, frame.image.shape, spec)
         try:
             data = frame.image.data
