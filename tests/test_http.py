@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 
 import cv2
 import numpy as np
 import pytest
 
 from tests.inproc import SOURCES, counted, make_frame, relay_app
+from tests.wait import async_wait_until
 
 TOKEN = "t0k3n-for-tests"
 
@@ -168,10 +168,17 @@ def test_a_snapshot_that_waits_in_vain_gets_the_newest_full_quality_frame_marked
 async def _until_stale(hub, name: str) -> None:
     """A short --stale-after (and idle refresh) and wait for ``name`` to turn stale under it."""
     hub.stale_after, hub.idle_interval = 0.2, 0.05
-    deadline = time.monotonic() + 5
-    while not hub.is_stale(name):
-        assert time.monotonic() < deadline, "never stale"
-        await asyncio.sleep(0.02)
+    await async_wait_until(lambda: hub.is_stale(name), what=f"{name} stale")
+
+
+async def _snapshot_while_waiting(client, hub, name: str, arrives):
+    """A snapshot of ``name``, with ``arrives`` published once the snapshot waits for a new
+    frame (it watches the camera); fails if it answered without waiting."""
+    asked = asyncio.create_task(client.get(f"/snapshot/{name}"))
+    await async_wait_until(lambda: hub.watched(name) or asked.done(), what="the snapshot")
+    assert not asked.done(), "answered without waiting"
+    hub.publish(arrives)
+    return await asyncio.wait_for(asked, 5)
 
 
 def test_a_snapshot_of_a_camera_already_stale_does_not_wait_2_s():
@@ -199,13 +206,7 @@ def test_a_snapshot_of_a_stale_camera_that_comes_back_gets_its_new_frame():
         async with relay_app() as (client, hub, _):
             name = "back_fisheye_image"
             await _until_stale(hub, name)
-            asked = asyncio.create_task(client.get(f"/snapshot/{name}"))
-            deadline = time.monotonic() + 5
-            while not hub.watched(name):  # the snapshot asks for a new frame
-                assert time.monotonic() < deadline and not asked.done(), "answered unasked"
-                await asyncio.sleep(0.005)
-            hub.publish(make_frame(name, 3))
-            resp = await asyncio.wait_for(asked, 5)
+            resp = await _snapshot_while_waiting(client, hub, name, make_frame(name, 3))
             assert resp.status == 200 and "X-Stale" not in resp.headers
             assert float(resp.headers["X-Timestamp"]) == make_frame(name, 3).acquired
 
@@ -222,13 +223,8 @@ def test_a_snapshot_of_a_stale_camera_held_coarse_waits_for_its_full_quality_cop
             name = "back_fisheye_image"
             hub.publish(dataclasses.replace(make_frame(name, 2), coarse=True))
             await _until_stale(hub, name)
-            asked = asyncio.create_task(client.get(f"/snapshot/{name}"))
-            deadline = time.monotonic() + 5
-            while not hub.watched(name):  # the snapshot waits for a full-quality frame
-                assert time.monotonic() < deadline and not asked.done(), "answered at once"
-                await asyncio.sleep(0.005)
-            hub.publish(make_frame(name, 2))  # the poller's full-quality copy of capture 2
-            resp = await asyncio.wait_for(asked, 5)
+            # the poller's full-quality copy of capture 2 arrives while the snapshot waits
+            resp = await _snapshot_while_waiting(client, hub, name, make_frame(name, 2))
             assert resp.status == 200 and resp.headers["X-Stale"] == "1"
             assert float(resp.headers["X-Timestamp"]) == make_frame(name, 2).acquired
             assert hub.is_stale(name)  # the copy is no new frame
